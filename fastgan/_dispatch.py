@@ -1,0 +1,136 @@
+"""The one place that decides which implementation of an op runs, and argument validation helpers.
+
+Every fused op has three implementations that compute the same function:
+
+* ``"ref"``    – plain PyTorch (the specification; autograd by torch),
+* ``"cpu"``    – the C++ extension ``fastgan._C`` (CPU tensors),
+* ``"triton"`` – Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+
+``impl="auto"`` picks Triton on CUDA, C++ on CPU, and the reference where neither is available,
+saying so once per op and device with a warning.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+IMPLS = ("auto", "triton", "cpu", "ref")
+
+# op name -> name of its forward function in fastgan._C (None: no C++ implementation)
+_OPS: dict[str, str | None] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register_op(name: str, cpu_symbol: str | None) -> None:
+    """Declare an op so that ``fastgan info`` and ``impl="auto"`` know about it."""
+    _OPS[name] = cpu_symbol
+
+
+def registered_ops() -> tuple[str, ...]:
+    return tuple(_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> ModuleType | None:
+    """``fastgan._C`` if it was built and imports, else None (fastgan still works without it)."""
+    try:
+        return importlib.import_module("fastgan._C")
+    except ImportError:
+        return None
+
+
+def extension_error() -> str | None:
+    """Why ``fastgan._C`` is unavailable (None when it imports)."""
+    try:
+        importlib.import_module("fastgan._C")
+        return None
+    except ImportError as exc:
+        return str(exc)
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_supports(device: torch.device) -> bool:
+    if not triton_installed():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def cpu_supports(op: str, device: torch.device) -> bool:
+    symbol = _OPS.get(op)
+    ext = extension()
+    return device.type == "cpu" and symbol is not None and ext is not None and hasattr(ext, symbol)
+
+
+def auto_impl(op: str, device: torch.device) -> str:
+    """The implementation ``impl="auto"`` runs for ``op`` on ``device``."""
+    if device.type == "cuda" and triton_supports(device):
+        return "triton"
+    if cpu_supports(op, device):
+        return "cpu"
+    return "ref"
+
+
+def resolve_impl(op: str, impl: str, device: torch.device) -> str:
+    """Validate ``impl`` for ``op`` on ``device`` and return the concrete implementation."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        chosen = auto_impl(op, device)
+        if chosen == "ref" and (op, str(device)) not in _warned:
+            _warned.add((op, str(device)))
+            why = "fastgan._C is not built" if device.type == "cpu" else "Triton is not installed"
+            warnings.warn(f"fastgan: {op} on {device} runs the plain-PyTorch reference ({why}); "
+                          "see `fastgan info`", RuntimeWarning, stacklevel=3)
+        return chosen
+    if impl == "triton" and not triton_supports(device):
+        if not triton_installed():
+            raise ValueError(f"impl='triton' for {op}: triton is not installed")
+        raise ValueError(f"impl='triton' for {op} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                         f"got tensors on {device}")
+    if impl == "cpu" and not cpu_supports(op, device):
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpu' for {op} needs CPU tensors; got tensors on {device}")
+        raise ValueError(f"impl='cpu' for {op}: fastgan._C is not available ({extension_error()})")
+    return impl
+
+
+def tensor_arg(name: str, value, *, floating: bool = True) -> torch.Tensor:
+    """Check that argument ``name`` is a tensor (a floating one by default)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    """Check that all named tensors share one device and return it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    device = items[0][1].device
+    for name, t in items[1:]:
+        if t.device != device:
+            first = items[0][0]
+            raise ValueError(f"{name} is on {t.device} but {first} is on {device}; they must share a device")
+    return device
+
+
+def triton_module(name: str) -> ModuleType:
+    """Import ``fastgan.ops.triton.<name>`` on first use (importing triton is slow and optional)."""
+    return importlib.import_module(f"fastgan.ops.triton.{name}")
