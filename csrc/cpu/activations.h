@@ -1,0 +1,93 @@
+// The activation table of fastgan/ops/activations.py for the C++ kernels (header only).
+// ids: 0 linear, 1 relu, 2 lrelu (alpha = negative slope), 3 tanh, 4 sigmoid. Keep them in step with
+// the Python table and fastgan/ops/triton/activations.py. Adding an activation: one enum entry, one
+// case in each function below, and one line in dispatch_act.
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace fastgan {
+
+enum ActKind : int64_t { kActLinear = 0, kActRelu = 1, kActLrelu = 2, kActTanh = 3, kActSigmoid = 4 };
+
+// Compile-time variants: kernels instantiate their inner loop once per activation so the loop has
+// no switch in it and the compiler can vectorise the simple cases.
+template <int64_t ACT, typename T>
+inline T apply_act_ct(T x, T alpha) {
+  if constexpr (ACT == kActRelu) {
+    return x > T(0) ? x : T(0);
+  } else if constexpr (ACT == kActLrelu) {
+    return x > T(0) ? x : x * alpha;
+  } else if constexpr (ACT == kActTanh) {
+    return std::tanh(x);
+  } else if constexpr (ACT == kActSigmoid) {
+    // exp(-|x|) never overflows; both branches are accurate.
+    const T e = std::exp(-std::abs(x));
+    const T inv = T(1) / (T(1) + e);
+    return x >= T(0) ? inv : e * inv;
+  } else {
+    return x;
+  }
+}
+
+// f'(x) written in y = f(x): the fused backward needs only the saved output.
+template <int64_t ACT, typename T>
+inline T act_grad_from_output_ct(T y, T alpha) {
+  if constexpr (ACT == kActRelu) {
+    return y > T(0) ? T(1) : T(0);
+  } else if constexpr (ACT == kActLrelu) {
+    return y > T(0) ? T(1) : alpha;  // alpha >= 0, so y > 0 exactly where x > 0
+  } else if constexpr (ACT == kActTanh) {
+    return T(1) - y * y;
+  } else if constexpr (ACT == kActSigmoid) {
+    return y * (T(1) - y);
+  } else {
+    return T(1);
+  }
+}
+
+// Calls fn(std::integral_constant<int64_t, ACT>{}) for the runtime id act.
+template <typename Fn>
+inline void dispatch_act(int64_t act, Fn&& fn) {
+  switch (act) {
+    case kActLinear: fn(std::integral_constant<int64_t, kActLinear>{}); break;
+    case kActRelu: fn(std::integral_constant<int64_t, kActRelu>{}); break;
+    case kActLrelu: fn(std::integral_constant<int64_t, kActLrelu>{}); break;
+    case kActTanh: fn(std::integral_constant<int64_t, kActTanh>{}); break;
+    case kActSigmoid: fn(std::integral_constant<int64_t, kActSigmoid>{}); break;
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+}
+
+// Runtime variants (the contract other kernels code against).
+template <typename T>
+inline T apply_act(T x, T alpha, int64_t act) {
+  switch (act) {
+    case kActLinear: return apply_act_ct<kActLinear>(x, alpha);
+    case kActRelu: return apply_act_ct<kActRelu>(x, alpha);
+    case kActLrelu: return apply_act_ct<kActLrelu>(x, alpha);
+    case kActTanh: return apply_act_ct<kActTanh>(x, alpha);
+    case kActSigmoid: return apply_act_ct<kActSigmoid>(x, alpha);
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+  return x;
+}
+
+template <typename T>
+inline T act_grad_from_output(T y, T alpha, int64_t act) {
+  switch (act) {
+    case kActLinear: return act_grad_from_output_ct<kActLinear>(y, alpha);
+    case kActRelu: return act_grad_from_output_ct<kActRelu>(y, alpha);
+    case kActLrelu: return act_grad_from_output_ct<kActLrelu>(y, alpha);
+    case kActTanh: return act_grad_from_output_ct<kActTanh>(y, alpha);
+    case kActSigmoid: return act_grad_from_output_ct<kActSigmoid>(y, alpha);
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+  return T(1);
+}
+
+}  // namespace fastgan

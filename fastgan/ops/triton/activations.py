@@ -1,0 +1,57 @@
+"""Triton helpers for the activation table of ``fastgan/ops/activations.py``.
+
+``ACT`` is the row's ``index`` (a ``tl.constexpr``, so each kernel is compiled for one activation
+and the untaken branches vanish). Keep these ids in step with the Python table and
+``csrc/cpu/activations.h``. Math is done in the dtype of ``x`` / ``y``; kernels pass float32.
+"""
+import triton
+import triton.language as tl
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (not available under the interpreter): exp(-2|x|) never overflows;
+    # below |x| = 1/16 the odd Taylor series avoids the cancellation in 1 - e (error < 1e-9 rel).
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    return tl.where(ax < 0.0625, small, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp(-|x|) never overflows; the two branches give sigmoid(x) and sigmoid(-x) accurately.
+    e = tl.exp(-tl.abs(x))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, inv, e * inv)
+
+
+@triton.jit
+def apply_act(x, alpha, ACT: tl.constexpr):
+    """The activation ``ACT`` applied to ``x`` (``alpha`` is lrelu's negative slope)."""
+    if ACT == 1:
+        x = tl.where(x > 0, x, 0.0)
+    elif ACT == 2:
+        x = tl.where(x > 0, x, x * alpha)
+    elif ACT == 3:
+        x = _tanh(x)
+    elif ACT == 4:
+        x = _sigmoid(x)
+    return x
+
+
+@triton.jit
+def act_grad_from_output(y, alpha, ACT: tl.constexpr):
+    """``f'(x)`` written in ``y = f(x)`` (the saved activation output)."""
+    if ACT == 0:
+        g = tl.full(y.shape, 1.0, y.dtype)
+    elif ACT == 1:
+        g = tl.where(y > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where(y > 0, 1.0, alpha)
+    elif ACT == 3:
+        g = 1.0 - y * y
+    else:
+        g = y * (1.0 - y)
+    return g
