@@ -11,7 +11,6 @@ saying so once per op and device with a warning.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -22,36 +21,38 @@ import torch
 
 IMPLS = ("auto", "triton", "cpu", "ref")
 
-# op name -> name of its forward function in fastgan._C (None: no C++ implementation)
-_OPS: dict[str, str | None] = {}
+# The extension is loaded once, here, so that dispatch under torch.compile only reads plain globals.
+try:
+    _EXT: ModuleType | None = importlib.import_module("fastgan._C")
+    _EXT_ERROR: str | None = None
+except ImportError as _exc:
+    _EXT, _EXT_ERROR = None, str(_exc)
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+# op name -> whether fastgan._C has its forward function
+_CPU_KERNEL: dict[str, bool] = {}
 _warned: set[tuple[str, str]] = set()
 
 
 def register_op(name: str, cpu_symbol: str | None) -> None:
-    """Declare an op so that ``fastgan info`` and ``impl="auto"`` know about it."""
-    _OPS[name] = cpu_symbol
+    """Declare an op (and the name of its forward in fastgan._C, if it has a C++ implementation)
+    so that ``fastgan info`` and ``impl="auto"`` know about it."""
+    _CPU_KERNEL[name] = cpu_symbol is not None and _EXT is not None and hasattr(_EXT, cpu_symbol)
 
 
 def registered_ops() -> tuple[str, ...]:
-    return tuple(_OPS)
+    return tuple(_CPU_KERNEL)
 
 
-@functools.lru_cache(maxsize=None)
 def extension() -> ModuleType | None:
     """``fastgan._C`` if it was built and imports, else None (fastgan still works without it)."""
-    try:
-        return importlib.import_module("fastgan._C")
-    except ImportError:
-        return None
+    return _EXT
 
 
 def extension_error() -> str | None:
     """Why ``fastgan._C`` is unavailable (None when it imports)."""
-    try:
-        importlib.import_module("fastgan._C")
-        return None
-    except ImportError as exc:
-        return str(exc)
+    return _EXT_ERROR
 
 
 def interpreter_enabled() -> bool:
@@ -59,9 +60,8 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_supports(device: torch.device) -> bool:
@@ -73,9 +73,7 @@ def triton_supports(device: torch.device) -> bool:
 
 
 def cpu_supports(op: str, device: torch.device) -> bool:
-    symbol = _OPS.get(op)
-    ext = extension()
-    return device.type == "cpu" and symbol is not None and ext is not None and hasattr(ext, symbol)
+    return device.type == "cpu" and _CPU_KERNEL.get(op, False)
 
 
 def auto_impl(op: str, device: torch.device) -> str:

@@ -7,8 +7,6 @@ finishes the means (deterministic: no atomics).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -16,10 +14,16 @@ import triton.language as tl
 MAX_BLOCK = 4096       # logits per side handled by a single program (one launch up to this size)
 MAX_PROGRAMS = 256     # programs of the multi-program path (partial rows for the finishing kernel)
 N_PARTIAL = 8          # loss_r, loss_f, softplus_r, softplus_f, sigmoid_r, sigmoid_f, nonfinite, (pad)
-LOG4 = math.log(4.0)
 
 # Loss kinds: the order of fastgan.ops.losses.LOSS_KINDS.
 MINIMAX, NONSATURATING, HINGE, WASSERSTEIN, LEAST_SQUARES = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _reciprocal(n, ACC: tl.constexpr):
+    """1/n in the accumulation dtype, as a 1-element tensor (n may arrive specialised as a constant;
+    Python float arguments reach a kernel as fp32, too coarse for float64 inputs)."""
+    return 1.0 / tl.full([1], n, ACC)
 
 
 @triton.jit
@@ -93,9 +97,10 @@ def _g_terms(v, KIND: tl.constexpr):
 
 
 @triton.jit
-def _d_side(x_ptr, grad_ptr, n, inv_n, nan_value, pid, num_programs,
+def _d_side(x_ptr, grad_ptr, n, nan_value, pid, num_programs,
             KIND: tl.constexpr, REAL: tl.constexpr, NEED_GRAD: tl.constexpr, ACC: tl.constexpr,
             BLOCK: tl.constexpr):
+    inv_n = _reciprocal(n, ACC)
     acc_loss = tl.zeros([BLOCK], ACC)
     acc_sp = tl.zeros([BLOCK], ACC)
     acc_sig = tl.zeros([BLOCK], ACC)
@@ -117,31 +122,36 @@ def _d_side(x_ptr, grad_ptr, n, inv_n, nan_value, pid, num_programs,
 
 
 @triton.jit
-def _write_d_stats(stats_ptr, loss_r, loss_f, sp_r, sp_f, sig_r, sig_f, bad, inv_nr, inv_nf, nan_value, LOG4_C):
+def _write_d_stats(stats_ptr, loss_r, loss_f, sp_r, sp_f, sig_r, sig_f, bad, n_real, n_fake, nan_value,
+                   ACC: tl.constexpr):
+    # log 4 in the accumulation dtype (a float literal would be fp32).
+    inv_nr = _reciprocal(n_real, ACC)
+    inv_nf = _reciprocal(n_fake, ACC)
+    LOG4_C = tl.log(tl.full([1], 4.0, ACC))
     loss = loss_r * inv_nr + loss_f * inv_nf
     value = -(sp_r * inv_nr + sp_f * inv_nf)
     has_bad = bad > 0
-    tl.store(stats_ptr + 0, tl.where(has_bad, nan_value, loss))
-    tl.store(stats_ptr + 1, tl.where(has_bad, nan_value, value))
-    tl.store(stats_ptr + 2, tl.where(has_bad, nan_value, 0.5 * (value + LOG4_C)))
-    tl.store(stats_ptr + 3, tl.where(has_bad, nan_value, sig_r * inv_nr))
-    tl.store(stats_ptr + 4, tl.where(has_bad, nan_value, sig_f * inv_nf))
+    tl.store(stats_ptr + 0 + tl.arange(0, 1), tl.where(has_bad, nan_value, loss))
+    tl.store(stats_ptr + 1 + tl.arange(0, 1), tl.where(has_bad, nan_value, value))
+    tl.store(stats_ptr + 2 + tl.arange(0, 1), tl.where(has_bad, nan_value, 0.5 * (value + LOG4_C)))
+    tl.store(stats_ptr + 3 + tl.arange(0, 1), tl.where(has_bad, nan_value, sig_r * inv_nr))
+    tl.store(stats_ptr + 4 + tl.arange(0, 1), tl.where(has_bad, nan_value, sig_f * inv_nf))
 
 
 @triton.jit
 def _d_loss_kernel(real_ptr, fake_ptr, grad_real_ptr, grad_fake_ptr, partial_ptr, stats_ptr,
-                   n_real, n_fake, inv_nr, inv_nf, nan_value, LOG4_C,
+                   n_real, n_fake, nan_value,
                    KIND: tl.constexpr, NEED_GRAD: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    loss_r, sp_r, sig_r, bad_r = _d_side(real_ptr, grad_real_ptr, n_real, inv_nr, nan_value, pid, num_programs,
+    loss_r, sp_r, sig_r, bad_r = _d_side(real_ptr, grad_real_ptr, n_real, nan_value, pid, num_programs,
                                          KIND, True, NEED_GRAD, ACC, BLOCK)
-    loss_f, sp_f, sig_f, bad_f = _d_side(fake_ptr, grad_fake_ptr, n_fake, inv_nf, nan_value, pid, num_programs,
+    loss_f, sp_f, sig_f, bad_f = _d_side(fake_ptr, grad_fake_ptr, n_fake, nan_value, pid, num_programs,
                                          KIND, False, NEED_GRAD, ACC, BLOCK)
     if SINGLE:
         _write_d_stats(stats_ptr, loss_r, loss_f, sp_r, sp_f, sig_r, sig_f, bad_r + bad_f,
-                       inv_nr, inv_nf, nan_value, LOG4_C)
+                       n_real, n_fake, nan_value, ACC)
     else:
         row = partial_ptr + pid * 8
         tl.store(row + 0, loss_r)
@@ -154,8 +164,8 @@ def _d_loss_kernel(real_ptr, fake_ptr, grad_real_ptr, grad_fake_ptr, partial_ptr
 
 
 @triton.jit
-def _d_loss_finish_kernel(partial_ptr, stats_ptr, n_rows, inv_nr, inv_nf, nan_value, LOG4_C,
-                          ROWS: tl.constexpr):
+def _d_loss_finish_kernel(partial_ptr, stats_ptr, n_rows, n_real, n_fake, nan_value,
+                          ACC: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.arange(0, ROWS)
     mask = rows < n_rows
     p = partial_ptr + rows * 8
@@ -166,15 +176,16 @@ def _d_loss_finish_kernel(partial_ptr, stats_ptr, n_rows, inv_nr, inv_nf, nan_va
     sig_r = tl.sum(tl.load(p + 4, mask=mask, other=0.0), 0)
     sig_f = tl.sum(tl.load(p + 5, mask=mask, other=0.0), 0)
     bad = tl.sum(tl.load(p + 6, mask=mask, other=0.0), 0)
-    _write_d_stats(stats_ptr, loss_r, loss_f, sp_r, sp_f, sig_r, sig_f, bad, inv_nr, inv_nf, nan_value, LOG4_C)
+    _write_d_stats(stats_ptr, loss_r, loss_f, sp_r, sp_f, sig_r, sig_f, bad, n_real, n_fake, nan_value, ACC)
 
 
 @triton.jit
-def _g_loss_kernel(fake_ptr, grad_ptr, partial_ptr, loss_ptr, n, inv_n, nan_value,
+def _g_loss_kernel(fake_ptr, grad_ptr, partial_ptr, loss_ptr, n, nan_value,
                    KIND: tl.constexpr, NEED_GRAD: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
+    inv_n = _reciprocal(n, ACC)
     acc_loss = tl.zeros([BLOCK], ACC)
     acc_bad = tl.zeros([BLOCK], ACC)
     for start in range(pid * BLOCK, n, num_programs * BLOCK):
@@ -191,19 +202,20 @@ def _g_loss_kernel(fake_ptr, grad_ptr, partial_ptr, loss_ptr, n, inv_n, nan_valu
     loss = tl.sum(acc_loss, 0)
     bad = tl.sum(acc_bad, 0)
     if SINGLE:
-        tl.store(loss_ptr, tl.where(bad > 0, nan_value, loss * inv_n))
+        tl.store(loss_ptr + tl.arange(0, 1), tl.where(bad > 0, nan_value, loss * inv_n))
     else:
         tl.store(partial_ptr + pid * 2 + 0, loss)
         tl.store(partial_ptr + pid * 2 + 1, bad)
 
 
 @triton.jit
-def _g_loss_finish_kernel(partial_ptr, loss_ptr, n_rows, inv_n, nan_value, ROWS: tl.constexpr):
+def _g_loss_finish_kernel(partial_ptr, loss_ptr, n_rows, n, nan_value, ACC: tl.constexpr, ROWS: tl.constexpr):
+    inv_n = _reciprocal(n, ACC)
     rows = tl.arange(0, ROWS)
     mask = rows < n_rows
     loss = tl.sum(tl.load(partial_ptr + rows * 2, mask=mask, other=0.0), 0)
     bad = tl.sum(tl.load(partial_ptr + rows * 2 + 1, mask=mask, other=0.0), 0)
-    tl.store(loss_ptr, tl.where(bad > 0, nan_value, loss * inv_n))
+    tl.store(loss_ptr + tl.arange(0, 1), tl.where(bad > 0, nan_value, loss * inv_n))
 
 
 def _launch_shape(n: int) -> tuple[int, int]:
@@ -232,10 +244,10 @@ def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad:
     # An unused grad pointer still needs a tensor argument: pass the logits (never written).
     _d_loss_kernel[(programs,)](
         real, fake, grad_real if need_grad else real, grad_fake if need_grad else fake, partial, stats,
-        n_real, n_fake, 1.0 / n_real, 1.0 / n_fake, float("nan"), LOG4,
+        n_real, n_fake, float("nan"),
         KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
     if not single:
-        _d_loss_finish_kernel[(1,)](partial, stats, programs, 1.0 / n_real, 1.0 / n_fake, float("nan"), LOG4,
+        _d_loss_finish_kernel[(1,)](partial, stats, programs, n_real, n_fake, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
     return stats, grad_real, grad_fake
 
@@ -250,9 +262,9 @@ def g_loss_forward(fake: torch.Tensor, kind: int, need_grad: bool):
     single = programs == 1
     partial = loss if single else torch.empty(programs * 2, device=fake.device, dtype=acc_torch)
     _g_loss_kernel[(programs,)](
-        fake, grad if need_grad else fake, partial, loss, n, 1.0 / n, float("nan"),
+        fake, grad if need_grad else fake, partial, loss, n, float("nan"),
         KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
     if not single:
-        _g_loss_finish_kernel[(1,)](partial, loss, programs, 1.0 / n, float("nan"),
+        _g_loss_finish_kernel[(1,)](partial, loss, programs, n, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
     return loss, grad
