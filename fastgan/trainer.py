@@ -1,0 +1,1201 @@
+"""``fastgan.Trainer``: the alternating GAN update (Algorithm 1 of Goodfellow et al., 2014) for any
+``nn.Module`` generator and discriminator, on fastgan's fused kernels and batched optimizer step.
+
+What one call does (``real`` a batch of N samples, z a batch of N latent vectors):
+
+* ``d_step(real, z)``: one discriminator update on the loss of ``loss`` (``fastgan.ops.d_loss``)
+  plus the R1 / WGAN-GP penalties when they are on. G runs without autograd.
+* ``g_step(z)``: one generator update on ``fastgan.ops.g_loss``; D's parameters are frozen
+  (``requires_grad=False``) so no weight gradient of D is computed, and unfrozen afterwards.
+* ``step(real, z)``: ``d_step`` then ``g_step`` on the same z, reusing G's forward pass (exact: G
+  does not change during the D step; this is what the PyTorch DCGAN example does).
+
+Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
+
+* **Joint D forward.** D sees ``cat([real, fake])`` in one forward pass when none of its layers
+  makes one sample's output depend on the rest of the batch or on how many times D ran:
+  ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants), InstanceNorm with
+  ``track_running_stats=True``, and spectral normalisation (its power iteration advances at every
+  forward). With any of those D runs twice (real, then fake), so results equal the eager loop's.
+  Modules fastgan cannot see through (a minibatch-stddev layer, say) need ``joint_d_forward=False``.
+* **Sigmoid.** A D whose last executed layer is ``nn.Sigmoid`` (as the DCGAN example's) is detected
+  on the first step by a probe forward (eval mode, no autograd); the trainer then uses the Sigmoid's
+  input as the logit (one warning). Called outside the trainer, D still returns probabilities.
+* **R1** (Mescheder et al., 2018), lazy as in StyleGAN2 (Karras et al., 2020): on every
+  ``r1_every``-th D step, ``r1_gamma / 2 * E ||grad_x D(x)||^2`` over the real batch is added to D's
+  loss multiplied by ``r1_every``, so the regularisation strength per step on average is the one
+  ``r1_gamma`` asks for. ``r1_every=1`` is the non-lazy R1. The norm is taken per D input (with
+  ``pack`` > 1, over the packed samples).
+* **WGAN-GP** (Gulrajani et al., 2017), only with ``loss="wasserstein"``: ``gp_lambda *
+  E (||grad D(x_hat)||_2 - 1)^2`` with ``x_hat = eps * real + (1 - eps) * fake``, eps ~ U[0, 1] per
+  sample, in a separate forward pass of D.
+* **Noise** comes from the trainer's own ``torch.Generator`` (seeded by ``seed``; otherwise from a
+  draw of torch's global RNG at construction). Order of draws: one latent batch per D step (and one
+  per ``g_step`` without z), one eps batch per D step when WGAN-GP is on.
+* **fit** runs Algorithm 1: ``d_steps - 1`` calls of ``d_step`` (fresh real batch, fresh noise),
+  then one ``step`` (a fresh real batch and fresh noise for the last D update, that noise reused by
+  the G update as in the DCGAN example).
+* **Precision.** ``"bf16"`` / ``"fp16"`` run the forward passes under ``torch.autocast``; the
+  parameters, optimizer state and losses stay float32. fp16 adds dynamic loss scaling, one scale per
+  network, updated on the device from the fused optimizer's ``found_inf`` (a step whose gradients
+  are not finite is skipped by the optimizer; the scale halves; it doubles after 2000 good steps).
+* **CUDA graphs.** With ``cuda_graphs="auto"`` on a CUDA device, each kind of call (``d_step``,
+  ``g_step``, ``step``, with and without a due R1 step, per batch shape) runs eagerly twice as
+  warm-up, then is captured once (noise drawn inside the graph from the trainer's generator, the
+  batch copied into a static buffer, optimizer steps included) and replayed. If capture fails the
+  trainer warns once and stays eager.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from fastgan import _checkpoint
+
+PRIORS = ("normal", "uniform")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINT_FORMAT = "fastgan.Trainer/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Dynamic loss scaling for fp16 (the values torch.amp.GradScaler uses).
+_INIT_SCALE = 2.0 ** 16
+_GROWTH_FACTOR = 2.0
+_BACKOFF_FACTOR = 0.5
+_GROWTH_INTERVAL = 2000
+
+_GRAPH_WARMUP = 2  # eager runs of each kind of call before it is captured
+
+
+# ------------------------------------------------------------------------------------------------
+# Small pieces
+# ------------------------------------------------------------------------------------------------
+
+def _loss_kinds() -> tuple[str, ...]:
+    from fastgan.ops.losses import LOSS_KINDS
+    return tuple(LOSS_KINDS)
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value, low: float, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = True) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low)
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = "inf)" if high is None else (f"{high})" if high_open else f"{high}]")
+        raise ValueError(f"{name} must be a number in {lo}{low}, {hi}, got {value!r}")
+    return float(value)
+
+
+def _batch_dependent_layers(module: nn.Module) -> list[str]:
+    """Names of submodules whose output for one sample depends on the rest of the batch or on how
+    many forward passes ran (so a joint real+fake forward would differ from two separate ones)."""
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            found.append(name or type(m).__name__)
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            found.append(name or type(m).__name__)
+        elif any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values()):
+            found.append(name or type(m).__name__)
+        elif torch.nn.utils.parametrize.is_parametrized(m):
+            for plist in m.parametrizations.values():
+                if any(type(p).__name__ == "_SpectralNorm" for p in plist):
+                    found.append(name or type(m).__name__)
+                    break
+    return found
+
+
+class _SigmoidTap(nn.Module):
+    """Stands where D's final ``nn.Sigmoid`` was: passes the logit through while the trainer runs D
+    (``emit_logits`` True), applies the sigmoid otherwise, so D keeps its meaning for the user."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emit_logits = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.emit_logits else torch.sigmoid(x)
+
+
+class _LossScaler:
+    """Dynamic fp16 loss scale of one network, kept and updated on the device (no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.scale = torch.full((), _INIT_SCALE, dtype=torch.float32, device=device)
+        self.inv_scale = torch.full((), 1.0 / _INIT_SCALE, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+
+    def update(self, found_inf: torch.Tensor) -> None:
+        if found_inf.dtype != torch.float32:
+            found_inf = found_inf.float()
+        torch._amp_update_scale_(self.scale, self.growth_tracker, found_inf, _GROWTH_FACTOR,
+                                 _BACKOFF_FACTOR, _GROWTH_INTERVAL)
+        torch.reciprocal(self.scale, out=self.inv_scale)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.clone(), "growth_tracker": self.growth_tracker.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth_tracker.copy_(state["growth_tracker"])
+        torch.reciprocal(self.scale, out=self.inv_scale)
+
+
+class _IndexCursor:
+    """Where a shuffled pass over ``n`` samples stands: the data generator's state when the epoch's
+    permutation was drawn and how many samples of it were used. Saved in checkpoints, so a resumed
+    ``fit`` on the same tensor / Dataset continues with the very next batch."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm: torch.Tensor | None = None
+        self.epoch_state: torch.Tensor | None = None
+        self.position = 0
+
+    def next_indices(self) -> torch.Tensor:
+        if self.perm is None or self.position + self.batch_size > self.n:
+            self.epoch_state = self.generator.get_state()
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.position = 0
+        idx = self.perm[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if self.perm is None:
+            return None
+        return {"n": self.n, "batch_size": self.batch_size, "epoch_state": self.epoch_state,
+                "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        replay = torch.Generator()
+        replay.set_state(state["epoch_state"])
+        self.epoch_state = state["epoch_state"]
+        self.perm = torch.randperm(self.n, generator=replay)
+        self.position = int(state["position"])
+
+
+class _GraphEntry:
+    """One captured kind of call: its CUDA graph, static inputs and static outputs."""
+
+    def __init__(self) -> None:
+        self.warmup_left = _GRAPH_WARMUP
+        self.graph = None
+        self.static_real: torch.Tensor | None = None
+        self.static_z: torch.Tensor | None = None
+        self.names: tuple[str, ...] = ()
+        self.out: torch.Tensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains ``generator`` against ``discriminator`` with the alternating update of Algorithm 1.
+
+    Args:
+        generator: any ``nn.Module`` mapping a latent batch ``(N, *latent_dim)`` to samples.
+        discriminator: any ``nn.Module`` mapping ``(N / pack, pack * C, ...)`` samples to one logit
+            per D input, shape ``(N / pack,)`` or ``(N / pack, 1)``.
+        latent_dim: int or tuple of ints; else ``generator.latent_dim``.
+        prior: ``"normal"`` (standard normal) or ``"uniform"`` (on [-1, 1]).
+        loss: minimax | nonsaturating | hinge | wasserstein | least_squares (see ``fastgan.ops``).
+        d_steps: k of Algorithm 1 (D updates per G update in ``fit``).
+        lr, betas: Adam hyper-parameters of the default optimizers; ``g_lr`` / ``d_lr`` override lr
+            per network.
+        g_optimizer, d_optimizer: optimizers over the network's parameters. torch's Adam, AdamW and
+            SGD run as their fused twins (``trainer.g_optimizer`` is the one that runs: attach LR
+            schedulers to it); fastgan's fused optimizers run as they are; any other optimizer runs
+            unfused, with a warning (and is refused with fp16, which needs the fused skip).
+        r1_gamma, r1_every: lazy R1 penalty on real data (see the module docstring).
+        gp_lambda: WGAN-GP penalty weight (``loss="wasserstein"`` only).
+        ema_beta: keep an exponential moving average of G's weights (fused into G's update);
+            ``sample()`` uses it.
+        pack: PacGAN degree: D judges ``pack`` samples concatenated along dimension 1.
+        precision: fp32 | bf16 | fp16.
+        cuda_graphs: ``"auto"`` (on for CUDA devices), True (CUDA required) or False.
+        fuse: apply ``fastgan.fuse`` to G and D in place (same parameter objects and state_dict
+            keys). D is fused on the first step, after the Sigmoid check.
+        joint_d_forward: ``None`` decides from D's layers (see the module docstring); True / False
+            force one joint real+fake forward of D or two separate ones.
+        device: where to train; default: where G's parameters are. The networks are moved there.
+        seed: seeds the trainer's own generator (noise, WGAN-GP's eps, the order of ``fit``'s data).
+    """
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, *,
+                 latent_dim: int | tuple[int, ...] | None = None,
+                 prior: str = "normal",
+                 loss: str = "nonsaturating",
+                 d_steps: int = 1,
+                 lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999),
+                 g_lr: float | None = None, d_lr: float | None = None,
+                 g_optimizer: torch.optim.Optimizer | None = None,
+                 d_optimizer: torch.optim.Optimizer | None = None,
+                 r1_gamma: float = 0.0, r1_every: int = 16, gp_lambda: float = 0.0,
+                 ema_beta: float | None = None,
+                 pack: int = 1,
+                 precision: str = "fp32",
+                 cuda_graphs: bool | str = "auto",
+                 fuse: bool = True,
+                 joint_d_forward: bool | None = None,
+                 device: torch.device | str | None = None,
+                 seed: int | None = None) -> None:
+        # ---- the networks, their device and dtype --------------------------------------------
+        if not isinstance(generator, nn.Module):
+            raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")
+        if not isinstance(discriminator, nn.Module):
+            raise TypeError(f"discriminator must be an nn.Module, got {type(discriminator).__name__}")
+        if generator is discriminator:
+            raise ValueError("generator and discriminator are the same module; they must be two networks")
+        g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
+        if not g_params:
+            raise ValueError("generator has no parameters to train")
+        if not d_params:
+            raise ValueError("discriminator has no parameters to train")
+        shared = {id(p) for p in g_params} & {id(p) for p in d_params}
+        if shared:
+            raise ValueError(f"generator and discriminator share {len(shared)} parameter(s); "
+                             "the two networks must have their own parameters")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            generator.to(device)
+            discriminator.to(device)
+        self.device = self._common(generator, discriminator, "device")
+        self.param_dtype = self._common(generator, discriminator, "dtype")
+        if not self.param_dtype.is_floating_point:
+            raise ValueError(f"the networks' parameters must be floating point, got {self.param_dtype}")
+        self.generator = generator
+        self.discriminator = discriminator
+
+        # ---- options -------------------------------------------------------------------------
+        self.latent_dim = self._resolve_latent_dim(latent_dim, generator)
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        self.prior = prior
+        kinds = _loss_kinds()
+        if not isinstance(loss, str) or loss not in kinds:
+            raise ValueError(f"loss must be one of {kinds}, got {loss!r}")
+        self.loss = loss
+        self.d_steps = _check_int("d_steps", d_steps, 1)
+        lr = _check_real("lr", lr, 0.0, low_open=True)
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = (_check_real("betas[0]", betas[0], 0.0, 1.0), _check_real("betas[1]", betas[1], 0.0, 1.0))
+        for lr_name, lr_value, opt_name, opt_value in (("g_lr", g_lr, "g_optimizer", g_optimizer),
+                                                        ("d_lr", d_lr, "d_optimizer", d_optimizer)):
+            if lr_value is not None and opt_value is not None:
+                raise ValueError(f"{lr_name} sets the learning rate of the default optimizer, but {opt_name} was "
+                                 f"given; set the learning rate on {opt_name} instead")
+        g_lr = lr if g_lr is None else _check_real("g_lr", g_lr, 0.0, low_open=True)
+        d_lr = lr if d_lr is None else _check_real("d_lr", d_lr, 0.0, low_open=True)
+        self.r1_gamma = _check_real("r1_gamma", r1_gamma, 0.0)
+        self.r1_every = _check_int("r1_every", r1_every, 1)
+        self.gp_lambda = _check_real("gp_lambda", gp_lambda, 0.0)
+        if self.gp_lambda > 0 and loss != "wasserstein":
+            raise ValueError(f"gp_lambda={gp_lambda} is the WGAN-GP penalty and belongs to loss='wasserstein', "
+                             f"not loss={loss!r} (use r1_gamma for a gradient penalty with other losses)")
+        if ema_beta is not None:
+            ema_beta = _check_real("ema_beta", ema_beta, 0.0, 1.0, low_open=True)
+        self.ema_beta = ema_beta
+        self.pack = _check_int("pack", pack, 1)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+        if cuda_graphs is True and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, but the networks are on {self.device}")
+        self._graphs_on = self.device.type == "cuda" and cuda_graphs in ("auto", True)
+        self._graphs: dict[tuple, _GraphEntry] = {}
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be True or False, got {fuse!r}")
+        self.fuse = fuse
+        if joint_d_forward not in (None, True, False):
+            raise ValueError(f"joint_d_forward must be None, True or False, got {joint_d_forward!r}")
+        self.batch_dependent_layers = _batch_dependent_layers(discriminator)
+        self.joint_d_forward = (not self.batch_dependent_layers) if joint_d_forward is None else joint_d_forward
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+
+        # ---- random generators ---------------------------------------------------------------
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # follows torch.manual_seed
+        self.seed = int(seed)
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(self.seed)
+        self._sample_gen = torch.Generator(device=self.device)
+        self._sample_gen.manual_seed(self.seed + 1)
+        self._data_gen = torch.Generator()
+        self._data_gen.manual_seed(self.seed + 2)
+        self._cursor: _IndexCursor | None = None
+        self._pending_cursor_state: dict[str, Any] | None = None
+
+        # ---- fusion, EMA, optimizers ---------------------------------------------------------
+        if fuse:
+            self._fuse_module(generator)
+        self._d_fused = False
+        self._setup_done = False
+        self._sigmoid_tap: _SigmoidTap | None = None
+        self._d_trainable = [p for p in d_params if p.requires_grad]
+        self._g_trainable = [p for p in g_params if p.requires_grad]
+        if not self._g_trainable:
+            raise ValueError("generator has no parameter with requires_grad=True")
+        if not self._d_trainable:
+            raise ValueError("discriminator has no parameter with requires_grad=True")
+
+        optim = self._optim_module()
+        self.ema = optim.EMA(generator, ema_beta) if ema_beta is not None else None
+        self._ema_fused = False
+        self.g_optimizer, self._g_fused = self._make_optimizer(
+            "g_optimizer", g_optimizer, generator, self._g_trainable, g_lr, betas, ema=self.ema)
+        self.d_optimizer, self._d_fused = self._make_optimizer(
+            "d_optimizer", d_optimizer, discriminator, self._d_trainable, d_lr, betas, ema=None)
+        if precision == "fp16":
+            for name, fused in (("g_optimizer", self._g_fused), ("d_optimizer", self._d_fused)):
+                if not fused:
+                    raise ValueError(f"precision='fp16' needs fused optimizers (their step unscales the "
+                                     f"gradients and skips non-finite steps on the device), but {name} "
+                                     f"is a {type(getattr(self, name)).__name__} with no fused twin")
+            self._d_scaler: _LossScaler | None = _LossScaler(self.device)
+            self._g_scaler: _LossScaler | None = _LossScaler(self.device)
+        else:
+            self._d_scaler = self._g_scaler = None
+
+        # ---- bookkeeping ---------------------------------------------------------------------
+        self.step_count = 0     # G updates (iterations of Algorithm 1) done
+        self.d_step_count = 0   # D updates done
+        self._z_cache: dict[int, torch.Tensor] = {}
+        self._eps_cache: dict[tuple, torch.Tensor] = {}
+        self._checked_real: tuple | None = None
+        self._sample_shape: torch.Size | None = None
+        self._last_r1 = torch.full((), float("nan"), device=self.device)  # latest R1 value (lazy R1)
+        self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self._graph_failure: str | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # construction helpers
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _common(generator: nn.Module, discriminator: nn.Module, attr: str):
+        values = {}
+        for name, net in (("generator", generator), ("discriminator", discriminator)):
+            found = {getattr(p, attr) for p in net.parameters()}
+            if len(found) > 1:
+                raise ValueError(f"{name}'s parameters are spread over several {attr}s {sorted(map(str, found))}; "
+                                 f"they must share one (pass device=... to move the networks)")
+            values[name] = found.pop()
+        if values["generator"] != values["discriminator"]:
+            hint = " (pass device=... to move both)" if attr == "device" else ""
+            raise ValueError(f"generator's parameters have {attr} {values['generator']} but discriminator's "
+                             f"have {values['discriminator']}; they must agree{hint}")
+        return values["generator"]
+
+    @staticmethod
+    def _resolve_latent_dim(latent_dim, generator: nn.Module) -> tuple[int, ...]:
+        source = "latent_dim"
+        if latent_dim is None:
+            latent_dim = getattr(generator, "latent_dim", None)
+            source = f"{type(generator).__name__}.latent_dim"
+            if latent_dim is None:
+                raise ValueError("latent size unknown: pass latent_dim=... (an int or a tuple such as "
+                                 "(100, 1, 1)) or give the generator a `latent_dim` attribute")
+        dims = (latent_dim,) if isinstance(latent_dim, numbers.Integral) else latent_dim
+        try:
+            dims = tuple(dims)
+        except TypeError:
+            raise ValueError(f"{source} must be a positive int or a tuple of them, got {latent_dim!r}") from None
+        if not dims or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dims):
+            raise ValueError(f"{source} must be a positive int or a tuple of them, got {latent_dim!r}")
+        return tuple(int(d) for d in dims)
+
+    @staticmethod
+    def _optim_module():
+        import fastgan.optim as optim  # landed by the optimizer work; imported here, not at fastgan import
+        return optim
+
+    @staticmethod
+    def _fuse_module(module: nn.Module) -> None:
+        import fastgan
+        fuse_fn = getattr(fastgan, "fuse", None)
+        if fuse_fn is None:
+            import fastgan.nn
+            fuse_fn = getattr(fastgan.nn, "fuse", None)
+        if fuse_fn is None:
+            raise ImportError("fuse=True needs fastgan.fuse, which this build of fastgan does not have; "
+                              "pass fuse=False")
+        fuse_fn(module, inplace=True)
+
+    def _make_optimizer(self, name: str, given, net: nn.Module, trainable: list, lr: float, betas, ema):
+        """(optimizer that runs, whether it is fused)."""
+        optim = self._optim_module()
+        if given is None:
+            return optim.FusedAdam(trainable, lr=lr, betas=betas, ema=ema), True
+        if not isinstance(given, torch.optim.Optimizer):
+            raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(given).__name__}")
+        own = {id(p) for p in net.parameters()}
+        net_name = "generator" if name == "g_optimizer" else "discriminator"
+        for group in given.param_groups:
+            for p in group["params"]:
+                if id(p) not in own:
+                    raise ValueError(f"{name} holds a parameter of shape {tuple(p.shape)} that is not one of the "
+                                     f"{net_name}'s (were g_optimizer and d_optimizer swapped?)")
+        fused_types = tuple(getattr(optim, n) for n in ("FusedAdam", "FusedSGD") if hasattr(optim, n))
+        if isinstance(given, fused_types):
+            if ema is not None:
+                raise ValueError(f"ema_beta fuses the EMA into the generator's optimizer, but {name} is an "
+                                 f"already built {type(given).__name__}; build it with ema=fastgan.optim.EMA(...) "
+                                 "and leave ema_beta unset, or pass a torch optimizer")
+            return given, True
+        if type(given) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+            return optim.fused_twin(given, ema=ema) if ema is not None else optim.fused_twin(given), True
+        warnings.warn(f"fastgan.Trainer: {name} is a {type(given).__name__}, which has no fused twin; it runs "
+                      "as it is (unfused)", RuntimeWarning, stacklevel=3)
+        return given, False
+
+    # ------------------------------------------------------------------------------------------
+    # input checks and first-step setup
+    # ------------------------------------------------------------------------------------------
+
+    def _check_real(self, real) -> None:
+        key = (real.shape, real.dtype, real.device) if isinstance(real, torch.Tensor) else None
+        if key is not None and key == self._checked_real:
+            return
+        if not isinstance(real, torch.Tensor):
+            raise TypeError(f"real must be a torch.Tensor batch, got {type(real).__name__}")
+        if real.dim() < 2:
+            raise ValueError(f"real must be a batch of shape (N, ...) with at least 2 dimensions "
+                             f"(use (N, 1) for scalar samples), got shape {tuple(real.shape)}")
+        if real.shape[0] == 0:
+            raise ValueError("real is an empty batch (N = 0)")
+        if real.device != self.device:
+            raise ValueError(f"real is on {real.device} but the networks are on {self.device}")
+        if real.dtype != self.param_dtype:
+            raise ValueError(f"real has dtype {real.dtype} but the networks' parameters are {self.param_dtype}")
+        if real.shape[0] % self.pack:
+            raise ValueError(f"the batch size {real.shape[0]} of real does not divide by pack={self.pack}")
+        if self._sample_shape is not None and real.shape[1:] != self._sample_shape:
+            raise ValueError(f"real has samples of shape {tuple(real.shape[1:])}, but the generator's samples "
+                             f"have shape {tuple(self._sample_shape)}")
+        if not self._setup_done:
+            self._setup(real)
+        self._checked_real = key
+
+    def _check_z(self, z, batch: int | None) -> None:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.shape[1:] != self.latent_dim or z.shape[0] == 0:
+            raise ValueError(f"z must have shape (N, {', '.join(map(str, self.latent_dim))}) with N > 0, "
+                             f"got {tuple(z.shape)}")
+        if batch is not None and z.shape[0] != batch:
+            raise ValueError(f"z has batch size {z.shape[0]} but real has {batch}; they must match")
+        if z.device != self.device:
+            raise ValueError(f"z is on {z.device} but the networks are on {self.device}")
+        if z.dtype != self.param_dtype:
+            raise ValueError(f"z has dtype {z.dtype} but the networks' parameters are {self.param_dtype}")
+
+    def _check_fake(self, fake, real_shape: torch.Size | None) -> None:
+        """G's output against the data: checked once per shape (cheap tuple compare afterwards)."""
+        if self._sample_shape is not None and fake.shape[1:] == self._sample_shape and real_shape is None:
+            return
+        if not isinstance(fake, torch.Tensor):
+            raise ValueError(f"the generator returned a {type(fake).__name__}; it must return one tensor batch")
+        if real_shape is not None and fake.shape != real_shape:
+            raise ValueError(f"the generator's output has shape {tuple(fake.shape)} but the real batch has shape "
+                             f"{tuple(real_shape)}; G(z) must produce samples shaped like the data")
+        if self._sample_shape is None:
+            self._sample_shape = fake.shape[1:]
+        elif fake.shape[1:] != self._sample_shape:
+            raise ValueError(f"the generator's output has samples of shape {tuple(fake.shape[1:])}, but the data's "
+                             f"samples have shape {tuple(self._sample_shape)}")
+
+    def _setup(self, real: torch.Tensor) -> None:
+        """First step: check D's output on a probe batch (real samples, or generated ones when the
+        first call is ``g_step``), find a final Sigmoid, then fuse D."""
+        d = self.discriminator
+        probe_n = 2 * self.pack if real.shape[0] >= 2 * self.pack else self.pack
+        probe = self._pack(real[:probe_n])
+        leaves = [m for m in d.modules() if not m._modules]
+        calls: list[tuple[nn.Module, torch.Tensor]] = []
+
+        def record(module, _inputs, output):
+            calls.append((module, output))
+
+        hooks = [m.register_forward_hook(record) for m in leaves]
+        modes = [(m, m.training) for m in d.modules()]
+        try:
+            d.eval()  # no running-statistics update, no dropout: the probe leaves no trace
+            with torch.no_grad():
+                out = d(probe)
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, mode in modes:
+                m.training = mode
+        n_in = probe.shape[0]
+        if not isinstance(out, torch.Tensor) or not (out.shape == (n_in,) or out.shape == (n_in, 1)):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the discriminator's output must be one value per D input, shape ({n_in},) or "
+                             f"({n_in}, 1) for {n_in} inputs{' (pack=%d)' % self.pack if self.pack > 1 else ''}, "
+                             f"got {shape}")
+        if calls and isinstance(calls[-1][0], nn.Sigmoid):
+            last, last_out = calls[-1]
+            if (sum(1 for m, _ in calls if m is last) == 1 and last_out.numel() == out.numel()
+                    and torch.equal(last_out.reshape(-1), out.reshape(-1))):
+                self._replace_final_sigmoid(last)
+        if self.fuse and not self._d_fused:
+            self._fuse_module(d)
+        self._d_fused = True
+        self._setup_done = True
+
+    def _replace_final_sigmoid(self, sigmoid: nn.Module) -> None:
+        d = self.discriminator
+        places = [(parent, child_name, f"{parent_name}.{child_name}" if parent_name else child_name)
+                  for parent_name, parent in d.named_modules()
+                  for child_name, child in parent._modules.items() if child is sigmoid]
+        if len(places) != 1:
+            raise ValueError("the discriminator ends in an nn.Sigmoid that is registered in several places; "
+                             "fastgan's losses need logits: remove the final Sigmoid")
+        parent, child_name, qualified = places[0]
+        tap = _SigmoidTap()
+        setattr(parent, child_name, tap)
+        self._sigmoid_tap = tap
+        warnings.warn(
+            f"fastgan.Trainer: the discriminator ends in nn.Sigmoid ('{qualified}'). fastgan's losses take "
+            "logits (their softplus forms stay finite where log(sigmoid) underflows), so the trainer uses that "
+            "Sigmoid's input as D's output; called outside the trainer, the discriminator still returns "
+            "probabilities.", UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------------------------------
+    # building blocks of a step (also what CUDA graphs capture)
+    # ------------------------------------------------------------------------------------------
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.pack
+        if m == 1:
+            return x
+        return x.reshape(x.shape[0] // m, m * x.shape[1], *x.shape[2:])
+
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype,
+                              cache_enabled=not self._graphs_on)
+
+    def _draw_z(self, n: int) -> torch.Tensor:
+        z = self._z_cache.get(n)
+        if z is None:
+            z = self._z_cache[n] = torch.empty((n, *self.latent_dim), device=self.device, dtype=self.param_dtype)
+        if self.prior == "normal":
+            z.normal_(generator=self._gen)
+        else:
+            z.uniform_(-1.0, 1.0, generator=self._gen)
+        return z
+
+    def _draw_eps(self, real: torch.Tensor) -> torch.Tensor:
+        key = (real.shape[0], real.dim())
+        eps = self._eps_cache.get(key)
+        if eps is None:
+            eps = self._eps_cache[key] = torch.empty((real.shape[0],) + (1,) * (real.dim() - 1),
+                                                     device=self.device, dtype=self.param_dtype)
+        return eps.uniform_(generator=self._gen)
+
+    def _d_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.discriminator(self._pack(x))
+
+    def _r1_due(self) -> bool:
+        return self.r1_gamma > 0 and self.d_step_count % self.r1_every == 0
+
+    def _d_update(self, real: torch.Tensor, z: torch.Tensor, fake: torch.Tensor | None,
+                  r1_due: bool) -> dict[str, torch.Tensor]:
+        """One D update. ``fake`` is G(z) when the caller already ran G (it is detached here)."""
+        from fastgan.ops.losses import d_loss
+        scaler = self._d_scaler
+        with self._autocast():
+            if fake is None:
+                with torch.no_grad():
+                    fake = self.generator(z)
+                self._check_fake(fake, real.shape)
+            fake = fake.detach()
+            real_in = real.detach().requires_grad_(True) if r1_due else real
+            n_real = real.shape[0] // self.pack
+            if self.joint_d_forward:
+                logits = self._d_logits(torch.cat([real_in, fake.to(real_in.dtype)]))
+                real_logits, fake_logits = logits[:n_real], logits[n_real:]
+            else:
+                real_logits = self._d_logits(real_in)
+                fake_logits = self._d_logits(fake)
+        out = d_loss(real_logits, fake_logits, kind=self.loss)
+        total = out.loss
+        stats = {"d_loss": out.loss.detach(), "value": out.value, "jsd": out.jsd,
+                 "d_real": out.d_real, "d_fake": out.d_fake}
+        if r1_due:
+            outputs = real_logits.float().sum()
+            if scaler is not None:  # scaled so that small fp16 gradients survive; unscaled below
+                outputs = outputs * scaler.scale
+            (grad,) = torch.autograd.grad(outputs, real_in, create_graph=True)
+            if scaler is not None:
+                grad = grad * scaler.inv_scale
+            r1 = grad.float().reshape(n_real, -1).square().sum(1).mean()
+            total = total + (0.5 * self.r1_gamma * self.r1_every) * r1
+            stats["r1"] = r1.detach()
+            self._last_r1.copy_(stats["r1"])  # a buffer outside any CUDA graph's pool
+        elif self.r1_gamma > 0:
+            stats["r1"] = self._last_r1.clone()  # NaN until the first R1 step
+        if self.gp_lambda > 0:
+            eps = self._draw_eps(real)
+            x_hat = torch.lerp(fake.to(real.dtype), real.detach(), eps).requires_grad_(True)
+            with self._autocast():
+                hat_logits = self._d_logits(x_hat)
+            outputs = hat_logits.float().sum()
+            if scaler is not None:
+                outputs = outputs * scaler.scale
+            (grad,) = torch.autograd.grad(outputs, x_hat, create_graph=True)
+            if scaler is not None:
+                grad = grad * scaler.inv_scale
+            norms = grad.float().reshape(n_real, -1).norm(2, dim=1)
+            gp = (norms - 1.0).square().mean()
+            total = total + self.gp_lambda * gp
+            stats["gp"] = gp.detach()
+        opt = self.d_optimizer
+        opt.zero_grad()
+        if scaler is None:
+            total.backward()
+            opt.step()
+        else:
+            (total * scaler.scale).backward()
+            opt.step(inv_scale=scaler.inv_scale)
+            scaler.update(opt.found_inf)
+        return stats
+
+    def _g_update(self, z: torch.Tensor, fake: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One G update with D frozen. ``fake`` is G(z) with its autograd graph when already computed."""
+        from fastgan.ops.losses import g_loss
+        scaler = self._g_scaler
+        for p in self._d_trainable:
+            p.requires_grad_(False)
+        try:
+            with self._autocast():
+                if fake is None:
+                    fake = self.generator(z)
+                    self._check_fake(fake, None)
+                fake_logits = self._d_logits(fake)
+            loss = g_loss(fake_logits, kind=self.loss)
+            opt = self.g_optimizer
+            opt.zero_grad()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                (loss * scaler.scale).backward()
+                opt.step(inv_scale=scaler.inv_scale)
+                scaler.update(opt.found_inf)
+        finally:
+            for p in self._d_trainable:
+                p.requires_grad_(True)
+        if not self._g_fused and self.ema is not None:
+            self.ema.update()
+        return {"g_loss": loss.detach()}
+
+    # the three kinds of call, eager (the CUDA-graph runner calls these too)
+
+    def _eager_d_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
+        if z is None:
+            z = self._draw_z(real.shape[0])
+        return self._d_update(real, z, None, r1_due)
+
+    def _eager_g_step(self, batch: int, z: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if z is None:
+            z = self._draw_z(batch)
+        return self._g_update(z, None)
+
+    def _eager_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
+        if z is None:
+            z = self._draw_z(real.shape[0])
+        with self._autocast():
+            fake = self.generator(z)  # with autograd: the G update below reuses this forward
+        self._check_fake(fake, real.shape)
+        stats = self._d_update(real, z, fake, r1_due)
+        stats.update(self._g_update(z, fake))
+        return stats
+
+    # ------------------------------------------------------------------------------------------
+    # public steps
+    # ------------------------------------------------------------------------------------------
+
+    def d_step(self, real: torch.Tensor, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One discriminator update on ``real`` and G(z) (fresh noise unless ``z`` is given).
+
+        Returns 0-d device tensors: ``d_loss``, ``value`` (V(G, D) estimate), ``jsd``, ``d_real``
+        (mean D(x)), ``d_fake`` (mean D(G(z))), and ``r1`` / ``gp`` when those penalties are on
+        (``r1``: the value at the last step it was computed). Nothing synchronises with the host.
+        """
+        self._check_real(real)
+        if z is not None:
+            self._check_z(z, real.shape[0])
+        r1_due = self._r1_due()
+        with self._logits_mode():
+            stats = self._run("d", real, z, r1_due, lambda r, zz: self._eager_d_step(r, zz, r1_due))
+        self.d_step_count += 1
+        return stats
+
+    def g_step(self, z: torch.Tensor | None = None, *, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+        """One generator update on fresh noise (``batch_size`` samples; default: the last real batch's
+        size) or on the given ``z``. Returns ``{"g_loss": 0-d tensor}``."""
+        if z is not None:
+            self._check_z(z, None)
+            batch = z.shape[0]
+        else:
+            if batch_size is None:
+                if self._checked_real is None:
+                    raise ValueError("g_step() without z needs batch_size=... before any real batch was seen")
+                batch_size = self._checked_real[0][0]
+            batch = _check_int("batch_size", batch_size, 1)
+            if batch % self.pack:
+                raise ValueError(f"batch_size={batch} does not divide by pack={self.pack}")
+        if not self._setup_done:  # no real batch seen yet: check D on generated samples instead
+            with torch.no_grad():
+                probe = self.generator(z if z is not None else self._draw_z(batch))
+            self._check_fake(probe, None)
+            self._setup(probe.to(self.param_dtype))
+        with self._logits_mode():
+            stats = self._run("g", batch, z, False, lambda _b, zz: self._eager_g_step(batch, zz))
+        self.step_count += 1
+        return stats
+
+    def step(self, real: torch.Tensor, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``d_step(real, z)`` then ``g_step(z)`` on the same noise, reusing G's forward pass.
+        Returns the stats of both (see ``d_step``) plus ``g_loss``."""
+        self._check_real(real)
+        if z is not None:
+            self._check_z(z, real.shape[0])
+        r1_due = self._r1_due()
+        with self._logits_mode():
+            stats = self._run("step", real, z, r1_due, lambda r, zz: self._eager_step(r, zz, r1_due))
+        self.d_step_count += 1
+        self.step_count += 1
+        return stats
+
+    @contextlib.contextmanager
+    def _logits_mode(self):
+        tap = self._sigmoid_tap
+        if tap is None:
+            yield
+            return
+        tap.emit_logits = True
+        try:
+            yield
+        finally:
+            tap.emit_logits = False
+
+    # ------------------------------------------------------------------------------------------
+    # CUDA graphs
+    # ------------------------------------------------------------------------------------------
+
+    def _run(self, kind: str, real, z, r1_due: bool, eager: Callable) -> dict[str, torch.Tensor]:
+        if not self._graphs_on:
+            return eager(real, z)
+        shape = real.shape if isinstance(real, torch.Tensor) else (real,)
+        key = (kind, tuple(shape), z is not None, r1_due)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = _GraphEntry()
+        if entry.warmup_left > 0:
+            # Warm-up on a side stream (as torch's whole-network capture recipe does); these are real steps.
+            entry.warmup_left -= 1
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                stats = eager(real, z)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            return stats
+        if entry.graph is None:
+            try:
+                self._capture(entry, kind, real, z, eager)
+            except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
+                self._graphs_on = False
+                self._graphs.clear()
+                self._graph_failure = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"fastgan.Trainer: CUDA graph capture of the {kind} step failed "
+                              f"({self._graph_failure}); training continues without CUDA graphs",
+                              RuntimeWarning, stacklevel=4)
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(self.device)
+                return eager(real, z)
+        if entry.static_real is not None:
+            entry.static_real.copy_(real)
+        if entry.static_z is not None:
+            entry.static_z.copy_(z)
+        entry.graph.replay()
+        values = entry.out.clone()  # the graph overwrites its outputs on the next replay
+        return dict(zip(entry.names, values.unbind()))
+
+    def _capture(self, entry: _GraphEntry, kind: str, real, z, eager: Callable) -> None:
+        if isinstance(real, torch.Tensor):
+            entry.static_real = real.detach().clone()
+        if z is not None:
+            entry.static_z = z.detach().clone()
+        graph = torch.cuda.CUDAGraph()
+        if hasattr(graph, "register_generator_state"):
+            graph.register_generator_state(self._gen)  # noise drawn inside the graph advances on replay
+        elif self._gen is not torch.cuda.default_generators[self.device.index or 0]:
+            raise RuntimeError("this torch cannot capture a private torch.Generator in a CUDA graph")
+        torch.cuda.synchronize(self.device)
+        static_in = entry.static_real if entry.static_real is not None else real
+        with torch.cuda.graph(graph):
+            stats = eager(static_in, entry.static_z)
+            names = tuple(stats)
+            out = torch.stack([stats[n].float() for n in names])
+        entry.graph, entry.names, entry.out = graph, names, out
+
+    # ------------------------------------------------------------------------------------------
+    # fit
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self, data, steps: int, batch_size: int = 64, log_every: int = 100,
+            checkpoint_every: int | None = None, out_dir: str | os.PathLike | None = None,
+            callbacks: Iterable[Callable] = (), progress: bool = True) -> dict[str, list[float]]:
+        """Train for ``steps`` iterations of Algorithm 1 (``d_steps`` D updates, then one G update).
+
+        ``data``: a tensor of samples (shuffled each epoch by the trainer's generator, batches of
+        ``batch_size``, incomplete last batch dropped), a ``Dataset`` (same, items or first item of
+        tuple items are samples), or a ``DataLoader`` / any iterable of batches (tensors, or tuples /
+        lists whose first item is the batch), re-iterated for each epoch; a batch smaller than the
+        first one (an incomplete last batch) is skipped. Batches are moved to the trainer's device.
+        A tensor or Dataset of the same length resumes where the previous ``fit`` (or the loaded
+        checkpoint) stopped in its epoch.
+
+        Every ``log_every`` steps (and after the last) the stats of the latest step are appended, as
+        floats, to the returned history (a dict of lists, with ``"step"`` and ``"steps_per_s"``) and
+        shown on the progress bar. ``checkpoint_every`` saves ``out_dir/checkpoint.pt`` (atomically)
+        every that many steps and after the last. Each callback is called as
+        ``callback(trainer, step, stats)`` after every step (``stats``: 0-d device tensors).
+        """
+        steps = _check_int("steps", steps, 0)
+        batch_size = _check_int("batch_size", batch_size, 1)
+        log_every = _check_int("log_every", log_every, 1)
+        if checkpoint_every is not None:
+            checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+            if out_dir is None:
+                raise ValueError("checkpoint_every needs out_dir=... (the folder the checkpoints go to)")
+        callbacks = tuple(callbacks)
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks must be callables, got {type(cb).__name__}")
+        batches = self._batches(data, batch_size)
+        history: dict[str, list[float]] = {"step": [], "steps_per_s": []}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, unit="step", dynamic_ncols=True, leave=True)
+        last_log_time, last_log_step = time.perf_counter(), 0
+        stats: dict[str, torch.Tensor] = {}
+        try:
+            for i in range(1, steps + 1):
+                for _ in range(self.d_steps - 1):
+                    self.d_step(next(batches))
+                stats = self.step(next(batches))
+                for cb in callbacks:
+                    cb(self, self.step_count, stats)
+                if bar is not None:
+                    bar.update(1)
+                if i % log_every == 0 or i == steps:
+                    now = time.perf_counter()
+                    rate = (i - last_log_step) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step = now, i
+                    values = self._to_floats(stats)  # the one host sync per log interval
+                    history["step"].append(float(self.step_count))
+                    history["steps_per_s"].append(rate)
+                    for name, v in values.items():
+                        history.setdefault(name, []).append(v)
+                    if bar is not None:
+                        bar.set_postfix({k: f"{values[k]:.4g}" for k in ("d_loss", "g_loss", "jsd") if k in values},
+                                        refresh=False)
+                if checkpoint_every is not None and (i % checkpoint_every == 0 or i == steps):
+                    self.save(os.path.join(os.fspath(out_dir), CHECKPOINT_NAME))
+        finally:
+            if bar is not None:
+                bar.close()
+        return history
+
+    @staticmethod
+    def _to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not stats:
+            return {}
+        names = list(stats)
+        values = torch.stack([stats[n].detach().float() for n in names]).tolist()
+        return dict(zip(names, values))
+
+    def _batches(self, data, batch_size: int) -> Iterator[torch.Tensor]:
+        """An endless stream of device batches from ``data`` (see ``fit``)."""
+        if isinstance(data, torch.Tensor):
+            n = data.shape[0] if data.dim() > 0 else 0
+            if n == 0:
+                raise ValueError("data is empty (a tensor with no samples)")
+            if n < batch_size:
+                raise ValueError(f"data has {n} samples, fewer than batch_size={batch_size}")
+            if batch_size % self.pack:
+                raise ValueError(f"batch_size={batch_size} does not divide by pack={self.pack}")
+            cursor = self._cursor_for(n, batch_size)
+            return self._tensor_batches(data, cursor)
+        if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__") \
+                and not isinstance(data, torch.utils.data.IterableDataset):
+            n = len(data)
+            if n == 0:
+                raise ValueError("data is empty (a Dataset of length 0)")
+            if n < batch_size:
+                raise ValueError(f"data has {n} samples, fewer than batch_size={batch_size}")
+            if batch_size % self.pack:
+                raise ValueError(f"batch_size={batch_size} does not divide by pack={self.pack}")
+            cursor = self._cursor_for(n, batch_size)
+            return self._dataset_batches(data, cursor)
+        if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+            raise TypeError(f"data must be a tensor, a Dataset, a DataLoader or an iterable of batches, "
+                            f"got {type(data).__name__}")
+        return self._iterable_batches(data)
+
+    def _cursor_for(self, n: int, batch_size: int) -> _IndexCursor:
+        cursor = self._cursor
+        if cursor is not None and cursor.n == n and cursor.batch_size == batch_size:
+            return cursor
+        cursor = _IndexCursor(n, batch_size, self._data_gen)
+        pending = self._pending_cursor_state
+        if pending is not None and pending["n"] == n and pending["batch_size"] == batch_size:
+            cursor.load_state_dict(pending)
+        self._pending_cursor_state = None
+        self._cursor = cursor
+        return cursor
+
+    def _to_device(self, batch, where: str) -> torch.Tensor:
+        if isinstance(batch, (tuple, list)):
+            if not batch:
+                raise ValueError(f"{where} yielded an empty tuple; expected a tensor or (batch, ...)")
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"{where} yielded a {type(batch).__name__}; expected a tensor or a tuple / list "
+                            "whose first item is the batch tensor")
+        if batch.device != self.device or batch.dtype != self.param_dtype:
+            if not batch.is_floating_point():
+                raise ValueError(f"{where} yielded a batch of dtype {batch.dtype}; the networks' parameters are "
+                                 f"{self.param_dtype} (convert the data to floating point)")
+            batch = batch.to(self.device, self.param_dtype, non_blocking=True)
+        return batch
+
+    def _tensor_batches(self, data: torch.Tensor, cursor: _IndexCursor) -> Iterator[torch.Tensor]:
+        if not data.is_floating_point():
+            raise ValueError(f"data has dtype {data.dtype}; the networks' parameters are {self.param_dtype} "
+                             "(convert the data to floating point)")
+        while True:
+            idx = cursor.next_indices()
+            yield self._to_device(data[idx.to(data.device)], "data")
+
+    def _dataset_batches(self, data, cursor: _IndexCursor) -> Iterator[torch.Tensor]:
+        from torch.utils.data import default_collate
+        while True:
+            idx = cursor.next_indices().tolist()
+            items = [data[i] for i in idx]
+            first = items[0]
+            if isinstance(first, (tuple, list)):
+                items = [it[0] for it in items]
+            yield self._to_device(default_collate(items), "data")
+
+    def _iterable_batches(self, data) -> Iterator[torch.Tensor]:
+        full = None
+        while True:
+            got = 0
+            for batch in data:
+                batch = self._to_device(batch, "data")
+                got += 1
+                if full is None:
+                    full = batch.shape[0]
+                elif batch.shape[0] < full:
+                    continue  # the incomplete last batch of an epoch
+                yield batch
+            if got == 0:
+                raise ValueError("data is empty (the iterable yielded no batch)")
+            if data is iter(data):  # a one-shot iterator (e.g. a generator) cannot be cycled
+                raise ValueError("data ran out: a one-shot iterator (such as a generator) was exhausted before "
+                                 "`steps` were done; pass a re-iterable (list, DataLoader, tensor) or an endless one")
+
+    # ------------------------------------------------------------------------------------------
+    # sampling
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, z: torch.Tensor | None = None, ema: bool = True) -> torch.Tensor:
+        """``n`` samples of G (of its EMA copy when there is one and ``ema``), on fresh noise from a
+        sampling generator of its own (training noise is not disturbed) or on the given ``z``."""
+        if z is None:
+            n = _check_int("n", n, 1)
+            z = torch.empty((n, *self.latent_dim), device=self.device, dtype=self.param_dtype)
+            if self.prior == "normal":
+                z.normal_(generator=self._sample_gen)
+            else:
+                z.uniform_(-1.0, 1.0, generator=self._sample_gen)
+        else:
+            self._check_z(z, None)
+        net = self._ema_module() if (ema and self.ema is not None) else self.generator
+        return net(z)
+
+    def _ema_module(self) -> nn.Module:
+        for attr in ("module", "model", "averaged_model", "shadow"):
+            m = getattr(self.ema, attr, None)
+            if isinstance(m, nn.Module):
+                return m
+        raise AttributeError("fastgan.optim.EMA exposes no averaged module")
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _optimizer_config(opt: torch.optim.Optimizer) -> dict[str, Any]:
+        defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.defaults.items()
+                    if isinstance(v, (bool, int, float, str, type(None)))
+                    or (isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v))}
+        return {"module": type(opt).__module__, "class": type(opt).__name__, "defaults": defaults}
+
+    def config(self) -> dict[str, Any]:
+        """The options a checkpoint records so that ``Trainer.load`` rebuilds the same trainer."""
+        return {
+            "latent_dim": list(self.latent_dim), "prior": self.prior, "loss": self.loss,
+            "d_steps": self.d_steps, "r1_gamma": self.r1_gamma, "r1_every": self.r1_every,
+            "gp_lambda": self.gp_lambda, "ema_beta": self.ema_beta, "pack": self.pack,
+            "precision": self.precision, "fuse": self.fuse, "joint_d_forward": self.joint_d_forward,
+            "seed": self.seed,
+            "g_optimizer": self._optimizer_config(self.g_optimizer),
+            "d_optimizer": self._optimizer_config(self.d_optimizer),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: G, D, G's EMA, both optimizers, the loss
+        scalers, the step counters, every RNG state (the trainer's generators, torch's CPU and CUDA
+        generators, Python's and NumPy's) and where ``fit`` stands in its epoch."""
+        cursor = self._cursor.state_dict() if self._cursor is not None else self._pending_cursor_state
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config(),
+            "step": self.step_count,
+            "d_step": self.d_step_count,
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "g_optimizer": self.g_optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "scaler": None if self._d_scaler is None else {"d": self._d_scaler.state_dict(),
+                                                           "g": self._g_scaler.state_dict()},
+            "rng": {"trainer": self._gen.get_state(), "sample": self._sample_gen.get_state(),
+                    "data": self._data_gen.get_state(), "global": _checkpoint.global_rng_states()},
+            "data_cursor": cursor,
+            "last_r1": self._last_r1.detach().cpu(),
+            "sample_shape": None if self._sample_shape is None else list(self._sample_shape),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (also the global RNG states, for an exact resume)."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a fastgan.Trainer checkpoint (format {state.get('format') if isinstance(state, dict) else None!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        cfg = state["config"]
+        for key, mine in (("latent_dim", list(self.latent_dim)), ("pack", self.pack), ("loss", self.loss),
+                          ("precision", self.precision)):
+            if cfg[key] != mine:
+                raise ValueError(f"the checkpoint was written with {key}={cfg[key]!r} but this trainer has "
+                                 f"{key}={mine!r}")
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError(f"the checkpoint {'has no' if state['ema'] is None else 'has an'} EMA of G but this "
+                             f"trainer has ema_beta={self.ema_beta!r}")
+        if (state["scaler"] is None) != (self._d_scaler is None):
+            raise ValueError("the checkpoint's loss scaler does not match this trainer's precision")
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.g_optimizer.load_state_dict(state["g_optimizer"])
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        if self._d_scaler is not None:
+            self._d_scaler.load_state_dict(state["scaler"]["d"])
+            self._g_scaler.load_state_dict(state["scaler"]["g"])
+        self.step_count = int(state["step"])
+        self.d_step_count = int(state["d_step"])
+        rng = state["rng"]
+        self._gen.set_state(rng["trainer"])
+        self._sample_gen.set_state(rng["sample"])
+        self._data_gen.set_state(rng["data"])
+        _checkpoint.set_global_rng_states(rng["global"])
+        self._cursor = None
+        self._pending_cursor_state = state.get("data_cursor")
+        self._last_r1.copy_(state["last_r1"])
+        if state.get("sample_shape") is not None and self._sample_shape is None:
+            self._sample_shape = torch.Size(state["sample_shape"])
+        self._graphs.clear()  # captured graphs may point at replaced buffers
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``state_dict()`` to ``path`` atomically (temporary file beside it, then renamed: the
+        previous checkpoint stays intact until the new one is complete)."""
+        _checkpoint.atomic_save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, generator: nn.Module, discriminator: nn.Module,
+             **overrides) -> "Trainer":
+        """Rebuild a trainer from a checkpoint written by ``save`` around freshly built ``generator``
+        and ``discriminator`` (same architecture), and restore its state. Keyword arguments override
+        the recorded options (e.g. ``device=``, ``cuda_graphs=``)."""
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a fastgan.Trainer checkpoint")
+        cfg = dict(state["config"])
+        kwargs: dict[str, Any] = {k: cfg[k] for k in ("prior", "loss", "d_steps", "r1_gamma", "r1_every",
+                                                       "gp_lambda", "ema_beta", "pack", "precision", "fuse",
+                                                       "joint_d_forward", "seed")}
+        kwargs["latent_dim"] = tuple(cfg["latent_dim"])
+        kwargs.update(overrides)
+        build_g = "g_optimizer" not in overrides
+        build_d = "d_optimizer" not in overrides
+        kwargs.pop("g_optimizer", None)
+        kwargs.pop("d_optimizer", None)
+        trainer = cls(generator, discriminator,
+                      g_optimizer=overrides.get("g_optimizer"), d_optimizer=overrides.get("d_optimizer"),
+                      **kwargs)
+        if build_g:
+            trainer.g_optimizer = trainer._rebuild_optimizer(cfg["g_optimizer"], trainer._g_trainable, trainer.ema)
+        if build_d:
+            trainer.d_optimizer = trainer._rebuild_optimizer(cfg["d_optimizer"], trainer._d_trainable, None)
+        trainer.load_state_dict(state)
+        return trainer
+
+    def _rebuild_optimizer(self, cfg: dict[str, Any], params: list, ema):
+        optim = self._optim_module()
+        defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg["defaults"].items()}
+        if cfg["module"].startswith("fastgan."):
+            cls = getattr(optim, cfg["class"])
+            if ema is not None:
+                defaults["ema"] = ema
+            return cls(params, **defaults)
+        cls = getattr(torch.optim, cfg["class"])
+        return cls(params, **defaults)
+
+    def __repr__(self) -> str:
+        return (f"Trainer(loss={self.loss!r}, d_steps={self.d_steps}, latent_dim={self.latent_dim}, "
+                f"pack={self.pack}, precision={self.precision!r}, device={str(self.device)!r}, "
+                f"joint_d_forward={self.joint_d_forward}, cuda_graphs={self._graphs_on}, step={self.step_count})")
