@@ -4,6 +4,9 @@
 
 namespace fastgan {
 void register_losses(pybind11::module_& m);
+void register_layers(pybind11::module_& m);
+void register_optim(pybind11::module_& m);
+void register_batch_norm_act(pybind11::module_& m);
 }  // namespace fastgan
 
 PYBIND11_MODULE(_C, m) {
@@ -14,4 +17,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   fastgan::register_losses(m);
+  fastgan::register_layers(m);
+  fastgan::register_optim(m);
+  fastgan::register_batch_norm_act(m);
 }

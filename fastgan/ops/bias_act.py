@@ -1,0 +1,249 @@
+"""bias_act: ``clamp(act(x + bias) * gain, -clamp, clamp)`` with the bias along one dimension.
+
+The element-wise tail of a convolution (or of any layer whose GEMM is done elsewhere): NCHW and
+channels_last maps, any ``dim``. After StyleGAN3's ``bias_act``: one table of activations
+(``fastgan.ops.activations``), the reference beside the fast paths, one ``impl`` switch.
+
+Implementations: ``ref`` (plain PyTorch below: the specification), ``cpu`` (csrc/cpu/layers.cpp)
+and ``triton`` (fastgan/ops/triton/bias_act.py). The fast paths save only the OUTPUT for backward and
+recompute the activation's derivative from it; the backward (d x and the bias gradient's reduction in
+one pass) is a second op, ``fastgan::bias_act_grad``, whose own backward is written with
+differentiable torch ops, so the op is twice differentiable (R1 / gradient penalties).
+``linear_act`` reuses ``bias_act_grad`` for its backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
+from fastgan.ops.activations import ACTIVATION_BY_INDEX, resolve_act
+
+register_op("bias_act", "bias_act_forward")
+
+NO_CLAMP = -1.0  # the kernels' encoding of clamp=None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (the specification): plain PyTorch, autograd by torch.
+# ---------------------------------------------------------------------------------------------
+
+def _bias_shape(ndim: int, dim: int) -> list[int]:
+    shape = [1] * ndim
+    shape[dim] = -1
+    return shape
+
+
+def bias_act_reference(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "linear",
+                       alpha: float | None = None, gain: float = 1.0, clamp: float | None = None) -> Tensor:
+    """``clamp(act(x + bias) * gain)`` in plain PyTorch (bias broadcast along ``dim``)."""
+    spec, alpha = resolve_act(act, alpha)
+    if bias is not None:
+        x = x + bias.reshape(_bias_shape(x.dim(), dim % x.dim()))
+    y = spec.ref(x, alpha)
+    if gain != 1:
+        y = y * gain
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
+    return y
+
+
+def bias_act_grad_reference(grad_out: Tensor, out: Tensor, dim: int, act: str, alpha: float | None = None,
+                            gain: float = 1.0, clamp: float | None = None) -> tuple[Tensor, Tensor]:
+    """(d loss / d x, d loss / d bias) of bias_act from the saved output ``out``, in plain PyTorch.
+
+    Saturated outputs (``|out| >= clamp``) pass no gradient.
+    """
+    spec, alpha = resolve_act(act, alpha)
+    dim = dim % out.dim()
+    grad_x = grad_out * gain * spec.grad_from_output(out / gain, alpha)
+    if clamp is not None:
+        grad_x = grad_x * (out.abs() < clamp).to(grad_x.dtype)
+    reduce_dims = [d for d in range(out.dim()) if d != dim]
+    return grad_x, grad_x.sum(dim=reduce_dims) if reduce_dims else grad_x
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: every tensor reaches the kernels as a contiguous (outer, C, inner) view.
+# ---------------------------------------------------------------------------------------------
+
+def _dense_order(t: Tensor) -> list[int] | None:
+    """Dims in decreasing stride, if ``t`` permuted that way is contiguous (NCHW, channels_last,
+    any dense layout), else None."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` itself when it is dense in some dim order (keeps channels_last), else a contiguous copy."""
+    return t if _dense_order(t) is not None else t.contiguous()
+
+
+def _view3d(t: Tensor, dim: int) -> Tensor:
+    """The (outer, C, inner) contiguous view of a dense ``t`` with C = t.shape[dim]."""
+    order = _dense_order(t)
+    assert order is not None, "fastgan internal error: _view3d needs a dense tensor"
+    tp = t.permute(order)
+    d = order.index(dim)
+    return tp.view(math.prod(tp.shape[:d]), tp.shape[d], math.prod(tp.shape[d + 1:]))
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` with ``ref``'s strides (incoming gradients may be expanded or in another layout)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths, registered with torch.library (one opaque op each for torch.compile).
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastgan::bias_act", mutates_args=())
+def _bias_act_op(x: Tensor, bias: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
+                 clamp: float, impl: str) -> Tensor:
+    """clamp(act(x + bias) * gain) for a dense x (output in x's layout); clamp < 0: no clamp."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    x3, out3 = _view3d(x, dim), _view3d(out, dim)
+    if impl == "cpu":
+        extension().bias_act_forward(x3, bias, out3, act, alpha, gain, clamp)
+    else:
+        triton_module("bias_act").bias_act_forward(x3, bias, out3, act, alpha, gain, clamp)
+    return out
+
+
+@_bias_act_op.register_fake
+def _(x, bias, dim, act, alpha, gain, clamp, impl):
+    return torch.empty_like(x)
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, bias, dim, act, alpha, gain, clamp, impl = inputs
+    ctx.save_for_backward(output)
+    ctx.has_bias = bias is not None
+    ctx.args = (dim, act, alpha, gain, clamp, impl)
+
+
+def _bias_act_backward(ctx, grad_out):
+    (out,) = ctx.saved_tensors
+    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
+    grad_x, grad_bias = _bias_act_grad_op(_like(grad_out, out), out, need_bias_grad, *ctx.args)
+    return grad_x, (grad_bias if need_bias_grad else None), None, None, None, None, None, None
+
+
+_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+
+
+@torch.library.custom_op("fastgan::bias_act_grad", mutates_args=())
+def _bias_act_grad_op(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
+                      gain: float, clamp: float, impl: str) -> tuple[Tensor, Tensor]:
+    """(d loss / d x in out's layout, d loss / d bias or an empty tensor); grad_out has out's strides."""
+    if impl == "ref":
+        spec = ACTIVATION_BY_INDEX[act]
+        grad_x, grad_bias = bias_act_grad_reference(grad_out, out, dim, spec.name, alpha, gain,
+                                                    None if clamp < 0 else clamp)
+        grad_x = _like(grad_x, out)
+        return grad_x, (grad_bias.contiguous() if need_bias_grad else out.new_empty(0))
+    grad_x = torch.empty_like(out)
+    if out.numel() == 0:
+        return grad_x, out.new_zeros(out.shape[dim] if need_bias_grad else 0)
+    args = (_view3d(grad_out, dim), _view3d(out, dim), _view3d(grad_x, dim), need_bias_grad, act, alpha, gain, clamp)
+    if impl == "cpu":
+        grad_bias = extension().bias_act_backward(*args)
+    else:
+        grad_bias = triton_module("bias_act").bias_act_backward(*args)
+    return grad_x, grad_bias
+
+
+@_bias_act_grad_op.register_fake
+def _(grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl):
+    return torch.empty_like(out), out.new_empty(out.shape[dim] if need_bias_grad else 0)
+
+
+def _bias_act_grad_setup(ctx, inputs, output):
+    grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl = inputs
+    ctx.save_for_backward(grad_out, out)
+    ctx.args = (dim, act, alpha, gain, clamp)
+
+
+def _bias_act_grad_backward(ctx, grad_grad_x, grad_grad_bias):
+    # grad_x = grad_out * gain * f'(s) * mask with s = out / gain (f'(s): the table's derivative in the
+    # output). So d/d grad_out = u * gain * f'(s) * mask and d/d out = u * grad_out * f''(s) * mask,
+    # with u the incoming gradient of grad_x plus that of grad_bias broadcast along dim. Plain torch
+    # ops: this is differentiable again.
+    grad_out, out = ctx.saved_tensors
+    dim, act, alpha, gain, clamp = ctx.args
+    spec = ACTIVATION_BY_INDEX[act]
+    u = grad_grad_x if grad_grad_x is not None else torch.zeros_like(out)
+    if grad_grad_bias is not None and grad_grad_bias.numel() > 0:
+        u = u + grad_grad_bias.reshape(_bias_shape(out.dim(), dim))
+    s = out / gain
+    d_grad_out = u * gain * spec.grad_from_output(s, alpha)
+    d_out = u * grad_out * spec.grad2_from_output(s, alpha)
+    if clamp >= 0:
+        unsaturated = (out.abs() < clamp).to(out.dtype)
+        d_grad_out, d_out = d_grad_out * unsaturated, d_out * unsaturated
+    return d_grad_out, d_out, None, None, None, None, None, None, None
+
+
+_bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_act_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API: validation and dispatch.
+# ---------------------------------------------------------------------------------------------
+
+def _check_gain(gain) -> float:
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or gain == 0:
+        raise ValueError(f"gain must be a finite non-zero number, got {gain!r}")
+    return float(gain)
+
+
+def _check_clamp(clamp) -> float:
+    if clamp is None:
+        return NO_CLAMP
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not math.isfinite(clamp) or clamp < 0:
+        raise ValueError(f"clamp must be None or a finite number >= 0, got {clamp!r}")
+    return float(clamp)
+
+
+def check_bias(bias, x: Tensor, features: int, what: str) -> None:
+    """Validate ``bias``: None, or a 1-D tensor of ``features`` elements in x's dtype."""
+    if bias is None:
+        return
+    tensor_arg("bias", bias)
+    if bias.dim() != 1 or bias.shape[0] != features:
+        raise ValueError(f"bias must have shape ({features},) ({what}), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise ValueError(f"bias has dtype {bias.dtype} but x has {x.dtype}; they must share a dtype")
+
+
+def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "linear", alpha: float | None = None,
+             gain: float = 1.0, clamp: float | None = None, impl: str = "auto") -> Tensor:
+    """``clamp(act(x + bias) * gain, -clamp, clamp)``, bias broadcast along ``dim``, in one pass.
+
+    ``x``: any shape and layout (NCHW and channels_last keep their layout; other non-dense inputs are
+    copied once). ``bias``: None or shape ``(x.shape[dim],)``, x's dtype. ``act``: a name from
+    ``fastgan.ops.activations.ACTIVATIONS``; ``alpha``: lrelu's negative slope (default 0.2).
+    ``gain``: finite, non-zero. ``clamp``: None or >= 0. ``impl``: ``"auto" | "triton" | "cpu" | "ref"``.
+    Twice differentiable; the fast paths save only the output for backward.
+    """
+    tensor_arg("x", x)
+    spec, alpha = resolve_act(act, alpha)
+    if isinstance(dim, bool) or not isinstance(dim, int) or x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
+    dim = dim % x.dim()
+    check_bias(bias, x, x.shape[dim], f"x.shape[{dim}]")
+    gain_f, clamp_f = _check_gain(gain), _check_clamp(clamp)
+    device = same_device(x=x, bias=bias)
+    impl = resolve_impl("bias_act", impl, device)
+    if impl == "ref":
+        return bias_act_reference(x, bias, dim, spec.name, alpha, gain_f, clamp)
+    if bias is not None:
+        bias = bias.contiguous()
+    return _bias_act_op(_dense(x), bias, dim, spec.index, alpha, gain_f, clamp_f, impl)

@@ -1,0 +1,97 @@
+"""linear_act: ``act(x @ weight.T + bias) * gain`` (a linear layer and its activation, fused).
+
+Implementations: ``ref`` (plain PyTorch below: the specification), ``cpu`` (csrc/cpu/layers.cpp:
+ATen's GEMM, then bias, activation and gain in one OpenMP pass) and ``triton``
+(fastgan/ops/triton/linear_act.py: a tiled ``tl.dot`` matmul with bias, activation and gain in its
+epilogue). Backward: the gradient through the activation, recomputed from the saved output and fused
+with the bias gradient's reduction (``fastgan::bias_act_grad``, shared with bias_act, differentiable
+again), then the two matmuls with torch's GEMM. So linear_act is twice differentiable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
+from fastgan.ops.activations import resolve_act
+from fastgan.ops.bias_act import NO_CLAMP, _bias_act_grad_op, _check_gain, _like, check_bias
+
+register_op("linear_act", "linear_act_forward")
+
+
+def linear_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "linear",
+                         alpha: float | None = None, gain: float = 1.0) -> Tensor:
+    """``act(x @ weight.T + bias) * gain`` in plain PyTorch."""
+    spec, alpha = resolve_act(act, alpha)
+    y = spec.ref(F.linear(x, weight, bias), alpha)
+    return y * gain if gain != 1 else y
+
+
+@torch.library.custom_op("fastgan::linear_act", mutates_args=())
+def _linear_act_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, alpha: float, gain: float,
+                   impl: str) -> Tensor:
+    """act(x @ weight.T + bias) * gain for x (M, K): a contiguous (M, N) result."""
+    if impl == "cpu":
+        return extension().linear_act_forward(x, weight, bias, act, alpha, gain)
+    return triton_module("linear_act").linear_act_forward(x, weight, bias, act, alpha, gain)
+
+
+@_linear_act_op.register_fake
+def _(x, weight, bias, act, alpha, gain, impl):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _linear_act_setup(ctx, inputs, output):
+    x, weight, bias, act, alpha, gain, impl = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.has_bias = bias is not None
+    ctx.args = (act, alpha, gain, impl)
+
+
+def _linear_act_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    act, alpha, gain, impl = ctx.args
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = need_b and ctx.has_bias
+    # d loss / d (x @ W.T + b) and d loss / d b in one pass over grad_out and the saved output.
+    grad_z, grad_bias = _bias_act_grad_op(_like(grad_out, out), out, need_b, 1, act, alpha, gain, NO_CLAMP, impl)
+    grad_x = grad_z @ weight if need_x else None
+    grad_w = grad_z.t() @ x if need_w else None
+    return grad_x, grad_w, (grad_bias if need_b else None), None, None, None, None
+
+
+_linear_act_op.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "linear",
+               alpha: float | None = None, gain: float = 1.0, impl: str = "auto") -> Tensor:
+    """``act(x @ weight.T + bias) * gain``: a linear layer and its activation in one op.
+
+    ``x``: ``(..., in_features)``; ``weight``: ``(out_features, in_features)`` (``nn.Linear``'s layout);
+    ``bias``: None or ``(out_features,)``; all one dtype and device. ``act`` / ``alpha``: see
+    ``fastgan.ops.activations`` (lrelu's alpha defaults to 0.2). ``gain``: finite, non-zero.
+    ``impl``: ``"auto" | "triton" | "cpu" | "ref"``. Twice differentiable.
+    """
+    tensor_arg("x", x)
+    tensor_arg("weight", weight)
+    spec, alpha = resolve_act(act, alpha)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must share a dtype")
+    check_bias(bias, x, weight.shape[0], "out_features")
+    gain_f = _check_gain(gain)
+    device = same_device(x=x, weight=weight, bias=bias)
+    impl = resolve_impl("linear_act", impl, device)
+    if impl == "ref":
+        return linear_act_reference(x, weight, bias, spec.name, alpha, gain_f)
+    if bias is not None:
+        bias = bias.contiguous()
+    out = _linear_act_op(x.reshape(-1, x.shape[-1]), weight, bias, spec.index, alpha, gain_f, impl)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,67 @@
+"""Triton kernel of linear_act's forward (see fastgan/ops/linear_act.py for the math and reference):
+a tiled ``tl.dot`` matmul, fp32 accumulation, with bias, activation and gain applied in its epilogue
+before the single store, so the pre-activation never goes to memory. The backward's element-wise
+part is bias_act's gradient kernel (fastgan/ops/triton/bias_act.py); its matmuls use torch's GEMM.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgan.ops.triton.activations import apply_act
+
+
+@triton.jit
+def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+                       alpha, gain,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        # (BLOCK_K, BLOCK_N) tile of weight.T
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=(kk < K)[:, None] & mask_n[None, :], other=0.0)
+        acc += tl.dot(a, b, out_dtype=ACC)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(ACC)
+        acc = acc + bias[None, :]
+    y = apply_act(acc, alpha, ACT) * gain
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); tl.dot needs every block >= 16."""
+    if device.type != "cuda":  # interpreter: fewer, larger programs run faster
+        return (max(16, min(64, triton.next_power_of_2(M))), max(16, min(64, triton.next_power_of_2(N))),
+                max(16, min(64, triton.next_power_of_2(K))), 4)
+    if M <= 64:
+        return 32, 64, 64, 4
+    return 64, 128, 32, (4 if N <= 256 else 8)
+
+
+def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int, alpha: float,
+                       gain: float) -> torch.Tensor:
+    """act(x @ weight.T + bias) * gain for x (M, K), weight (N, K), bias (N,) or None; any strides."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
+    block_m, block_n, block_k, warps = _config(M, N, K, x.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _linear_act_kernel[grid](x, weight, bias if bias is not None else y, y, M, N, K,
+                             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+                             alpha, gain, HAS_BIAS=bias is not None, ACT=act, ACC=acc,
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
