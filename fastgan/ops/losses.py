@@ -99,6 +99,20 @@ def g_loss_reference(fake_logits: torch.Tensor, kind: str = "nonsaturating") -> 
 # Fast paths, registered with torch.library so torch.compile sees one opaque op (no graph break).
 # ---------------------------------------------------------------------------------------------
 
+def _d_loss_impl(real, fake, kind: int, impl: str, need_grad: bool):
+    if impl == "cpu":
+        stats, grad_real, grad_fake = extension().d_loss_forward(real, fake, kind, need_grad)
+        return stats, grad_real, grad_fake
+    return triton_module("losses").d_loss_forward(real, fake, kind, need_grad)
+
+
+def _g_loss_impl(fake, kind: int, impl: str, need_grad: bool):
+    if impl == "cpu":
+        loss, grad = extension().g_loss_forward(fake, kind, need_grad)
+        return loss, grad
+    return triton_module("losses").g_loss_forward(fake, kind, need_grad)
+
+
 def _empty_grad(x: torch.Tensor, need_grad: bool) -> torch.Tensor:
     return torch.empty_like(x) if need_grad else x.new_empty(0)
 
@@ -107,10 +121,7 @@ def _empty_grad(x: torch.Tensor, need_grad: bool) -> torch.Tensor:
 def _d_loss_op(real: torch.Tensor, fake: torch.Tensor, kind: int, impl: str,
                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(stats, grad_real, grad_fake); stats = [loss, value, jsd, d_real, d_fake]."""
-    if impl == "cpu":
-        stats, grad_real, grad_fake = extension().d_loss_forward(real, fake, kind, need_grad)
-        return stats, grad_real, grad_fake
-    return triton_module("losses").d_loss_forward(real, fake, kind, need_grad)
+    return _d_loss_impl(real, fake, kind, impl, need_grad)
 
 
 @_d_loss_op.register_fake
@@ -138,10 +149,7 @@ _d_loss_op.register_autograd(_d_loss_backward, setup_context=_d_loss_setup)
 @torch.library.custom_op("fastgan::g_loss", mutates_args=())
 def _g_loss_op(fake: torch.Tensor, kind: int, impl: str, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, grad_fake)."""
-    if impl == "cpu":
-        loss, grad = extension().g_loss_forward(fake, kind, need_grad)
-        return loss, grad
-    return triton_module("losses").g_loss_forward(fake, kind, need_grad)
+    return _g_loss_impl(fake, kind, impl, need_grad)
 
 
 @_g_loss_op.register_fake
@@ -162,6 +170,34 @@ def _g_loss_backward(ctx, grad_loss, _grad_out):
 
 
 _g_loss_op.register_autograd(_g_loss_backward, setup_context=_g_loss_setup)
+
+
+# Eager calls take a plain autograd.Function around the same kernels: the torch.library dispatch
+# of a custom op costs tens of microseconds per call, more than the whole op at GAN batch sizes.
+# Under torch.compile the custom ops above are used, so the graph stays whole.
+
+class _DLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, real, fake, kind, impl, need_grad):
+        stats, grad_real, grad_fake = _d_loss_impl(real, fake, kind, impl, need_grad)
+        ctx.save_for_backward(grad_real, grad_fake)
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        return _d_loss_backward(ctx, grad_stats, None, None)
+
+
+class _GLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fake, kind, impl, need_grad):
+        loss, grad = _g_loss_impl(fake, kind, impl, need_grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _g_loss_backward(ctx, grad_loss, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +249,11 @@ def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "no
     if impl == "ref":
         return d_loss_reference(real_logits, fake_logits, kind)
     need_grad = torch.is_grad_enabled() and (real_logits.requires_grad or fake_logits.requires_grad)
-    stats, _, _ = _d_loss_op(_flat(real_logits), _flat(fake_logits), spec.index, impl, need_grad)
+    real, fake = _flat(real_logits), _flat(fake_logits)
+    if torch.compiler.is_compiling():
+        stats = _d_loss_op(real, fake, spec.index, impl, need_grad)[0]
+    else:
+        stats = _DLossFunction.apply(real, fake, spec.index, impl, need_grad)
     detached = stats.detach()
     return DLoss(stats[0], detached[1], detached[2], detached[3], detached[4])
 
@@ -226,5 +266,6 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "nonsaturating", impl: str = "
     if impl == "ref":
         return g_loss_reference(fake_logits, kind)
     need_grad = torch.is_grad_enabled() and fake_logits.requires_grad
-    loss, _ = _g_loss_op(_flat(fake_logits), spec.index, impl, need_grad)
-    return loss
+    if torch.compiler.is_compiling():
+        return _g_loss_op(_flat(fake_logits), spec.index, impl, need_grad)[0]
+    return _GLossFunction.apply(_flat(fake_logits), spec.index, impl, need_grad)
