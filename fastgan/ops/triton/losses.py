@@ -62,10 +62,10 @@ def _d_terms(v, KIND: tl.constexpr, REAL: tl.constexpr):
     elif KIND == 3:  # wasserstein
         if REAL:
             term = -v
-            g = v * 0.0 - 1.0
+            g = tl.zeros_like(v) - 1.0
         else:
             term = v
-            g = v * 0.0 + 1.0
+            g = tl.zeros_like(v) + 1.0
     else:  # least squares, targets 1 (real) and 0 (fake)
         if REAL:
             d = v - 1.0
@@ -88,7 +88,7 @@ def _g_terms(v, KIND: tl.constexpr):
         g = -sig_neg
     elif KIND == 2 or KIND == 3:  # hinge, wasserstein
         term = -v
-        g = v * 0.0 - 1.0
+        g = tl.zeros_like(v) - 1.0
     else:  # least squares
         d = v - 1.0
         term = 0.5 * d * d
