@@ -1,0 +1,431 @@
+// BatchNorm + activation on CPU, forward and backward. Mirrors fastgan/ops/batch_norm_act.py (the
+// reference and the math) and fastgan/ops/triton/batch_norm_act.py.
+//
+// Two layouts, chosen from x's strides (Python hands over nothing else):
+//  * planar: 4-D contiguous NCHW with H*W > 1. Parallel over channels; one channel's N planes
+//    (N*H*W values, 256 KiB for a DCGAN 64x32x32 map) are reduced and then normalised right away,
+//    while they are still in this core's L2: the second pass costs little memory traffic.
+//  * rows: (N*H*W) x C with channels contiguous (2-D input, channels_last, or H*W == 1). Parallel over
+//    fixed chunks of rows with per-chunk partial sums (deterministic whatever the thread count),
+//    then an elementwise pass, vectorised across channels.
+// Statistics: per-row (planar) or per-chunk (rows) sums in the op-math type of values shifted by the
+// channel's first value (no cancellation in the variance), combined in double.
+#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "cpu/activations.h"
+
+namespace fastgan {
+namespace {
+
+using at::Tensor;
+
+template <typename T> using opmath_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+struct Layout {
+  int64_t n, c, hw;  // rows = n * hw
+  bool planar;
+  int64_t rows() const { return n * hw; }
+  int64_t count() const { return n * hw; }  // values per channel
+};
+
+bool rows_layout_ok(const Tensor& t) {
+  if (t.dim() == 2) return t.is_contiguous();
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) || (t.size(2) * t.size(3) == 1 && t.is_contiguous());
+}
+
+Layout layout_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "batch_norm_act: x must be 2-D or 4-D, got ", x.dim(), "-D");
+  Layout L{x.size(0), x.size(1), x.dim() == 4 ? x.size(2) * x.size(3) : 1, false};
+  L.planar = x.dim() == 4 && L.hw > 1 && x.is_contiguous();
+  TORCH_CHECK(L.planar || rows_layout_ok(x), "batch_norm_act: x must be contiguous or channels_last");
+  return L;
+}
+
+void check_like_x(const Tensor& t, const Tensor& x, const Layout& L, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "batch_norm_act: ", name, " must have x's shape ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "batch_norm_act: ", name, " must have x's dtype");
+  TORCH_CHECK(L.planar ? t.is_contiguous() : rows_layout_ok(t), "batch_norm_act: ", name,
+              " must have x's memory layout");
+}
+
+// A per-channel vector in the op-math type, contiguous (weight, bias, statistics).
+Tensor channel_vector(const std::optional<Tensor>& t, at::ScalarType acc, int64_t c, const char* name) {
+  if (!t.has_value()) return Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == c, "batch_norm_act: ", name, " must have shape (", c, ")");
+  TORCH_CHECK(t->device().is_cpu(), "batch_norm_act: ", name, " must be a CPU tensor");
+  return t->to(acc).contiguous();
+}
+
+template <typename T> const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+// Fixed row chunks of the rows layout: partial sums per chunk, summed in chunk order.
+int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, 1024); }
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, int64_t ACT>
+void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool training, const opmath_t<scalar_t>* w,
+                    const opmath_t<scalar_t>* b, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* var, double eps,
+                    opmath_t<scalar_t> alpha) {
+  using opm = opmath_t<scalar_t>;
+  const int64_t C = L.c, HW = L.hw, N = L.n;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      if (training) {
+        const opm shift = static_cast<opm>(x[c * HW]);
+        double s = 0, ss = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* __restrict__ p = x + (n * C + c) * HW;
+          opm a = 0, q = 0;
+#pragma omp simd reduction(+ : a, q)
+          for (int64_t i = 0; i < HW; ++i) {
+            const opm d = static_cast<opm>(p[i]) - shift;
+            a += d;
+            q += d * d;
+          }
+          s += a;
+          ss += q;
+        }
+        const double cnt = double(L.count()), m = s / cnt;
+        mean[c] = static_cast<opm>(double(shift) + m);
+        var[c] = static_cast<opm>(std::max(ss / cnt - m * m, 0.0));
+      }
+      const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
+      const double scale_d = w ? double(w[c]) * invstd : invstd;
+      const opm scale = static_cast<opm>(scale_d);
+      const opm shift = static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean[c]) * scale_d);
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* __restrict__ p = x + (n * C + c) * HW;
+        scalar_t* __restrict__ o = y + (n * C + c) * HW;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) {
+          o[i] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[i]) * scale + shift, alpha));
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int64_t ACT>
+void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training, const opmath_t<scalar_t>* w,
+                  const opmath_t<scalar_t>* b, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* var, double eps,
+                  opmath_t<scalar_t> alpha) {
+  using opm = opmath_t<scalar_t>;
+  const int64_t C = L.c, R = L.rows();
+  if (training) {
+    const int64_t rpc = rows_per_chunk(R), chunks = (R + rpc - 1) / rpc;
+    std::vector<opm> shift(C);
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opm>(x[c]);
+    std::vector<double> partial(size_t(chunks) * 2 * C);
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<opm> a(C), q(C);
+      const opm* __restrict__ sh = shift.data();
+      for (int64_t k = k0; k < k1; ++k) {
+        std::fill(a.begin(), a.end(), opm(0));
+        std::fill(q.begin(), q.end(), opm(0));
+        opm* __restrict__ pa = a.data();
+        opm* __restrict__ pq = q.data();
+        for (int64_t r = k * rpc, r_end = std::min(R, (k + 1) * rpc); r < r_end; ++r) {
+          const scalar_t* __restrict__ p = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const opm d = static_cast<opm>(p[c]) - sh[c];
+            pa[c] += d;
+            pq[c] += d * d;
+          }
+        }
+        double* out = partial.data() + size_t(k) * 2 * C;
+        for (int64_t c = 0; c < C; ++c) {
+          out[c] = pa[c];
+          out[C + c] = pq[c];
+        }
+      }
+    });
+    const double cnt = double(L.count());
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0, ss = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        s += partial[size_t(k) * 2 * C + c];
+        ss += partial[size_t(k) * 2 * C + C + c];
+      }
+      const double m = s / cnt;
+      mean[c] = static_cast<opm>(double(shift[c]) + m);
+      var[c] = static_cast<opm>(std::max(ss / cnt - m * m, 0.0));
+    }
+  }
+  std::vector<opm> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
+    const double scale_d = w ? double(w[c]) * invstd : invstd;
+    scale[c] = static_cast<opm>(scale_d);
+    shift[c] = static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean[c]) * scale_d);
+  }
+  const opm* __restrict__ sc = scale.data();
+  const opm* __restrict__ sh = shift.data();
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ p = x + r * C;
+      scalar_t* __restrict__ o = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        o[c] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[c]) * sc[c] + sh[c], alpha));
+      }
+    }
+  });
+}
+
+// Returns (y, mean, biased var); in eval mode mean/var are copies of the given statistics.
+std::vector<Tensor> batch_norm_act_forward(const Tensor& x, const std::optional<Tensor>& weight,
+                                           const std::optional<Tensor>& bias, const std::optional<Tensor>& mean_in,
+                                           const std::optional<Tensor>& var_in, bool training, double eps,
+                                           int64_t act, double alpha) {
+  TORCH_CHECK(x.device().is_cpu(), "batch_norm_act: x must be a CPU tensor");
+  const Layout L = layout_of(x);
+  TORCH_CHECK(!training || L.count() > 1, "batch_norm_act: more than one value per channel needed in training");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t C = L.c;
+  Tensor w = channel_vector(weight, acc, C, "weight"), b = channel_vector(bias, acc, C, "bias");
+  Tensor mean, var;
+  if (training) {
+    mean = at::empty({C}, x.options().dtype(acc));
+    var = at::empty({C}, x.options().dtype(acc));
+  } else {
+    TORCH_CHECK(mean_in.has_value() && var_in.has_value(), "batch_norm_act: eval mode needs mean and var");
+    mean = channel_vector(mean_in, acc, C, "running_mean").clone();
+    var = channel_vector(var_in, acc, C, "running_var").clone();
+  }
+  Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return {y, mean, var};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_act_forward", [&] {
+    using opm = opmath_t<scalar_t>;
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int64_t ACT = decltype(act_c)::value;
+      auto run = L.planar ? forward_planar<scalar_t, ACT> : forward_rows<scalar_t, ACT>;
+      run(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, training, ptr_or_null<opm>(w), ptr_or_null<opm>(b),
+          mean.data_ptr<opm>(), var.data_ptr<opm>(), eps, static_cast<opm>(alpha));
+    });
+  });
+  return {y, mean, var};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: dz = dy act'(y); db = sum dz; dw = invstd sum dz (x - mean);
+// dx = p dz + q x + o with p = w invstd, and in training q = -p invstd^2 sum dz (x - mean) / n,
+// o = -p sum dz / n - q mean (eval: q = o = 0, and dx is written in the reduction pass).
+// ------------------------------------------------------------------------------------------------
+
+struct ChannelGrad {
+  double p, q, o;
+};
+
+inline ChannelGrad channel_grad(double sum_dz, double sum_dzx, double mean, double invstd, double w, double cnt,
+                                bool training) {
+  const double p = w * invstd;
+  if (!training) return {p, 0.0, 0.0};
+  const double q = -p * invstd * invstd * sum_dzx / cnt;
+  return {p, q, -p * sum_dz / cnt - q * mean};
+}
+
+template <typename scalar_t, int64_t ACT>
+void backward_planar(const scalar_t* gy, const scalar_t* x, const scalar_t* y, scalar_t* dx, const Layout& L,
+                     bool training, const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* mean,
+                     const opmath_t<scalar_t>* var, opmath_t<scalar_t>* dw, opmath_t<scalar_t>* db, double eps,
+                     opmath_t<scalar_t> alpha) {
+  using opm = opmath_t<scalar_t>;
+  const int64_t C = L.c, HW = L.hw, N = L.n;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const opm m = mean[c];
+      const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
+      const double wc = w ? double(w[c]) : 1.0;
+      const opm p_eval = static_cast<opm>(wc * invstd);
+      double s_dz = 0, s_dzx = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        const scalar_t* __restrict__ g = gy + off;
+        const scalar_t* __restrict__ xv = x + off;
+        const scalar_t* __restrict__ yv = y + off;
+        opm a = 0, q = 0;
+        if (training) {
+#pragma omp simd reduction(+ : a, q)
+          for (int64_t i = 0; i < HW; ++i) {
+            const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
+            a += dz;
+            q += dz * (static_cast<opm>(xv[i]) - m);
+          }
+        } else {  // eval: dx needs no reduction, write it now
+          scalar_t* __restrict__ o = dx + off;
+#pragma omp simd reduction(+ : a, q)
+          for (int64_t i = 0; i < HW; ++i) {
+            const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
+            a += dz;
+            q += dz * (static_cast<opm>(xv[i]) - m);
+            o[i] = static_cast<scalar_t>(dz * p_eval);
+          }
+        }
+        s_dz += a;
+        s_dzx += q;
+      }
+      db[c] = static_cast<opm>(s_dz);
+      dw[c] = static_cast<opm>(s_dzx * invstd);
+      if (!training) continue;
+      const ChannelGrad k = channel_grad(s_dz, s_dzx, double(m), invstd, wc, double(L.count()), true);
+      const opm kp = static_cast<opm>(k.p), kq = static_cast<opm>(k.q), ko = static_cast<opm>(k.o);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * C + c) * HW;
+        const scalar_t* __restrict__ g = gy + off;
+        const scalar_t* __restrict__ xv = x + off;
+        const scalar_t* __restrict__ yv = y + off;
+        scalar_t* __restrict__ o = dx + off;
+#pragma omp simd
+        for (int64_t i = 0; i < HW; ++i) {
+          const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
+          o[i] = static_cast<scalar_t>(dz * kp + static_cast<opm>(xv[i]) * kq + ko);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int64_t ACT>
+void backward_rows(const scalar_t* gy, const scalar_t* x, const scalar_t* y, scalar_t* dx, const Layout& L,
+                   bool training, const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* mean,
+                   const opmath_t<scalar_t>* var, opmath_t<scalar_t>* dw, opmath_t<scalar_t>* db, double eps,
+                   opmath_t<scalar_t> alpha) {
+  using opm = opmath_t<scalar_t>;
+  const int64_t C = L.c, R = L.rows();
+  std::vector<double> invstd(C);
+  std::vector<opm> p_eval(C);
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / std::sqrt(double(var[c]) + eps);
+    p_eval[c] = static_cast<opm>((w ? double(w[c]) : 1.0) * invstd[c]);
+  }
+  const int64_t rpc = rows_per_chunk(R), chunks = (R + rpc - 1) / rpc;
+  std::vector<double> partial(size_t(chunks) * 2 * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<opm> a(C), q(C);
+    const opm* __restrict__ mc = mean;
+    const opm* __restrict__ pe = p_eval.data();
+    for (int64_t k = k0; k < k1; ++k) {
+      std::fill(a.begin(), a.end(), opm(0));
+      std::fill(q.begin(), q.end(), opm(0));
+      opm* __restrict__ pa = a.data();
+      opm* __restrict__ pq = q.data();
+      for (int64_t r = k * rpc, r_end = std::min(R, (k + 1) * rpc); r < r_end; ++r) {
+        const scalar_t* __restrict__ g = gy + r * C;
+        const scalar_t* __restrict__ xv = x + r * C;
+        const scalar_t* __restrict__ yv = y + r * C;
+        if (training) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
+            pa[c] += dz;
+            pq[c] += dz * (static_cast<opm>(xv[c]) - mc[c]);
+          }
+        } else {
+          scalar_t* __restrict__ o = dx + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
+            pa[c] += dz;
+            pq[c] += dz * (static_cast<opm>(xv[c]) - mc[c]);
+            o[c] = static_cast<scalar_t>(dz * pe[c]);
+          }
+        }
+      }
+      double* out = partial.data() + size_t(k) * 2 * C;
+      for (int64_t c = 0; c < C; ++c) {
+        out[c] = pa[c];
+        out[C + c] = pq[c];
+      }
+    }
+  });
+  std::vector<opm> kp(C), kq(C), ko(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double s_dz = 0, s_dzx = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      s_dz += partial[size_t(k) * 2 * C + c];
+      s_dzx += partial[size_t(k) * 2 * C + C + c];
+    }
+    db[c] = static_cast<opm>(s_dz);
+    dw[c] = static_cast<opm>(s_dzx * invstd[c]);
+    const ChannelGrad k = channel_grad(s_dz, s_dzx, double(mean[c]), invstd[c], w ? double(w[c]) : 1.0,
+                                       double(L.count()), training);
+    kp[c] = static_cast<opm>(k.p);
+    kq[c] = static_cast<opm>(k.q);
+    ko[c] = static_cast<opm>(k.o);
+  }
+  if (!training) return;
+  const opm* __restrict__ pp = kp.data();
+  const opm* __restrict__ pq = kq.data();
+  const opm* __restrict__ po = ko.data();
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* __restrict__ g = gy + r * C;
+      const scalar_t* __restrict__ xv = x + r * C;
+      const scalar_t* __restrict__ yv = y + r * C;
+      scalar_t* __restrict__ o = dx + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
+        o[c] = static_cast<scalar_t>(dz * pp[c] + static_cast<opm>(xv[c]) * pq[c] + po[c]);
+      }
+    }
+  });
+}
+
+// Returns (dx, dweight, dbias); the parameter gradients in the op-math type (float32 / float64).
+std::vector<Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor& x, const Tensor& y,
+                                            const std::optional<Tensor>& weight, const Tensor& mean_t,
+                                            const Tensor& var_t, bool training, double eps, int64_t act,
+                                            double alpha) {
+  TORCH_CHECK(x.device().is_cpu(), "batch_norm_act: x must be a CPU tensor");
+  const Layout L = layout_of(x);
+  check_like_x(grad_out, x, L, "grad_out");
+  check_like_x(y, x, L, "y");
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t C = L.c;
+  Tensor w = channel_vector(weight, acc, C, "weight");
+  Tensor mean = channel_vector(mean_t, acc, C, "mean"), var = channel_vector(var_t, acc, C, "var");
+  Tensor dx = at::empty_like(x);
+  Tensor dw = at::zeros({C}, x.options().dtype(acc)), db = at::zeros({C}, x.options().dtype(acc));
+  if (x.numel() == 0) return {dx, dw, db};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_act_backward", [&] {
+    using opm = opmath_t<scalar_t>;
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int64_t ACT = decltype(act_c)::value;
+      auto run = L.planar ? backward_planar<scalar_t, ACT> : backward_rows<scalar_t, ACT>;
+      run(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), L,
+          training, ptr_or_null<opm>(w), mean.data_ptr<opm>(), var.data_ptr<opm>(), dw.data_ptr<opm>(),
+          db.data_ptr<opm>(), eps, static_cast<opm>(alpha));
+    });
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+void register_batch_norm_act(pybind11::module_& m) {
+  m.def("batch_norm_act_forward", &batch_norm_act_forward,
+        "BatchNorm + activation forward (CPU): (y, mean, biased var); batch statistics when training",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"),
+        pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"), pybind11::arg("act"),
+        pybind11::arg("alpha"));
+  m.def("batch_norm_act_backward", &batch_norm_act_backward,
+        "BatchNorm + activation backward (CPU): (dx, dweight, dbias) from the saved input and output",
+        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("weight"),
+        pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"),
+        pybind11::arg("act"), pybind11::arg("alpha"));
+}
+
+}  // namespace fastgan
