@@ -102,9 +102,8 @@ def _like(t: Tensor, ref: Tensor) -> Tensor:
 # Fast paths, registered with torch.library (one opaque op each for torch.compile).
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastgan::bias_act", mutates_args=())
-def _bias_act_op(x: Tensor, bias: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
-                 clamp: float, impl: str) -> Tensor:
+def _bias_act_impl(x: Tensor, bias: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
+                   clamp: float, impl: str) -> Tensor:
     """clamp(act(x + bias) * gain) for a dense x (output in x's layout); clamp < 0: no clamp."""
     out = torch.empty_like(x)
     if x.numel() == 0:
@@ -117,31 +116,8 @@ def _bias_act_op(x: Tensor, bias: Optional[Tensor], dim: int, act: int, alpha: f
     return out
 
 
-@_bias_act_op.register_fake
-def _(x, bias, dim, act, alpha, gain, clamp, impl):
-    return torch.empty_like(x)
-
-
-def _bias_act_setup(ctx, inputs, output):
-    x, bias, dim, act, alpha, gain, clamp, impl = inputs
-    ctx.save_for_backward(output)
-    ctx.has_bias = bias is not None
-    ctx.args = (dim, act, alpha, gain, clamp, impl)
-
-
-def _bias_act_backward(ctx, grad_out):
-    (out,) = ctx.saved_tensors
-    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
-    grad_x, grad_bias = _bias_act_grad_op(_like(grad_out, out), out, need_bias_grad, *ctx.args)
-    return grad_x, (grad_bias if need_bias_grad else None), None, None, None, None, None, None
-
-
-_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
-
-
-@torch.library.custom_op("fastgan::bias_act_grad", mutates_args=())
-def _bias_act_grad_op(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
-                      gain: float, clamp: float, impl: str) -> tuple[Tensor, Tensor]:
+def _bias_act_grad_impl(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
+                        gain: float, clamp: float, impl: str) -> tuple[Tensor, Tensor]:
     """(d loss / d x in out's layout, d loss / d bias or an empty tensor); grad_out has out's strides."""
     if impl == "ref":
         spec = ACTIVATION_BY_INDEX[act]
@@ -158,6 +134,50 @@ def _bias_act_grad_op(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: 
     else:
         grad_bias = triton_module("bias_act").bias_act_backward(*args)
     return grad_x, grad_bias
+
+
+@torch.library.custom_op("fastgan::bias_act", mutates_args=())
+def _bias_act_op(x: Tensor, bias: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
+                 clamp: float, impl: str) -> Tensor:
+    """clamp(act(x + bias) * gain) for a dense x (output in x's layout); clamp < 0: no clamp."""
+    return _bias_act_impl(x, bias, dim, act, alpha, gain, clamp, impl)
+
+
+@_bias_act_op.register_fake
+def _(x, bias, dim, act, alpha, gain, clamp, impl):
+    return torch.empty_like(x)
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, bias, dim, act, alpha, gain, clamp, impl = inputs
+    ctx.save_for_backward(output)
+    ctx.has_bias = bias is not None
+    ctx.args = (dim, act, alpha, gain, clamp, impl)
+
+
+def _saturation_threshold(clamp: float, dtype: torch.dtype) -> float:
+    """The clamp as the output dtype holds it: saturated outputs equal this value exactly (in bf16,
+    clamp=0.9 is stored as 0.8984...), so ``|out| >= threshold`` tells them apart from the rest."""
+    return clamp if clamp < 0 else float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
+
+
+def _bias_act_backward(ctx, grad_out, grad_op=None):
+    (out,) = ctx.saved_tensors
+    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
+    dim, act, alpha, gain, clamp, impl = ctx.args
+    grad_x, grad_bias = (grad_op or _bias_act_grad_op)(_like(grad_out, out), out, need_bias_grad, dim, act, alpha,
+                                                       gain, _saturation_threshold(clamp, out.dtype), impl)
+    return grad_x, (grad_bias if need_bias_grad else None), None, None, None, None, None, None
+
+
+_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+
+
+@torch.library.custom_op("fastgan::bias_act_grad", mutates_args=())
+def _bias_act_grad_op(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
+                      gain: float, clamp: float, impl: str) -> tuple[Tensor, Tensor]:
+    """(d loss / d x in out's layout, d loss / d bias or an empty tensor); grad_out has out's strides."""
+    return _bias_act_grad_impl(grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl)
 
 
 @_bias_act_grad_op.register_fake
@@ -192,6 +212,43 @@ def _bias_act_grad_backward(ctx, grad_grad_x, grad_grad_bias):
 
 
 _bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_act_grad_setup)
+
+
+# Eager calls take plain autograd.Functions around the same kernels and the same backward formulas:
+# the torch.library dispatch of a custom op costs tens of microseconds per call, as much as the
+# element-wise pass itself at GAN sizes. Under torch.compile the custom ops above are used.
+
+class _BiasActGradFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl):
+        inputs = (grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl)
+        result = _bias_act_grad_impl(*inputs)
+        _bias_act_grad_setup(ctx, inputs, result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_grad_x, grad_grad_bias):
+        return _bias_act_grad_backward(ctx, grad_grad_x, grad_grad_bias)
+
+
+class _BiasActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, dim, act, alpha, gain, clamp, impl):
+        inputs = (x, bias, dim, act, alpha, gain, clamp, impl)
+        out = _bias_act_impl(*inputs)
+        _bias_act_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _bias_act_backward(ctx, grad_out, _BiasActGradFunction.apply)
+
+
+def bias_act_grad_call(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
+                       gain: float, clamp: float, impl: str, compiling: bool) -> tuple[Tensor, Tensor]:
+    """The bias_act_grad op as a custom op (under torch.compile) or an autograd.Function (eager)."""
+    fn = _bias_act_grad_op if compiling else _BiasActGradFunction.apply
+    return fn(grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,4 +303,5 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
         return bias_act_reference(x, bias, dim, spec.name, alpha, gain_f, clamp)
     if bias is not None:
         bias = bias.contiguous()
-    return _bias_act_op(_dense(x), bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+    fn = _bias_act_op if torch.compiler.is_compiling() else _BiasActFunction.apply
+    return fn(_dense(x), bias, dim, spec.index, alpha, gain_f, clamp_f, impl)

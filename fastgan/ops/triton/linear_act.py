@@ -16,7 +16,7 @@ from fastgan.ops.triton.activations import apply_act
 def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
                        alpha, gain,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, DOT_IN_ACC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -30,6 +30,10 @@ def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
         # (BLOCK_K, BLOCK_N) tile of weight.T
         b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
                     mask=(kk < K)[:, None] & mask_n[None, :], other=0.0)
+        if DOT_IN_ACC:
+            # Triton's CPU interpreter (3.9) computes bf16 x bf16 tl.dot wrongly: upcast there only.
+            a = a.to(ACC)
+            b = b.to(ACC)
         acc += tl.dot(a, b, out_dtype=ACC)
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(ACC)
@@ -63,5 +67,6 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _linear_act_kernel[grid](x, weight, bias if bias is not None else y, y, M, N, K,
                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
                              alpha, gain, HAS_BIAS=bias is not None, ACT=act, ACC=acc,
+                             DOT_IN_ACC=x.device.type != "cuda",
                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y

@@ -1,0 +1,165 @@
+"""fastgan.ops.linear_act: every activation x implementation against formulas written here (values
+and gradients of x, weight, bias), shapes (batch 1, odd sizes, sizes that are no multiple of any
+block, extra leading dims, non-contiguous x), dtypes, gain, double backward, torch.compile, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastgan.ops import ACTIVATIONS, bias_act, linear_act
+
+IMPLS = ["cpu", "triton"]
+ACTS = list(ACTIVATIONS)
+ACT_FNS = {"linear": lambda t, a: t, "relu": lambda t, a: torch.relu(t), "lrelu": lambda t, a: F.leaky_relu(t, a),
+           "tanh": lambda t, a: torch.tanh(t), "sigmoid": lambda t, a: torch.sigmoid(t)}
+
+
+def expected(x, w, b, act, alpha, gain):
+    z = x.double() @ w.double().t()
+    if b is not None:
+        z = z + b.double()
+    return ACT_FNS[act](z, alpha) * gain
+
+
+def close(actual, expected_, rtol):
+    actual, expected_ = actual.detach().double(), expected_.detach().double()
+    atol = rtol * max(1.0, float(expected_.abs().max()))
+    torch.testing.assert_close(actual, expected_, rtol=rtol, atol=atol)
+
+
+# (x shape, out_features): batch 1, odd sizes, sizes past one block (Triton interpreter: 64), extra dims
+SHAPES = [((1, 7), 5), ((6, 37), 19), ((70, 33), 67), ((2, 3, 20), 9)]
+
+
+def check(impl, act, x, w, b, gain, alpha, rtol):
+    y = linear_act(x, w, b, act, alpha, gain, impl=impl)
+    a = 0.2 if alpha is None else alpha
+    assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == x.dtype
+    close(y, expected(x, w, b, act, a, gain), rtol)
+    g = torch.randn_like(y)
+    leaves = [t for t in (x, w, b) if t is not None]
+    got = torch.autograd.grad(y, leaves, g)
+    dl = [t.detach().double().requires_grad_() for t in leaves]
+    xd, wd = dl[0], dl[1]
+    bd = dl[2] if b is not None else None
+    want = torch.autograd.grad(expected(xd, wd, bd, act, a, gain), dl, g.double())
+    for got_t, want_t, leaf in zip(got, want, leaves):
+        assert got_t.shape == leaf.shape
+        close(got_t, want_t, rtol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", range(len(SHAPES)))
+def test_fp32(impl, act, shape):
+    xs, n = SHAPES[shape]
+    x = torch.randn(xs, requires_grad=True)
+    w = (torch.randn(n, xs[-1]) / xs[-1] ** 0.5).requires_grad_()
+    b = torch.randn(n, requires_grad=True)
+    # Triton's tl.dot is exact under the interpreter; on a GPU it may use tf32 (see tests/gpu)
+    check(impl, act, x, w, b, 1.0 if shape % 2 else 0.6, None, 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_bias_custom_alpha_noncontiguous(impl):
+    x = torch.randn(40, 9).t().requires_grad_()  # (9, 40), non-contiguous
+    w = torch.randn(11, 40, requires_grad=True)
+    check(impl, "lrelu", x, w, None, 2.0, 0.01, 1e-5)
+    wt = torch.randn(40, 11).t().requires_grad_()  # non-contiguous weight
+    check(impl, "tanh", x, wt, torch.randn(11, requires_grad=True), 1.0, None, 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(impl, act, dtype):
+    x = torch.randn(5, 24).to(dtype).requires_grad_()
+    w = (torch.randn(13, 24) / 5).to(dtype).requires_grad_()
+    b = torch.randn(13).to(dtype).requires_grad_()
+    check(impl, act, x, w, b, 1.0, None, 2e-2)
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_gradgradcheck_float64(impl, act):
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    z = (x @ w.t() + b).detach()
+    assert (z.abs() > 1e-3).all()  # away from relu's kink
+
+    def fn(x_, w_, b_):
+        return linear_act(x_, w_, b_, act, None, 1.3, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_triton_second_order_matches_reference(act):
+    # gradient penalty of a two-layer D: || d D(x) / d x ||^2, then its gradient w.r.t. all parameters
+    def penalty(impl, x, w1, b1, w2):
+        h = linear_act(x, w1, b1, act, None, 1.2, impl=impl)
+        d = linear_act(h, w2, None, "linear", impl=impl)
+        (gx,) = torch.autograd.grad(d.sum(), x, create_graph=True)
+        return (gx * gx).sum()
+
+    params0 = [torch.randn(6, 10), torch.randn(17, 10) / 3, torch.randn(17), torch.randn(1, 17) / 4]
+    results = {}
+    for impl in ("ref", "cpu", "triton"):
+        params = [p.clone().requires_grad_() for p in params0]
+        loss = penalty(impl, *params)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # linear: x plays no part
+        results[impl] = (loss, *[torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    for impl in ("cpu", "triton"):
+        for got, want in zip(results[impl], results["ref"]):
+            close(got, want, 1e-5)
+    assert results["ref"][2].abs().sum() > 0  # the penalty does reach the first layer's weight
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_torch_compile_fullgraph(impl):
+    torch.manual_seed(1)
+    w1, b1 = torch.randn(16, 8) / 3, torch.randn(16)
+    w2, b2 = torch.randn(3, 16) / 4, torch.randn(3)
+
+    def model(x, w1, b1, w2, b2):
+        h = linear_act(x, w1, b1, "lrelu", impl=impl)
+        return bias_act(linear_act(h, w2, None, "linear", impl=impl), b2, dim=1, act="tanh", clamp=0.9, impl=impl)
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if impl == "triton" else "inductor")
+    x = torch.randn(5, 8)
+    ps = [t.clone().requires_grad_() for t in (w1, b1, w2, b2)]
+    ps_ref = [t.clone().requires_grad_() for t in (w1, b1, w2, b2)]
+    y = compiled(x, *ps)
+    y_ref = model(x, *ps_ref)
+    close(y, y_ref, 1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for p, q in zip(ps, ps_ref):
+        close(p.grad, q.grad, 1e-5)
+
+
+def test_empty_batch():
+    for impl in IMPLS:
+        x = torch.randn(0, 4, requires_grad=True)
+        w = torch.randn(3, 4, requires_grad=True)
+        y = linear_act(x, w, torch.zeros(3), "relu", impl=impl)
+        assert y.shape == (0, 3)
+        y.sum().backward()
+        assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    ((torch.randn(2, 3), torch.randn(4, 5)), {}, ValueError, "x must have shape"),
+    ((torch.randn(2, 3), torch.randn(4, 3, 1)), {}, ValueError, "weight"),
+    ((torch.randn(2, 3), torch.randn(4, 3).double()), {}, ValueError, "weight"),
+    ((torch.randn(2, 3), torch.randn(4, 3), torch.randn(5)), {}, ValueError, "bias"),
+    ((torch.randn(2, 3), torch.randn(4, 3)), {"act": "swish"}, ValueError, "act"),
+    ((torch.randn(2, 3), torch.randn(4, 3)), {"act": "lrelu", "alpha": -1}, ValueError, "alpha"),
+    ((torch.randn(2, 3), torch.randn(4, 3)), {"gain": float("inf")}, ValueError, "gain"),
+    ((torch.randn(2, 3), torch.randn(4, 3)), {"impl": "gpu"}, ValueError, "impl"),
+    ((torch.randn(2, 3), "w"), {}, TypeError, "weight"),
+])
+def test_argument_errors(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        linear_act(*args, **kwargs)
