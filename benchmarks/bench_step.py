@@ -1,0 +1,119 @@
+"""Whole training steps (one D update + one G update), four contenders side by side in one run:
+naive eager (the PyTorch DCGAN example's loop), tuned eager, torch.compile of the eager step, and
+fastgan.Trainer.step. Problems, contenders and hyperparameters: benchmarks/common.py.
+
+    python -m pytest benchmarks/bench_step.py --benchmark-enable --benchmark-json out.json
+    python benchmarks/report.py out.json --out-dir results/
+
+Before any timing, every contender of a problem runs its first steps from the same weights on the same
+inputs and the losses must agree (common.check_equivalent); the first steps also give each contender's
+peak memory and, for torch.compile, the compile time (reported apart from step time). Each benchmark
+records in extra_info: the contender, peak memory, compile time, the step's matmul + conv FLOPs, the
+device's matmul rate measured in this run and the resulting limit time, and (on the last contender of a
+problem) fastgan's speed-up over each other contender.
+"""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+import common
+from conftest import bench_device
+
+DEVICE = bench_device()
+PROBLEMS = common.problems(DEVICE)
+# One timed call runs this many steps, then synchronises: on CUDA a sync per step would stall the
+# host-side launch pipeline that eager PyTorch relies on; CUDA events time the same calls.
+STEPS_PER_ROUND = 10 if DEVICE.type == "cuda" else 1
+CHECK_STEPS = 3
+
+
+class ProblemRun:
+    """Everything prepared for one problem: inputs, prepared contenders, FLOPs, measured medians."""
+
+    def __init__(self, problem: common.Problem):
+        self.problem = problem
+        self.inputs = common.InputSets(problem, DEVICE)
+        initial = problem.models(seed=0)
+        self.prepared = {
+            name: common.prepare(lambda name=name: common.make_contender(name, problem, DEVICE, initial),
+                                 self.inputs, steps=CHECK_STEPS)
+            for name in common.CONTENDERS
+        }
+        rtol, atol = common.default_tolerance(DEVICE)
+        common.check_equivalent({n: p.losses for n, p in self.prepared.items()}, reference="naive",
+                                rtol=rtol, atol=atol)
+        self.flops = common.step_flops(problem, DEVICE, initial)
+        self.medians: dict[str, float] = {}
+
+
+_current: dict[str, ProblemRun] = {}
+
+
+def problem_run(problem: common.Problem) -> ProblemRun:
+    """The prepared run of ``problem``, built on first use; the previous problem's is dropped."""
+    if problem.name not in _current:
+        _current.clear()
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+        _current[problem.name] = ProblemRun(problem)
+    return _current[problem.name]
+
+
+PROBLEMS_BY_NAME = {p.name: p for p in PROBLEMS}
+CASES = [(p.name, c) for p in PROBLEMS for c in common.CONTENDERS]  # problem-major: fastgan last per problem
+
+
+@pytest.mark.filterwarnings("ignore:fastgan.Trainer. the discriminator ends in nn.Sigmoid")
+@pytest.mark.parametrize("problem_name,contender", CASES, ids=[f"{p}-{c}" for p, c in CASES])
+def bench_step(benchmark, problem_name, contender, matmul_rate):
+    problem = PROBLEMS_BY_NAME[problem_name]
+    run = problem_run(problem)
+    prepared = run.prepared[contender]
+    step, inputs = prepared.contender.step, run.inputs
+
+    # Warm-up (steady state) and a quick step time, also used to separate compile time.
+    quick = common.median_step_time(prepared.contender, inputs, steps=3)
+    compile_time = max(0.0, prepared.first_steps_s - CHECK_STEPS * quick) if contender == "compile" else None
+
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def one_round():
+        if DEVICE.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(STEPS_PER_ROUND):
+                step(*inputs.next())
+            end.record()
+            torch.cuda.synchronize(DEVICE)
+            events.append((start, end))
+        else:
+            for _ in range(STEPS_PER_ROUND):
+                step(*inputs.next())
+
+    benchmark.group = f"step {problem.name} ({DEVICE.type})"
+    benchmark.extra_info.update(
+        contender=contender, problem=problem.name, batch=problem.batch, device=DEVICE.type,
+        steps_per_round=STEPS_PER_ROUND,
+        peak_memory_bytes=prepared.peak_memory_bytes, memory_method=prepared.memory_method,
+        compile_time_s=compile_time, first_losses=prepared.losses,
+        fastgan_fuse=getattr(prepared.contender, "fuse", None),
+        step_flops=run.flops, matmul_rate_flops=matmul_rate, limit_s=run.flops / matmul_rate,
+    )
+    benchmark(one_round)
+
+    if events:
+        per_step = [s.elapsed_time(e) / 1e3 / STEPS_PER_ROUND for s, e in events]
+        benchmark.extra_info["event_median_s"] = statistics.median(per_step)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        run.medians[contender] = benchmark.extra_info.get("event_median_s",
+                                                          stats.stats.median / STEPS_PER_ROUND)
+    else:  # --benchmark-disable: the one call above ran; keep the quick estimate
+        run.medians[contender] = quick
+    if contender == common.CONTENDERS[-1] and "fastgan" in run.medians:
+        ours = run.medians["fastgan"]
+        benchmark.extra_info["fastgan_speedup_vs"] = {
+            name: t / ours for name, t in run.medians.items() if name != "fastgan"}

@@ -1,0 +1,493 @@
+"""One shared definition of the whole-training-step benchmarks: problems, data, contenders, checks.
+
+Every contender of a problem trains the *same* networks (deep copies of one initialisation), on the
+*same* rotating input sets, with the *same* hyperparameters (Adam, lr 2e-4, betas (0.5, 0.999), the
+non-saturating GAN loss written as binary cross-entropy as in the PyTorch DCGAN example). Nobody gets
+a smaller problem, and :func:`check_equivalent` refuses to time a contender whose losses differ.
+
+Problems (``problems(device)``):
+
+* ``mlp-b64`` / ``mlp-b512`` – MLP GAN: latent 64 -> 256 -> 512 -> 784 (Tanh) and
+  784 -> 512 -> 256 -> 1 (Sigmoid), LeakyReLU(0.2), batch 64 and 512.
+* ``dcgan`` – the PyTorch examples' DCGAN at 64x64 (``examples/dcgan/main.py``: ConvTranspose/BatchNorm/
+  ReLU generator, Conv/BatchNorm/LeakyReLU discriminator ending in Sigmoid, N(0, 0.02) init).
+  Full widths (ngf = ndf = 64) and batch 128 on CUDA; widths 16 and batch 32 on CPU, where the full
+  model takes seconds per step.
+* ``toy2d`` – a 2-D toy GAN (latent 2, three hidden layers of 128, ReLU / LeakyReLU) on a ring of
+  eight Gaussians, batch 256.
+
+Contenders (``CONTENDERS``), each a :class:`Contender` with ``step(real, z) -> (d_loss, g_loss)``:
+
+* ``naive``   – the PyTorch DCGAN example's loop verbatim: ``zero_grad()``, ``BCELoss`` on D's Sigmoid
+  output, two backward passes for D, ``torch.optim.Adam`` defaults, D's weight gradients computed
+  during the G step.
+* ``tuned``   – tuned eager: ``Adam(fused=True)``, ``zero_grad(set_to_none=True)``, one backward for
+  D's two loss terms, D's parameters frozen (``requires_grad_(False)``) during the G step.
+* ``compile`` – ``torch.compile`` of the tuned eager step function (compile time is measured and
+  reported apart from step time).
+* ``fastgan`` – ``fastgan.Trainer(...).step(real, z)`` with its defaults (fused kernels, batched update,
+  CUDA graphs where available).
+
+Conventions for every benchmark file (``report.py`` relies on them): put the problem in
+``benchmark.group`` and the contender's name in ``benchmark.extra_info["contender"]``; optional
+extra_info keys are ``peak_memory_bytes``, ``memory_method``, ``compile_time_s``, ``limit_s``,
+``steps_per_round`` (the timed function runs that many steps) and ``event_median_s`` (CUDA events).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+LR = 2e-4
+BETAS = (0.5, 0.999)
+N_INPUT_SETS = 8           # input sets rotated through while timing (see InputSets)
+CONTENDERS = ("naive", "tuned", "compile", "fastgan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems: models and data
+# ---------------------------------------------------------------------------------------------
+
+def mlp_gan(latent_dim: int = 64, data_dim: int = 784, hidden: tuple[int, int] = (256, 512)):
+    """MLP generator and discriminator (LeakyReLU(0.2); G ends in Tanh, D in Sigmoid as the examples)."""
+    h1, h2 = hidden
+    generator = nn.Sequential(
+        nn.Linear(latent_dim, h1), nn.LeakyReLU(0.2),
+        nn.Linear(h1, h2), nn.LeakyReLU(0.2),
+        nn.Linear(h2, data_dim), nn.Tanh(),
+    )
+    discriminator = nn.Sequential(
+        nn.Linear(data_dim, h2), nn.LeakyReLU(0.2),
+        nn.Linear(h2, h1), nn.LeakyReLU(0.2),
+        nn.Linear(h1, 1), nn.Sigmoid(),
+    )
+    return generator, discriminator
+
+
+def _dcgan_weights_init(m: nn.Module) -> None:
+    # as examples/dcgan/main.py: conv weights N(0, 0.02), BatchNorm weight N(1, 0.02), bias 0
+    classname = m.__class__.__name__
+    if classname.find("Conv") != -1:
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif classname.find("BatchNorm") != -1:
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def dcgan(nz: int = 100, ngf: int = 64, ndf: int = 64, nc: int = 3):
+    """The PyTorch examples' DCGAN (64x64 images), layer for layer, with its weight initialisation."""
+    generator = nn.Sequential(
+        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh(),
+    )
+    discriminator = nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(),
+    )
+    generator.apply(_dcgan_weights_init)
+    discriminator.apply(_dcgan_weights_init)
+    return generator, discriminator
+
+
+def toy2d_gan(latent_dim: int = 2, hidden: int = 128):
+    """The 2-D toy GAN of mixture experiments: three hidden layers each side."""
+    generator = nn.Sequential(
+        nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2),
+    )
+    discriminator = nn.Sequential(
+        nn.Linear(2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1), nn.Sigmoid(),
+    )
+    return generator, discriminator
+
+
+def ring_of_gaussians(n: int, generator: torch.Generator, modes: int = 8, radius: float = 2.0,
+                      std: float = 0.02) -> torch.Tensor:
+    """``n`` samples of the classic ring of ``modes`` Gaussians in the plane."""
+    k = torch.randint(modes, (n,), generator=generator)
+    angle = k.to(torch.float32) * (2 * math.pi / modes)
+    centres = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    return centres + std * torch.randn(n, 2, generator=generator)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark problem: the networks, the batch and the shapes of real data and noise."""
+    name: str
+    batch: int
+    latent_shape: tuple[int, ...]
+    data_shape: tuple[int, ...]
+    build: Callable[[], tuple[nn.Module, nn.Module]] = field(compare=False, repr=False)
+
+    def models(self, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+        """G and D, initialised from ``seed`` (every contender starts from copies of these)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build()
+
+    def real_batch(self, generator: torch.Generator) -> torch.Tensor:
+        if self.name.startswith("toy2d"):
+            return ring_of_gaussians(self.batch, generator)
+        # Real data in G's output range [-1, 1]; step time does not depend on its content.
+        return torch.rand((self.batch, *self.data_shape), generator=generator) * 2 - 1
+
+    def noise(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((self.batch, *self.latent_shape), generator=generator)
+
+
+def problems(device: torch.device | str) -> list[Problem]:
+    """The step-benchmark problems for ``device`` (DCGAN at full size only on CUDA)."""
+    on_cuda = torch.device(device).type == "cuda"
+    width, dcgan_batch = (64, 128) if on_cuda else (16, 32)
+    return [
+        Problem("mlp-b64", 64, (64,), (784,), mlp_gan),
+        Problem("mlp-b512", 512, (64,), (784,), mlp_gan),
+        Problem(f"dcgan-w{width}-b{dcgan_batch}", dcgan_batch, (100, 1, 1), (3, 64, 64),
+                lambda: dcgan(ngf=width, ndf=width)),
+        Problem("toy2d-b256", 256, (2,), (2,), toy2d_gan),
+    ]
+
+
+class InputSets:
+    """``count`` different (real, z) pairs on the device, handed out in rotation.
+
+    Rotating through several batches keeps a small problem's inputs from sitting in cache from one
+    timed step to the next, which would flatter whoever touches them (and would not happen in training).
+    """
+
+    def __init__(self, problem: Problem, device: torch.device | str, count: int = N_INPUT_SETS,
+                 seed: int = 1234, dtype: torch.dtype = torch.float32):
+        gen = torch.Generator().manual_seed(seed)
+        self.sets = [(problem.real_batch(gen).to(device, dtype), problem.noise(gen).to(device, dtype))
+                     for _ in range(count)]
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.sets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sets[i]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.sets[self._next]
+        self._next = (self._next + 1) % len(self.sets)
+        return pair
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------
+
+class Contender:
+    """A training-step implementation: ``step(real, z)`` does one D update then one G update (G's
+    forward on z shared by both, as the DCGAN example) and returns (d_loss, g_loss) as device tensors,
+    d_loss = BCE(D(real), 1) + BCE(D(G(z)), 0), g_loss = BCE(D(G(z)), 1) with D already updated."""
+
+    name = "?"
+
+    def step(self, real: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def networks(self) -> tuple[nn.Module, nn.Module]:
+        """(G, D) whose parameters this contender trains."""
+        return self.generator, self.discriminator
+
+
+class NaiveEager(Contender):
+    """The PyTorch DCGAN example's training loop (examples/dcgan/main.py), noise passed in."""
+
+    name = "naive"
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, device):
+        self.generator, self.discriminator = generator, discriminator
+        self.criterion = nn.BCELoss()
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=LR, betas=BETAS)
+
+    def step(self, real, z):
+        net_g, net_d, criterion = self.generator, self.discriminator, self.criterion
+        # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
+        net_d.zero_grad()
+        label = torch.full((real.size(0),), 1.0, dtype=real.dtype, device=real.device)
+        output = net_d(real).view(-1)
+        err_d_real = criterion(output, label)
+        err_d_real.backward()
+        fake = net_g(z)
+        label.fill_(0.0)
+        output = net_d(fake.detach()).view(-1)
+        err_d_fake = criterion(output, label)
+        err_d_fake.backward()
+        err_d = err_d_real + err_d_fake
+        self.opt_d.step()
+        # (2) Update G: maximize log(D(G(z)))
+        net_g.zero_grad()
+        label.fill_(1.0)
+        output = net_d(fake).view(-1)
+        err_g = criterion(output, label)
+        err_g.backward()
+        self.opt_g.step()
+        return err_d.detach(), err_g.detach()
+
+
+def _tuned_step(net_g, net_d, opt_g, opt_d, d_params, ones, zeros, real, z):
+    """Tuned eager step; a free function so that ``torch.compile`` can take it as it is."""
+    bce = nn.functional.binary_cross_entropy
+    fake = net_g(z)
+    opt_d.zero_grad(set_to_none=True)
+    err_d = bce(net_d(real).view(-1), ones) + bce(net_d(fake.detach()).view(-1), zeros)
+    err_d.backward()
+    opt_d.step()
+    for p in d_params:          # D frozen: no weight gradients for D during the G step
+        p.requires_grad_(False)
+    opt_g.zero_grad(set_to_none=True)
+    err_g = bce(net_d(fake).view(-1), ones)
+    err_g.backward()
+    opt_g.step()
+    for p in d_params:
+        p.requires_grad_(True)
+    return err_d.detach(), err_g.detach()
+
+
+class TunedEager(Contender):
+    """Eager PyTorch as a performance-aware user writes it."""
+
+    name = "tuned"
+
+    def __init__(self, generator, discriminator, device, batch: int):
+        self.generator, self.discriminator = generator, discriminator
+        self.opt_d = torch.optim.Adam(discriminator.parameters(), lr=LR, betas=BETAS, fused=True)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=LR, betas=BETAS, fused=True)
+        self.d_params = [p for p in discriminator.parameters() if p.requires_grad]
+        self.ones = torch.ones(batch, device=device)
+        self.zeros = torch.zeros(batch, device=device)
+        self._fn = _tuned_step
+
+    def step(self, real, z):
+        return self._fn(self.generator, self.discriminator, self.opt_g, self.opt_d, self.d_params,
+                        self.ones, self.zeros, real, z)
+
+
+class CompiledEager(TunedEager):
+    """``torch.compile`` of the tuned eager step (default mode). The first calls compile (the first
+    step's optimizer-state initialisation and the frozen D each need graphs); the time the first steps
+    take beyond steady-state steps is reported as the compile time."""
+
+    name = "compile"
+
+    def __init__(self, generator, discriminator, device, batch: int):
+        super().__init__(generator, discriminator, device, batch)
+        self._fn = torch.compile(_tuned_step)
+
+
+class FastganTrainer(Contender):
+    """``fastgan.Trainer`` with its defaults for this loss and these hyperparameters."""
+
+    name = "fastgan"
+
+    def __init__(self, generator, discriminator, device, latent_shape):
+        import fastgan
+        latent = latent_shape[0] if len(latent_shape) == 1 else tuple(latent_shape)
+        # fuse=True (the default) needs fastgan.fuse; until the fused layers exist the Trainer runs the
+        # user's layers. Which one ran is recorded in the benchmark's extra_info ("fastgan_fuse").
+        self.fuse = fuse_available()
+        with warnings.catch_warnings():
+            # D ends in nn.Sigmoid as in the example; the Trainer says once that it uses the logit.
+            warnings.simplefilter("ignore", UserWarning)
+            self.trainer = fastgan.Trainer(generator, discriminator, latent_dim=latent, loss="nonsaturating",
+                                           lr=LR, betas=BETAS, device=device, seed=0, fuse=self.fuse)
+        self.generator, self.discriminator = generator, discriminator
+
+    def step(self, real, z):
+        stats = self.trainer.step(real, z)
+        return stats["d_loss"], stats["g_loss"]
+
+
+def fuse_available() -> bool:
+    """Whether this build of fastgan has ``fastgan.fuse`` (the fused layers), which Trainer(fuse=True) needs."""
+    import fastgan
+    if hasattr(fastgan, "fuse"):
+        return True
+    import fastgan.nn
+    return hasattr(fastgan.nn, "fuse")
+
+
+def make_contender(name: str, problem: Problem, device, initial: tuple[nn.Module, nn.Module]) -> Contender:
+    """Contender ``name`` training its own deep copies of ``initial`` (G, D) on ``device``."""
+    generator = copy.deepcopy(initial[0]).to(device)
+    discriminator = copy.deepcopy(initial[1]).to(device)
+    if name == "naive":
+        return NaiveEager(generator, discriminator, device)
+    if name == "tuned":
+        return TunedEager(generator, discriminator, device, problem.batch)
+    if name == "compile":
+        return CompiledEager(generator, discriminator, device, problem.batch)
+    if name == "fastgan":
+        return FastganTrainer(generator, discriminator, device, problem.latent_shape)
+    raise ValueError(f"unknown contender {name!r}; expected one of {CONTENDERS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and measurements
+# ---------------------------------------------------------------------------------------------
+
+class ContenderMismatch(AssertionError):
+    """A contender's step computes something else than the reference contender's."""
+
+
+def default_tolerance(device) -> tuple[float, float]:
+    """(rtol, atol) for losses of one step. fp32 on CPU agrees to ~1e-6; on CUDA convolutions may use
+    TF32 (cuDNN's default, Triton's tl.dot too) and reduction orders differ, hence looser."""
+    return (1e-4, 1e-5) if torch.device(device).type == "cpu" else (2e-2, 1e-3)
+
+
+def check_equivalent(losses: dict[str, Sequence[tuple[float, float]]], reference: str = "naive",
+                     rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Raise :class:`ContenderMismatch` unless every contender's (d_loss, g_loss) of every checked step
+    matches the reference contender's (all started from the same weights and saw the same inputs).
+
+    Check at least two steps: the first step's g_loss is computed by the updated D (checks D's update),
+    the second step's d_loss sees the updated G (checks G's update).
+    """
+    want_steps = losses[reference]
+    for name, got_steps in losses.items():
+        if len(got_steps) != len(want_steps):
+            raise ContenderMismatch(f"contender {name!r} ran {len(got_steps)} steps, {reference!r} {len(want_steps)}")
+        for i, (got, want) in enumerate(zip(got_steps, want_steps)):
+            for what, g, w in (("d_loss", got[0], want[0]), ("g_loss", got[1], want[1])):
+                if not math.isfinite(g) or abs(g - w) > atol + rtol * abs(w):
+                    raise ContenderMismatch(
+                        f"contender {name!r} step {i}: {what} = {g:.7g} but {reference!r} gives {w:.7g} "
+                        f"(rtol {rtol}, atol {atol}); refusing to time a contender that computes a "
+                        "different training step")
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+MEMORY_METHOD_CUDA = ("torch.cuda.max_memory_allocated over construction + first steps, minus memory "
+                      "allocated before construction (parameters, gradients, optimizer state, activations, "
+                      "CUDA-graph pools; not the caching allocator's reserve)")
+MEMORY_METHOD_CPU = ("peak of the running sum of torch.profiler(profile_memory=True) CPU allocation events "
+                     "over construction + first steps (every tensor torch's allocator hands out: parameters, "
+                     "gradients, optimizer state, activations, copies of the models; not malloc arenas, "
+                     "the Python heap or compiled code)")
+
+
+@dataclass
+class Prepared:
+    """A contender after its first steps, with what those steps showed."""
+    contender: Contender
+    losses: list[tuple[float, float]]   # (d_loss, g_loss) of each first step, on inputs[0], inputs[1], ...
+    peak_memory_bytes: int
+    memory_method: str
+    first_steps_s: float                # wall time of construction + the first steps (compiles, if any)
+
+
+def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3) -> Prepared:
+    """Build a contender and run its first ``steps`` steps on ``inputs[0..steps-1]``, measuring the peak
+    memory it allocates meanwhile and recording its losses for :func:`check_equivalent`.
+
+    CUDA: ``max_memory_allocated`` above what was allocated before. CPU: torch's allocator reports
+    every allocation and free to the profiler under ``profile_memory=True``; the peak of their running
+    sum is the CPU analogue of ``max_memory_allocated`` (tracemalloc cannot see torch's allocations,
+    and ru_maxrss would mix in the interpreter, compiled code and malloc's caching).
+    """
+    device = inputs[0][0].device
+    gc.collect()
+
+    def run() -> tuple[Contender, list[tuple[float, float]], float]:
+        start = time.perf_counter()
+        contender = build()
+        raw = [contender.step(*inputs[i % len(inputs)]) for i in range(steps)]
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        return contender, [(float(d), float(g)) for d, g in raw], elapsed
+
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        contender, losses, elapsed = run()
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return Prepared(contender, losses, peak, MEMORY_METHOD_CUDA, elapsed)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        contender, losses, elapsed = run()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return Prepared(contender, losses, peak, MEMORY_METHOD_CPU, elapsed)
+
+
+def median_step_time(contender: Contender, inputs: InputSets, steps: int = 5) -> float:
+    """Median wall time of ``steps`` synchronised steps (a quick estimate, e.g. to subtract from the
+    first steps' time to get a compile time)."""
+    device = inputs[0][0].device
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        contender.step(*inputs.next())
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_flops(problem: Problem, device, initial: tuple[nn.Module, nn.Module]) -> int:
+    """Matmul + convolution FLOPs of one training step (the tuned eager step: no D weight gradients
+    during the G step, the least work any contender has to do), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    contender = make_contender("tuned", problem, device, initial)
+    real, z = InputSets(problem, device, count=1)[0]
+    with FlopCounterMode(display=False) as counter:
+        contender.step(real, z)
+    return int(counter.get_total_flops())
+
+
+def measure_matmul_rate(device, size: int | None = None, repeats: int = 5,
+                        dtype: torch.dtype = torch.float32) -> float:
+    """The device's fp32 matmul rate in FLOP/s: the best of ``repeats`` timings of a square matmul
+    (1024 on CPU, 8192 on CUDA), after one warm-up. TF32 stays as torch's default (off for matmul)."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b, out=out)
+            end.record()
+            end.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            elapsed = time.perf_counter() - t0
+        best = min(best, elapsed)
+    return 2.0 * size ** 3 / best
