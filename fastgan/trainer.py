@@ -48,6 +48,7 @@ Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import os
@@ -315,7 +316,7 @@ class Trainer:
             raise ValueError(f"gp_lambda={gp_lambda} is the WGAN-GP penalty and belongs to loss='wasserstein', "
                              f"not loss={loss!r} (use r1_gamma for a gradient penalty with other losses)")
         if ema_beta is not None:
-            ema_beta = _check_real("ema_beta", ema_beta, 0.0, 1.0, low_open=True)
+            ema_beta = _check_real("ema_beta", ema_beta, 0.0, 1.0)
         self.ema_beta = ema_beta
         self.pack = _check_int("pack", pack, 1)
         if precision not in PRECISIONS:
@@ -365,6 +366,9 @@ class Trainer:
 
         optim = self._optim_module()
         self.ema = optim.EMA(generator, ema_beta) if ema_beta is not None else None
+        if self.ema is None and getattr(g_optimizer, "ema", None) is not None:
+            self.ema = g_optimizer.ema  # a fused optimizer built with its own EMA: sample() uses it
+            self.ema_beta = self.ema.beta
         self._ema_fused = False
         self.g_optimizer, self._g_fused = self._make_optimizer(
             "g_optimizer", g_optimizer, generator, self._g_trainable, g_lr, betas, ema=self.ema)
@@ -462,7 +466,7 @@ class Trainer:
                                      f"{net_name}'s (were g_optimizer and d_optimizer swapped?)")
         fused_types = tuple(getattr(optim, n) for n in ("FusedAdam", "FusedSGD") if hasattr(optim, n))
         if isinstance(given, fused_types):
-            if ema is not None:
+            if ema is not None and given.ema is not ema:
                 raise ValueError(f"ema_beta fuses the EMA into the generator's optimizer, but {name} is an "
                                  f"already built {type(given).__name__}; build it with ema=fastgan.optim.EMA(...) "
                                  "and leave ema_beta unset, or pass a torch optimizer")
@@ -678,7 +682,7 @@ class Trainer:
             total = total + self.gp_lambda * gp
             stats["gp"] = gp.detach()
         opt = self.d_optimizer
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=not self._d_fused)  # fused: one fill of the flat buffer, .grad views kept
         if scaler is None:
             total.backward()
             opt.step()
@@ -702,7 +706,7 @@ class Trainer:
                 fake_logits = self._d_logits(fake)
             loss = g_loss(fake_logits, kind=self.loss)
             opt = self.g_optimizer
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=not self._g_fused)
             if scaler is None:
                 loss.backward()
                 opt.step()
@@ -1058,11 +1062,13 @@ class Trainer:
         return net(z)
 
     def _ema_module(self) -> nn.Module:
-        for attr in ("module", "model", "averaged_model", "shadow"):
-            m = getattr(self.ema, attr, None)
-            if isinstance(m, nn.Module):
-                return m
-        raise AttributeError("fastgan.optim.EMA exposes no averaged module")
+        """A copy of G carrying the EMA weights, made once and refreshed from the EMA at each call."""
+        net = getattr(self, "_ema_net", None)
+        if net is None:
+            net = self._ema_net = self.ema.averaged_model()
+        else:
+            self.ema.copy_to(net)
+        return net
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -1170,30 +1176,35 @@ class Trainer:
                                                        "joint_d_forward", "seed")}
         kwargs["latent_dim"] = tuple(cfg["latent_dim"])
         kwargs.update(overrides)
-        build_g = "g_optimizer" not in overrides
-        build_d = "d_optimizer" not in overrides
-        kwargs.pop("g_optimizer", None)
-        kwargs.pop("d_optimizer", None)
-        trainer = cls(generator, discriminator,
-                      g_optimizer=overrides.get("g_optimizer"), d_optimizer=overrides.get("d_optimizer"),
-                      **kwargs)
-        if build_g:
-            trainer.g_optimizer = trainer._rebuild_optimizer(cfg["g_optimizer"], trainer._g_trainable, trainer.ema)
-        if build_d:
-            trainer.d_optimizer = trainer._rebuild_optimizer(cfg["d_optimizer"], trainer._d_trainable, None)
+        trainer = cls(generator, discriminator, **kwargs)
+        for name, fused_attr, params, ema in (("g_optimizer", "_g_fused", trainer._g_trainable, trainer.ema),
+                                              ("d_optimizer", "_d_fused", trainer._d_trainable, None)):
+            if name in overrides:
+                continue
+            recorded = cfg[name]
+            current = getattr(trainer, name)
+            if (type(current).__module__, type(current).__name__) == (recorded["module"], recorded["class"]):
+                continue  # load_state_dict restores its hyper-parameters
+            opt, fused = trainer._rebuild_optimizer(recorded, params, ema)
+            if trainer.precision == "fp16" and not fused:
+                raise ValueError(f"the checkpoint's {name} is a {recorded['class']}, which fp16 cannot use")
+            setattr(trainer, name, opt)
+            setattr(trainer, fused_attr, fused)
         trainer.load_state_dict(state)
         return trainer
 
     def _rebuild_optimizer(self, cfg: dict[str, Any], params: list, ema):
-        optim = self._optim_module()
+        """(optimizer of the recorded class over ``params``, whether it is one of fastgan's fused ones)."""
+        import importlib
+        cls = getattr(importlib.import_module(cfg["module"]), cfg["class"])
         defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg["defaults"].items()}
-        if cfg["module"].startswith("fastgan."):
-            cls = getattr(optim, cfg["class"])
-            if ema is not None:
-                defaults["ema"] = ema
-            return cls(params, **defaults)
-        cls = getattr(torch.optim, cfg["class"])
-        return cls(params, **defaults)
+        fused = cfg["module"].startswith("fastgan.")
+        if fused and ema is not None:
+            defaults["ema"] = ema
+        accepted = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            defaults = {k: v for k, v in defaults.items() if k in accepted}
+        return cls(params, **defaults), fused
 
     def __repr__(self) -> str:
         return (f"Trainer(loss={self.loss!r}, d_steps={self.d_steps}, latent_dim={self.latent_dim}, "

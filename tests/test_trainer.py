@@ -1,0 +1,506 @@
+"""fastgan.Trainer against the eager PyTorch loops it replaces (fp32, CPU).
+
+The reference loops below are written out in plain PyTorch (torch.optim.Adam, BCEWithLogitsLoss,
+torch.autograd.grad) exactly as the PyTorch DCGAN example and the papers state them; the trainer
+must produce the same parameters.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastgan
+from fastgan import Trainer
+
+NZ = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# models: the PyTorch DCGAN example's networks (reduced widths), and a small MLP pair
+# ---------------------------------------------------------------------------------------------
+
+class DCGANGenerator(nn.Module):
+    """The example's generator (ConvTranspose/BatchNorm/ReLU stages, Tanh), for 16x16 images here
+    (the example's 64x64 adds two more identical stages; the loop is what is being tested)."""
+
+    def __init__(self, nz=NZ, ngf=4, nc=3):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 2, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+
+    def forward(self, x):
+        return self.main(x)
+
+
+class DCGANDiscriminator(nn.Module):
+    """The example's discriminator (Conv/BatchNorm/LeakyReLU stages, optional final Sigmoid), 16x16."""
+
+    def __init__(self, ndf=4, nc=3, sigmoid=False):
+        super().__init__()
+        layers = [
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 2, 1, 4, 1, 0, bias=False)]
+        if sigmoid:
+            layers.append(nn.Sigmoid())
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.main(x).view(-1, 1).squeeze(1)
+
+
+def dcgan_weights_init(m):
+    name = type(m).__name__
+    if "Conv" in name:
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif "BatchNorm" in name:
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def dcgan_pair(seed=0, sigmoid=False):
+    torch.manual_seed(seed)
+    g, d = DCGANGenerator(), DCGANDiscriminator(sigmoid=sigmoid)
+    g.apply(dcgan_weights_init)
+    d.apply(dcgan_weights_init)
+    return g, d
+
+
+def mlp_pair(seed=0, data_dim=6, hidden=16, pack=1):
+    torch.manual_seed(seed)
+    g = nn.Sequential(nn.Linear(NZ, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, data_dim))
+    d = nn.Sequential(nn.Linear(data_dim * pack, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                      nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+    return g, d
+
+
+def latent(model_kind):
+    return (NZ, 1, 1) if model_kind == "dcgan" else NZ
+
+
+def real_batch(model_kind, n, gen):
+    shape = (n, 3, 16, 16) if model_kind == "dcgan" else (n, 6)
+    return torch.rand(shape, generator=gen) * 2 - 1
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
+
+
+def assert_rel_close(got: nn.Module, want: nn.Module, tol=1e-4, what=""):
+    """Every parameter and floating buffer within ``tol`` relative (L2 norm of the difference)."""
+    got_state, want_state = got.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys()
+    for key, w in want_state.items():
+        g = got_state[key]
+        if not w.is_floating_point():
+            assert torch.equal(g, w), f"{what}{key}"
+            continue
+        err = (g.double() - w.double()).norm().item()
+        assert err <= tol * max(w.double().norm().item(), 1e-12), f"{what}{key}: relative error {err / w.norm().item():.3g}"
+
+
+def assert_changed(before: dict, module: nn.Module):
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# the eager reference loops
+# ---------------------------------------------------------------------------------------------
+
+def eager_dcgan_step(g, d, opt_g, opt_d, real, z):
+    """The PyTorch DCGAN example's iteration, with BCEWithLogitsLoss on D's logits."""
+    criterion = nn.BCEWithLogitsLoss()
+    d.zero_grad()
+    output = d(real).view(-1)
+    label = torch.ones_like(output)
+    criterion(output, label).backward()
+    fake = g(z)
+    output = d(fake.detach()).view(-1)
+    criterion(output, torch.zeros_like(output)).backward()
+    opt_d.step()
+    g.zero_grad()
+    output = d(fake).view(-1)
+    criterion(output, torch.ones_like(output)).backward()
+    opt_g.step()
+
+
+def eager_d_update(g, d, opt_d, real, z):
+    """One D update of Algorithm 1 (non-saturating / BCE form); returns G(z) for a following G update."""
+    criterion = nn.BCEWithLogitsLoss()
+    d.zero_grad()
+    output = d(real).view(-1)
+    criterion(output, torch.ones_like(output)).backward()
+    fake = g(z)
+    output = d(fake.detach()).view(-1)
+    criterion(output, torch.zeros_like(output)).backward()
+    opt_d.step()
+    return fake
+
+
+def eager_g_update(d, opt_g, fake, g):
+    criterion = nn.BCEWithLogitsLoss()
+    g.zero_grad()
+    output = d(fake).view(-1)
+    criterion(output, torch.ones_like(output)).backward()
+    opt_g.step()
+
+
+def fuse_options():
+    return [False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# the equivalence tests of the issue
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fuse", fuse_options())
+@pytest.mark.parametrize("model", ["dcgan", "mlp"])
+def test_ten_steps_match_dcgan_example_loop(model, fuse):
+    g, d = dcgan_pair() if model == "dcgan" else mlp_pair()
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    trainer = Trainer(g, d, latent_dim=latent(model), loss="nonsaturating", fuse=fuse, seed=0)
+    # BatchNorm in the DCGAN discriminator: two separate D forwards; the MLP D runs real+fake jointly
+    assert trainer.joint_d_forward == (model == "mlp")
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    data_gen = torch.Generator().manual_seed(1)
+    n = 8
+    for _ in range(10):
+        real = real_batch(model, n, data_gen)
+        z = torch.randn((n, *trainer.latent_dim), generator=data_gen)
+        stats = trainer.step(real, z)
+        eager_dcgan_step(g_ref, d_ref, opt_g, opt_d, real, z)
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+    for key in ("d_loss", "g_loss", "value", "jsd", "d_real", "d_fake"):
+        assert isinstance(stats[key], torch.Tensor) and stats[key].dim() == 0, key
+    assert trainer.step_count == 10 and trainer.d_step_count == 10
+
+
+@pytest.mark.parametrize("model", ["dcgan", "mlp"])
+def test_fit_with_two_d_steps_matches_eager_algorithm_1(model):
+    """fit(d_steps=2): per iteration two D updates (fresh batch and fresh noise each), then the G
+    update on the last D update's noise; the noise comes from the trainer's generator, one latent
+    draw per D update."""
+    g, d = dcgan_pair(3) if model == "dcgan" else mlp_pair(3)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    seed, n, iters = 11, 8, 3
+    trainer = Trainer(g, d, latent_dim=latent(model), d_steps=2, fuse=False, seed=seed)
+    data = real_batch(model, n * 2 * iters, torch.Generator().manual_seed(2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=n, shuffle=False)
+    trainer.fit(loader, steps=iters, progress=False)
+
+    noise_gen = torch.Generator().manual_seed(seed)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    batches = iter(data.split(n))
+    for _ in range(iters):
+        fake = None
+        for _k in range(2):
+            z = torch.randn((n, *trainer.latent_dim), generator=noise_gen)
+            fake = eager_d_update(g_ref, d_ref, opt_d, next(batches), z)
+        eager_g_update(d_ref, opt_g, fake, g_ref)
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+    assert trainer.step_count == iters and trainer.d_step_count == 2 * iters
+
+
+def test_step_reuses_g_forward_and_equals_d_step_then_g_step():
+    g1, d1 = mlp_pair(5)
+    g2, d2 = copy.deepcopy(g1), copy.deepcopy(d1)
+    t1 = Trainer(g1, d1, latent_dim=NZ, fuse=False, seed=0)
+    t2 = Trainer(g2, d2, latent_dim=NZ, fuse=False, seed=0)
+    calls = []
+    g1.register_forward_hook(lambda *a: calls.append("G"))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        real = torch.randn(8, 6, generator=gen)
+        z = torch.randn(8, NZ, generator=gen)
+        calls.clear()
+        t1.step(real, z)
+        assert calls == ["G"]  # one G forward serves both updates
+        t2.d_step(real, z)
+        t2.g_step(z)
+    for a, b in zip(list(g1.parameters()) + list(d1.parameters()), list(g2.parameters()) + list(d2.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_discriminator_frozen_during_g_step_and_unfrozen_after():
+    g, d = mlp_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append((torch.is_grad_enabled(), tuple(p.requires_grad for p in module.parameters())))
+
+    trainer.step(torch.randn(8, 6))  # the first step also runs a one-time probe forward of D
+    d.register_forward_hook(record)
+    trainer.step(torch.randn(8, 6))
+    # joint forward in the D step (trainable), then the G step's forward with D frozen
+    assert len(seen) == 2
+    assert all(seen[0][1]) and not any(seen[1][1])
+    assert seen[1][0]  # autograd is on (G's gradient flows through D)
+    assert all(p.requires_grad for p in d.parameters())
+    seen.clear()
+    trainer.g_step()
+    assert len(seen) == 1 and not any(seen[0][1])
+    assert all(p.requires_grad for p in d.parameters())
+
+
+def test_user_frozen_discriminator_parameter_stays_frozen():
+    g, d = mlp_pair()
+    d[0].bias.requires_grad_(False)
+    before = d[0].bias.detach().clone()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    trainer.step(torch.randn(8, 6))
+    assert not d[0].bias.requires_grad
+    assert torch.equal(d[0].bias, before)
+
+
+@pytest.mark.parametrize("kind, expected_joint", [("plain", True), ("batchnorm", False), ("instancenorm_stats", False),
+                                                  ("instancenorm", True), ("spectral", False), ("spectral_param", False)])
+def test_joint_forward_only_without_batch_dependent_layers(kind, expected_joint):
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 12), nn.ReLU(), nn.Linear(12, 2 * 4 * 4), nn.Unflatten(1, (2, 4, 4)))
+    norm = {"plain": nn.Identity(), "batchnorm": nn.BatchNorm2d(4),
+            "instancenorm_stats": nn.InstanceNorm2d(4, track_running_stats=True),
+            "instancenorm": nn.InstanceNorm2d(4, affine=True), "spectral": nn.Identity(),
+            "spectral_param": nn.Identity()}[kind]
+    first = nn.Conv2d(2, 4, 3, padding=1, bias=False)  # a bias before a norm layer has no gradient (only noise)
+    if kind == "spectral":
+        first = nn.utils.spectral_norm(first)
+    elif kind == "spectral_param":
+        first = nn.utils.parametrizations.spectral_norm(first)
+    d = nn.Sequential(first, norm, nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64, 1))
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    assert trainer.joint_d_forward is expected_joint
+    sizes = []
+    d.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    for i in range(3):
+        real, z = torch.randn(6, 2, 4, 4, generator=gen), torch.randn(6, NZ, generator=gen)
+        sizes.clear()
+        trainer.step(real, z)
+        if i > 0:  # the first step also runs a one-time probe forward of D
+            assert sizes == ([12, 6] if expected_joint else [6, 6, 6])
+        eager_dcgan_step(g_ref, d_ref, opt_g, opt_d, real, z)
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+
+
+def test_joint_d_forward_can_be_forced():
+    g, d = mlp_pair()
+    assert Trainer(g, d, latent_dim=NZ, fuse=False, joint_d_forward=False).joint_d_forward is False
+    g, d = dcgan_pair()
+    assert Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=False, joint_d_forward=True).joint_d_forward is True
+
+
+# ---------------------------------------------------------------------------------------------
+# penalties against torch.autograd.grad
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_lazy_r1_matches_autograd_penalty(pack):
+    gamma, every, n = 3.0, 3, 8
+    g, d = mlp_pair(7, pack=pack)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    trainer = Trainer(g, d, latent_dim=NZ, r1_gamma=gamma, r1_every=every, pack=pack, fuse=False, seed=0)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    gen = torch.Generator().manual_seed(3)
+    for i in range(7):
+        real, z = torch.randn(n, 6, generator=gen), torch.randn(n, NZ, generator=gen)
+        stats = trainer.step(real, z)
+        # eager: D loss + (gamma / 2) * every * E ||grad_x D(x)||^2 on steps 0, every, 2 every, ...
+        real_in = real.clone().requires_grad_(True)
+        real_logits = d_ref(real_in.reshape(n // pack, -1)).view(-1)
+        fake = g_ref(z)
+        fake_logits = d_ref(fake.detach().reshape(n // pack, -1)).view(-1)
+        loss = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        if i % every == 0:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
+            r1 = grad.reshape(n // pack, -1).square().sum(1).mean()
+            loss = loss + gamma / 2 * every * r1
+            torch.testing.assert_close(stats["r1"], r1.detach(), rtol=1e-4, atol=1e-7)
+        opt_d.zero_grad()
+        loss.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        F.softplus(-d_ref(fake.reshape(n // pack, -1)).view(-1)).mean().backward()
+        opt_g.step()
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+
+
+def test_wgan_gp_matches_autograd_penalty():
+    lam, n = 10.0, 8
+    g, d = mlp_pair(9)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    seed = 4
+    trainer = Trainer(g, d, latent_dim=NZ, loss="wasserstein", gp_lambda=lam, fuse=False, seed=seed)
+    eps_gen = torch.Generator().manual_seed(seed)  # the trainer draws eps from its generator (z is given)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        real, z = torch.randn(n, 6, generator=gen), torch.randn(n, NZ, generator=gen)
+        stats = trainer.step(real, z)
+        fake = g_ref(z)
+        loss = d_ref(fake.detach()).mean() - d_ref(real).mean()
+        eps = torch.empty(n, 1).uniform_(generator=eps_gen)
+        x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(d_ref(x_hat).sum(), x_hat, create_graph=True)
+        gp = (grad.norm(2, dim=1) - 1).square().mean()
+        torch.testing.assert_close(stats["gp"], gp.detach(), rtol=1e-4, atol=1e-6)
+        opt_d.zero_grad()
+        (loss + lam * gp).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        (-d_ref(fake).mean()).backward()
+        opt_g.step()
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+
+
+# ---------------------------------------------------------------------------------------------
+# PacGAN, Sigmoid, EMA, precision
+# ---------------------------------------------------------------------------------------------
+
+def test_pack_concatenates_samples_along_dim_1():
+    g, d = mlp_pair(2, pack=3)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    trainer = Trainer(g, d, latent_dim=NZ, pack=3, fuse=False, seed=0)
+    shapes = []
+    d.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    gen = torch.Generator().manual_seed(0)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    for i in range(3):
+        real, z = torch.randn(9, 6, generator=gen), torch.randn(9, NZ, generator=gen)
+        shapes.clear()
+        trainer.step(real, z)
+        # joint real+fake (3 packs each), then the G step (the first step probes D once before)
+        assert shapes == [(2, 18)] * (i == 0) + [(6, 18), (3, 18)]
+        # eager: packs of 3 consecutive samples, features side by side
+        pack = lambda x: x.reshape(3, 18)  # noqa: E731
+        assert torch.equal(pack(real)[1], torch.cat([real[3], real[4], real[5]]))
+        opt_d.zero_grad()
+        fake = g_ref(z)
+        (F.softplus(-d_ref(pack(real))).mean() + F.softplus(d_ref(pack(fake.detach()))).mean()).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        F.softplus(-d_ref(pack(fake))).mean().backward()
+        opt_g.step()
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+
+
+def test_pack_on_images_concatenates_channels():
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 3 * 4 * 4), nn.Unflatten(1, (3, 4, 4)))
+    d = nn.Sequential(nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(16, 1))
+    trainer = Trainer(g, d, latent_dim=NZ, pack=2, fuse=False, seed=0)
+    shapes = []
+    d.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    trainer.step(torch.randn(4, 3, 4, 4))
+    assert shapes[-1] == (2, 6, 4, 4)
+    with pytest.raises(ValueError, match="pack=2"):
+        trainer.step(torch.randn(5, 3, 4, 4))
+
+
+def test_discriminator_ending_in_sigmoid_uses_logits_with_one_warning():
+    g, d_sig = dcgan_pair(4, sigmoid=True)
+    g_ref = copy.deepcopy(g)
+    d_ref = DCGANDiscriminator()
+    d_ref.load_state_dict(d_sig.state_dict())  # same weights, no Sigmoid
+    with pytest.warns(UserWarning, match="Sigmoid") as record:
+        trainer = Trainer(g, d_sig, latent_dim=(NZ, 1, 1), fuse=False, seed=0)
+        opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            real, z = real_batch("dcgan", 4, gen), torch.randn(4, NZ, 1, 1, generator=gen)
+            trainer.step(real, z)
+            eager_dcgan_step(g_ref, d_ref, opt_g, opt_d, real, z)
+    assert sum("Sigmoid" in str(w.message) for w in record) == 1
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d_sig, d_ref, what="D ")
+    # outside the trainer the discriminator still returns probabilities
+    x = real_batch("dcgan", 2, torch.Generator().manual_seed(9))
+    d_sig.eval()
+    d_ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(d_sig(x), torch.sigmoid(d_ref(x)))
+
+
+def test_sigmoid_inside_discriminator_is_left_alone(recwarn):
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 6))
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.gate = nn.Linear(6, 6), nn.Linear(6, 1), nn.Sigmoid()
+
+        def forward(self, x):
+            return self.head(self.body(x) * self.gate(x))
+
+    d = Gated()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    trainer.step(torch.randn(4, 6))
+    assert isinstance(d.gate, nn.Sigmoid)
+    assert not [w for w in recwarn if "Sigmoid" in str(w.message)]
+
+
+def test_stats_are_zero_dim_and_nothing_syncs_with_the_host(monkeypatch):
+    g, d = mlp_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, r1_gamma=1.0, r1_every=2, ema_beta=0.9, fuse=False, seed=0)
+    trainer.step(torch.randn(8, 6))  # first step: one-time setup (probe forward) may look at values
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for _ in range(3):
+        stats = trainer.step(torch.randn(8, 6))
+        trainer.d_step(torch.randn(8, 6))
+        stats.update(trainer.g_step())
+    monkeypatch.undo()
+    for key in ("d_loss", "g_loss", "value", "jsd", "d_real", "d_fake", "r1"):
+        assert stats[key].dim() == 0 and stats[key].device.type == "cpu", key
+        assert torch.isfinite(stats[key])
+
+
+def test_noise_is_drawn_from_the_trainers_generator():
+    g1, d1 = mlp_pair()
+    g2, d2 = copy.deepcopy(g1), copy.deepcopy(d1)
+    real = torch.randn(8, 6)
+    t1 = Trainer(g1, d1, latent_dim=NZ, fuse=False, seed=123)
+    t1.step(real)
+    t2 = Trainer(g2, d2, latent_dim=NZ, fuse=False, seed=0)
+    t2.step(real, torch.randn(8, NZ, generator=torch.Generator().manual_seed(123)))
+    for a, b in zip(g1.parameters(), g2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_uniform_prior_draws_in_minus_one_one():
+    g, d = mlp_pair()
+    seen = []
+    g.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    trainer = Trainer(g, d, latent_dim=NZ, prior="uniform", fuse=False, seed=0)
+    trainer.step(torch.randn(64, 6))
+    z = seen[-1]
+    assert z.min() >= -1 and z.max() <= 1 and z.min() < -0.5 and z.max() > 0.5
+
+
+def test_sample_shapes_and_noise():
+    g, d = mlp_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    out = trainer.sample(5)
+    assert out.shape == (5, 6) and not out.requires_grad
+    z = torch.randn(3, NZ)
+    torch.testing.assert_close(trainer.sample(3, z=z), g(z).detach())

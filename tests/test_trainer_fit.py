@@ -1,0 +1,430 @@
+"""fastgan.Trainer: fit's data handling and history, EMA, precision, checkpoints and resume, errors."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastgan.trainer as trainer_module
+from fastgan import Trainer
+
+NZ = 4
+DIM = 3
+
+
+def mlp_pair(seed=0, dropout=False, pack=1):
+    torch.manual_seed(seed)
+    g = nn.Sequential(nn.Linear(NZ, 16), nn.ReLU(), nn.Linear(16, DIM))
+    layers = [nn.Linear(DIM * pack, 16), nn.LeakyReLU(0.2)]
+    if dropout:
+        layers.append(nn.Dropout(0.3))  # draws from torch's global RNG: checkpoints must restore it
+    layers.append(nn.Linear(16, 1))
+    return g, nn.Sequential(*layers)
+
+
+def make_trainer(model_seed=0, **kwargs):
+    g, d = mlp_pair(model_seed, dropout=kwargs.pop("dropout", False), pack=kwargs.get("pack", 1))
+    kwargs.setdefault("fuse", False)
+    kwargs.setdefault("seed", 0)
+    return Trainer(g, d, latent_dim=NZ, **kwargs)
+
+
+def params_of(trainer):
+    return [p.detach().clone() for p in list(trainer.generator.parameters()) + list(trainer.discriminator.parameters())]
+
+
+def data_tensor(n=40, seed=1):
+    return torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# fit: data forms, epochs, history, callbacks, progress, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.mark.parametrize("form", ["tensor", "dataset", "tensor_dataset", "loader", "list", "tuples"])
+def test_fit_accepts_every_data_form_and_cycles_epochs(form):
+    x = data_tensor(24)
+    data = {
+        "tensor": x,
+        "dataset": ListDataset(x),
+        "tensor_dataset": torch.utils.data.TensorDataset(x, torch.zeros(24)),
+        "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=8, shuffle=True),
+        "list": list(x.split(8)),
+        "tuples": [(b, torch.zeros(8)) for b in x.split(8)],
+    }[form]
+    trainer = make_trainer()
+    seen = []
+    trainer.discriminator.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    before = params_of(trainer)
+    history = trainer.fit(data, steps=7, batch_size=8, log_every=3, progress=False)  # 7 batches > 3 per epoch
+    assert trainer.step_count == 7 and trainer.d_step_count == 7
+    assert seen.count(16) == 7  # one joint real+fake forward of D per D step, 8 + 8 samples
+    assert history["step"] == [3.0, 6.0, 7.0]
+    for key in ("d_loss", "g_loss", "jsd", "value", "d_real", "d_fake", "steps_per_s"):
+        assert len(history[key]) == 3 and all(isinstance(v, float) for v in history[key]), key
+    assert all(not torch.equal(a, b) for a, b in zip(before, params_of(trainer)))
+
+
+def test_fit_tensor_epochs_are_shuffled_permutations():
+    x = torch.arange(12, dtype=torch.float32).unsqueeze(1).repeat(1, DIM)
+    trainer = make_trainer()
+    seen = []
+    # the joint real+fake forwards of D (8 rows; real first) give the real batches
+    trainer.discriminator.register_forward_pre_hook(
+        lambda m, a: seen.append(a[0][:4, 0].clone()) if a[0].shape[0] == 8 else None)
+    trainer.fit(x, steps=6, batch_size=4, progress=False)
+    reals = seen
+    epochs = [torch.cat(reals[:3]).sort().values, torch.cat(reals[3:]).sort().values]
+    for e in epochs:
+        assert torch.equal(e, torch.arange(12, dtype=torch.float32))
+    assert not torch.equal(torch.cat(reals[:3]), torch.arange(12, dtype=torch.float32))
+
+
+def test_fit_skips_incomplete_last_batch_of_a_loader():
+    loader = torch.utils.data.DataLoader(data_tensor(10), batch_size=4)  # batches of 4, 4, 2
+    trainer = make_trainer()
+    sizes = []
+    trainer.discriminator.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[0]))
+    trainer.fit(loader, steps=5, progress=False)
+    assert sizes == [2] + [8, 4] * 5  # probe; then joint D forwards of 4 real + 4 fake and G steps, never 2 + 2
+
+
+def test_fit_calls_callbacks_writes_checkpoints_and_shows_progress(tmp_path, capsys):
+    trainer = make_trainer()
+    calls = []
+    trainer.fit(data_tensor(), steps=5, batch_size=8, log_every=2, checkpoint_every=2, out_dir=tmp_path,
+                callbacks=[lambda t, step, stats: calls.append((t, step, sorted(stats)))], progress=True)
+    assert [c[1] for c in calls] == [1, 2, 3, 4, 5] and all(c[0] is trainer for c in calls)
+    assert "g_loss" in calls[0][2] and "jsd" in calls[0][2]
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 5
+    err = capsys.readouterr().err
+    assert "5/5" in err and "step/s" in err and "jsd" in err
+    assert not [f for f in os.listdir(tmp_path) if f != "checkpoint.pt"]  # no temporary left behind
+
+
+def test_two_fits_continue_one_stream():
+    x = data_tensor(20)
+    a, b = make_trainer(), make_trainer()
+    a.fit(x, steps=6, batch_size=4, progress=False)
+    b.fit(x, steps=2, batch_size=4, progress=False)
+    b.fit(x, steps=4, batch_size=4, progress=False)
+    for p, q in zip(params_of(a), params_of(b)):
+        assert torch.equal(p, q)
+
+
+def test_fit_moves_cpu_batches_and_converts_dtype():
+    trainer = make_trainer()
+    trainer.fit(data_tensor().double(), steps=2, batch_size=8, progress=False)
+    assert trainer.step_count == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA, precision
+# ---------------------------------------------------------------------------------------------
+
+def test_ema_tracks_generator_and_sample_uses_it():
+    beta = 0.8
+    trainer = make_trainer(ema_beta=beta)
+    g = trainer.generator
+    shadow = [p.detach().clone() for p in g.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        trainer.step(torch.randn(8, DIM, generator=gen))
+        shadow = [s * beta + (1 - beta) * p.detach() for s, p in zip(shadow, g.parameters())]
+    averaged = copy.deepcopy(g)
+    with torch.no_grad():
+        for p, s in zip(averaged.parameters(), shadow):
+            p.copy_(s)
+    z = torch.randn(5, NZ)
+    torch.testing.assert_close(trainer.sample(5, z=z), averaged(z), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer.sample(5, z=z, ema=False), g(z).detach())
+    assert not torch.allclose(trainer.sample(5, z=z), g(z))
+    assert trainer.sample(7).shape == (7, DIM)
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32():
+    fp32, bf16 = make_trainer(), make_trainer(precision="bf16")
+    real = torch.randn(16, DIM)
+    fp32.step(real, torch.zeros(16, NZ))
+    bf16.step(real, torch.zeros(16, NZ))  # the first step also probes D once, outside autocast
+    dtypes = []
+    bf16.discriminator.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    bf16.generator.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        real, z = torch.randn(16, DIM, generator=gen), torch.randn(16, NZ, generator=gen)
+        s32, s16 = fp32.step(real, z), bf16.step(real, z)
+        for key in ("d_loss", "g_loss", "d_real", "d_fake"):
+            torch.testing.assert_close(s16[key], s32[key], rtol=2e-2, atol=1e-2)
+    assert dtypes and all(dt == torch.bfloat16 for dt in dtypes)
+    for p in bf16.generator.parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+def test_fp16_loss_scaling_skips_nonfinite_steps_and_grows(monkeypatch):
+    monkeypatch.setattr(trainer_module, "_GROWTH_INTERVAL", 2)
+    monkeypatch.setattr(trainer_module, "_INIT_SCALE", 256.0)  # small enough that fp16 gradients stay finite
+    trainer = make_trainer(precision="fp16")
+    scale0 = trainer._d_scaler.scale.item()
+    gen = torch.Generator().manual_seed(0)
+    trainer.d_step(torch.randn(8, DIM, generator=gen))
+    trainer.d_step(torch.randn(8, DIM, generator=gen))
+    assert trainer._d_scaler.scale.item() == 2 * scale0  # two finite steps: the scale doubles
+    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    stats = trainer.d_step(torch.full((8, DIM), 1e30))  # overflows fp16: non-finite gradients
+    assert not torch.isfinite(stats["d_loss"])
+    assert trainer._d_scaler.scale.item() == scale0  # halved
+    for p, q in zip(before, trainer.discriminator.parameters()):
+        assert torch.equal(p, q)  # the step was skipped
+    stats = trainer.step(torch.randn(8, DIM, generator=gen))
+    assert torch.isfinite(stats["d_loss"]) and torch.isfinite(stats["g_loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_equals_uninterrupted_run(tmp_path, precision):
+    """N steps == N/2 steps + save + Trainer.load + N/2 steps: identical parameters, EMA, optimizer
+    state (R1 lazy and d_steps=2 so the counters matter; Dropout so the global RNG matters)."""
+    options = dict(ema_beta=0.9, r1_gamma=1.0, r1_every=3, d_steps=2, dropout=True, precision=precision)
+    x = data_tensor(28)
+    torch.manual_seed(100)
+    whole = make_trainer(**options)
+    whole.fit(x, steps=6, batch_size=4, progress=False)
+
+    torch.manual_seed(100)
+    first = make_trainer(**options)
+    first.fit(x, steps=3, batch_size=4, progress=False)
+    first.save(tmp_path / "ck.pt")
+    g, d = mlp_pair(7, dropout=True)  # fresh networks with other weights: everything comes from the file
+    torch.manual_seed(12345)  # and a disturbed global RNG
+    resumed = Trainer.load(tmp_path / "ck.pt", g, d)
+    assert resumed.step_count == 3 and resumed.d_step_count == 6 and resumed.ema_beta == 0.9
+    resumed.fit(x, steps=3, batch_size=4, progress=False)
+
+    for p, q in zip(params_of(whole), params_of(resumed)):
+        assert torch.equal(p, q)
+    z = torch.randn(4, NZ)
+    assert torch.equal(whole.sample(4, z=z), resumed.sample(4, z=z))
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a["step"] == b["step"] and a["d_step"] == b["d_step"]
+    assert torch.equal(a["rng"]["trainer"], b["rng"]["trainer"])
+    if precision == "fp16":
+        assert torch.equal(a["scaler"]["d"]["scale"], b["scaler"]["d"]["scale"])
+
+
+def test_checkpoint_is_complete_and_loads_weights_only(tmp_path):
+    trainer = make_trainer(ema_beta=0.5, precision="fp16")
+    trainer.fit(data_tensor(), steps=2, batch_size=8, progress=False)
+    trainer.save(tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    for key in ("generator", "discriminator", "ema", "g_optimizer", "d_optimizer", "scaler", "step", "rng",
+                "config", "data_cursor"):
+        assert state[key] is not None, key
+    for key in ("trainer", "sample", "data", "global"):
+        assert key in state["rng"]
+    for key in ("torch", "python", "numpy"):
+        assert key in state["rng"]["global"]
+    assert state["g_optimizer"]["state"] and state["d_optimizer"]["state"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    trainer = make_trainer()
+    trainer.step(torch.randn(8, DIM))
+    path = tmp_path / "c.pt"
+    trainer.save(path)
+    good = torch.load(path, weights_only=True)
+    trainer.step(torch.randn(8, DIM))
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(trainer_module._checkpoint.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path)
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=True)  # the previous checkpoint is intact
+    assert kept["step"] == good["step"] == 1
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_load_state_dict_checks_compatibility(tmp_path):
+    trainer = make_trainer(ema_beta=0.5)
+    trainer.step(torch.randn(8, DIM))
+    state = trainer.state_dict()
+    with pytest.raises(ValueError, match="loss"):
+        make_trainer(loss="hinge", ema_beta=0.5).load_state_dict(state)
+    with pytest.raises(ValueError, match="EMA"):
+        make_trainer().load_state_dict(state)
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_trainer().load_state_dict({"step": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prior="cauchy"), "prior"),
+    (dict(loss="softmax"), "loss"),
+    (dict(d_steps=0), "d_steps"),
+    (dict(d_steps=1.5), "d_steps"),
+    (dict(lr=0.0), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(g_lr=-1.0), "g_lr"),
+    (dict(d_lr=0), "d_lr"),
+    (dict(betas=(0.5,)), "betas"),
+    (dict(betas=(0.5, 1.0)), r"betas\[1\]"),
+    (dict(r1_gamma=-1.0), "r1_gamma"),
+    (dict(r1_every=0), "r1_every"),
+    (dict(gp_lambda=-0.1, loss="wasserstein"), "gp_lambda"),
+    (dict(gp_lambda=10.0), "gp_lambda.*wasserstein"),
+    (dict(ema_beta=1.0), "ema_beta"),
+    (dict(pack=0), "pack"),
+    (dict(precision="fp8"), "precision"),
+    (dict(cuda_graphs="always"), "cuda_graphs"),
+    (dict(cuda_graphs=True), "cuda_graphs=True needs a CUDA device"),
+    (dict(fuse="yes"), "fuse"),
+    (dict(joint_d_forward="auto"), "joint_d_forward"),
+    (dict(seed=1.5), "seed"),
+])
+def test_option_errors_name_the_option(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(**kwargs)
+
+
+def test_optimizer_errors():
+    g, d = mlp_pair()
+    with pytest.raises(ValueError, match="g_lr.*g_optimizer"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, g_lr=1e-3, g_optimizer=torch.optim.Adam(g.parameters()))
+    with pytest.raises(ValueError, match="g_optimizer holds a parameter.*swapped"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, g_optimizer=torch.optim.Adam(d.parameters()))
+    with pytest.raises(TypeError, match="d_optimizer"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, d_optimizer="adam")
+    with pytest.raises(ValueError, match="fp16.*needs fused optimizers.*d_optimizer"):
+        with pytest.warns(RuntimeWarning, match="no fused twin"):
+            Trainer(g, d, latent_dim=NZ, fuse=False, precision="fp16", d_optimizer=torch.optim.RMSprop(d.parameters()))
+
+
+def test_unfused_optimizer_runs_as_it_is_with_a_warning():
+    g, d = mlp_pair()
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    with pytest.warns(RuntimeWarning, match="RMSprop.*no fused twin"):
+        trainer = Trainer(g, d, latent_dim=NZ, fuse=False, d_optimizer=torch.optim.RMSprop(d.parameters(), lr=1e-3))
+    real, z = torch.randn(8, DIM), torch.randn(8, NZ)
+    trainer.d_step(real, z)
+    opt = torch.optim.RMSprop(d_ref.parameters(), lr=1e-3)
+    logits_r, logits_f = d_ref(real).view(-1), d_ref(g_ref(z).detach()).view(-1)
+    (torch.nn.functional.softplus(-logits_r).mean() + torch.nn.functional.softplus(logits_f).mean()).backward()
+    opt.step()
+    for p, q in zip(d.parameters(), d_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_network_errors():
+    g, d = mlp_pair()
+    with pytest.raises(ValueError, match="latent size unknown"):
+        Trainer(g, d, fuse=False)
+    with pytest.raises(ValueError, match="latent_dim"):
+        Trainer(g, d, latent_dim=(4, 0), fuse=False)
+    with pytest.raises(TypeError, match="discriminator"):
+        Trainer(g, lambda x: x, latent_dim=NZ, fuse=False)
+    with pytest.raises(ValueError, match="dtype.*generator.*discriminator|generator.*dtype"):
+        Trainer(copy.deepcopy(g).double(), d, latent_dim=NZ, fuse=False)
+    with pytest.raises(ValueError, match="device"):
+        Trainer(g, copy.deepcopy(d).to("meta"), latent_dim=NZ, fuse=False)
+    g.latent_dim = NZ
+    assert Trainer(g, d, fuse=False).latent_dim == (NZ,)  # read from the generator
+
+
+def test_step_errors_name_the_culprit():
+    trainer = make_trainer(pack=2)
+    with pytest.raises(ValueError, match="real has dtype torch.float64"):
+        trainer.step(torch.randn(8, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match="real is on meta"):
+        trainer.step(torch.randn(8, DIM, device="meta"))
+    with pytest.raises(ValueError, match="does not divide by pack=2"):
+        trainer.step(torch.randn(7, DIM))
+    with pytest.raises(ValueError, match="empty"):
+        trainer.step(torch.randn(0, DIM))
+    with pytest.raises(ValueError, match="z must have shape"):
+        trainer.step(torch.randn(8, DIM), torch.randn(8, NZ + 1))
+    with pytest.raises(ValueError, match="z has batch size 4 but real has 8"):
+        trainer.step(torch.randn(8, DIM), torch.randn(4, NZ))
+    with pytest.raises(TypeError, match="real"):
+        trainer.step([1.0, 2.0])
+    with pytest.raises(ValueError, match="generator's output has shape"):
+        trainer.step(torch.randn(8, DIM + 1))
+
+
+def test_discriminator_output_must_be_one_value_per_sample():
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, DIM))
+    class MeanLogit(nn.Module):  # one value for the whole batch
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(DIM, 1)
+
+        def forward(self, x):
+            return self.linear(x).mean()
+
+    for d in (nn.Sequential(nn.Linear(DIM, 2)), MeanLogit(), nn.Sequential(nn.Linear(DIM, 3), nn.Unflatten(1, (3, 1)))):
+        trainer = Trainer(g, d, latent_dim=NZ, fuse=False)
+        with pytest.raises(ValueError, match="discriminator's output must be one value per D input"):
+            trainer.step(torch.randn(8, DIM))
+
+
+def test_generator_output_must_match_data():
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 2 * DIM), nn.Unflatten(1, (2, DIM)))
+    d = nn.Sequential(nn.Flatten(), nn.Linear(2 * DIM, 1))
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False)
+    with pytest.raises(ValueError, match="generator's output has shape"):
+        trainer.step(torch.randn(8, 2 * DIM))
+
+
+@pytest.mark.parametrize("data, match", [
+    (torch.randn(0, DIM), "data is empty"),
+    (torch.utils.data.TensorDataset(torch.randn(0, DIM)), "data is empty"),
+    ([], "data is empty"),
+    (torch.randn(5, DIM), "fewer than batch_size=8"),
+    (torch.zeros(16, DIM, dtype=torch.int64), "dtype torch.int64"),
+])
+def test_fit_data_errors(data, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer().fit(data, steps=2, batch_size=8, progress=False)
+
+
+def test_fit_option_errors(tmp_path):
+    trainer = make_trainer(pack=3)
+    with pytest.raises(ValueError, match="checkpoint_every needs out_dir"):
+        trainer.fit(data_tensor(), steps=2, batch_size=6, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size=8 does not divide by pack=3"):
+        trainer.fit(data_tensor(), steps=2, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        trainer.fit(data_tensor(), steps=-1, progress=False)
+    with pytest.raises(ValueError, match="log_every"):
+        trainer.fit(data_tensor(), steps=1, log_every=0, progress=False)
+    with pytest.raises(TypeError, match="data must be"):
+        trainer.fit("images/", steps=1, progress=False)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        trainer.fit((b for b in data_tensor(12).split(6)), steps=3, batch_size=6, progress=False)
