@@ -70,29 +70,39 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _nan_if_nonfinite(result: torch.Tensor, *logits: torch.Tensor) -> torch.Tensor:
-    # A NaN or inf logit makes every result NaN (never hidden behind a finite mean); no host sync.
-    finite = torch.stack([torch.isfinite(x).all() for x in logits]).all()
-    return torch.where(finite, result, torch.full_like(result, float("nan")))
+def _poison_nonfinite(loss: torch.Tensor, *logits: torch.Tensor) -> torch.Tensor:
+    """``loss`` computed on the finite logits, made NaN (with a NaN gradient at exactly the non-finite
+    logits) when any logit is NaN or inf: never hidden behind a finite mean or a zero gradient.
+    No host synchronisation."""
+    for x in logits:
+        finite = torch.isfinite(x)
+        # 0 where finite, NaN elsewhere: adds 0 (and a 0 gradient) at finite logits, NaN at the others.
+        marker = torch.where(finite, torch.zeros_like(x), torch.full_like(x, float("nan")))
+        loss = loss + (marker * x).sum()
+    return loss
+
+
+def _finite_part(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
 def d_loss_reference(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "nonsaturating") -> DLoss:
     spec = _loss_kind(kind)
     acc = _acc_dtype(real_logits.dtype)
     r, f = real_logits.reshape(-1).to(acc), fake_logits.reshape(-1).to(acc)
-    loss = spec.d_real(r).mean() + spec.d_fake(f).mean()
+    rf, ff = _finite_part(r), _finite_part(f)
+    loss = _poison_nonfinite(spec.d_real(rf).mean() + spec.d_fake(ff).mean(), r, f)
     with torch.no_grad():
         value = -(F.softplus(-r).mean() + F.softplus(f).mean())
         stats = torch.stack([value, (value + LOG4) / 2, torch.sigmoid(r).mean(), torch.sigmoid(f).mean()])
-        stats = _nan_if_nonfinite(stats, r, f)
-    loss = _nan_if_nonfinite(loss, r, f)
+        stats = _poison_nonfinite(stats, r, f)
     return DLoss(loss, stats[0], stats[1], stats[2], stats[3])
 
 
 def g_loss_reference(fake_logits: torch.Tensor, kind: str = "nonsaturating") -> torch.Tensor:
     spec = _loss_kind(kind)
     f = fake_logits.reshape(-1).to(_acc_dtype(fake_logits.dtype))
-    return _nan_if_nonfinite(spec.g_fake(f).mean(), f)
+    return _poison_nonfinite(spec.g_fake(_finite_part(f)).mean(), f)
 
 
 # ---------------------------------------------------------------------------------------------
