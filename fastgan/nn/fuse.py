@@ -1,0 +1,146 @@
+"""``fastgan.fuse``: swap layer + activation runs of an existing model for fused layers.
+
+Recognised runs (a layer directly followed by its activation):
+
+* ``nn.Linear`` -> activation                      becomes ``FusedLinear``
+* ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` -> activation   becomes ``Conv*Act`` / ``ConvTranspose*Act``
+* ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` -> activation              becomes ``BatchNormAct1d`` / ``BatchNormAct2d``
+
+with activation one of ``nn.ReLU``, ``nn.LeakyReLU`` (slope >= 0), ``nn.Tanh``, ``nn.Sigmoid``
+(``inplace`` or not). The fused layer takes the layer's place and an ``nn.Identity`` the activation's,
+so every ``state_dict`` key stays as it was (activations hold no state) and checkpoints load both
+ways; the fused layer holds the SAME parameter and buffer tensors (optimizers built before fusing
+keep working).
+
+Where: inside ``nn.Sequential`` (consecutive children), and inside other modules whose ``forward``
+``torch.fx`` can trace: there a child layer is fused when its output goes only to an activation
+child, each called exactly once in ``forward``. (If other methods of such a module call that
+activation child directly, they will find an ``nn.Identity``: pass such modules to fuse() in parts.)
+Only exact types are fused: subclasses, layers with hooks (e.g. the old ``spectral_norm``),
+parametrized layers and anything else are left as they are.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import Counter
+
+from torch import fx, nn
+
+from fastgan.nn.layers import CONV_ACT_OF, FusedLinear
+
+__all__ = ["fuse"]
+
+
+def fuse(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace layer -> activation runs in ``module`` with fused layers; returns the fused module.
+
+    ``inplace=True`` changes ``module`` itself (what ``fastgan.Trainer`` does). ``inplace=False``
+    leaves ``module``'s structure untouched and returns a new module tree that shares its parameter
+    and buffer tensors (so both see the same training). Outputs, gradients and running statistics
+    are those of the original module up to floating-point rounding, in train and eval mode.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if not inplace:
+        shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+        module = copy.deepcopy(module, shared)
+    _fuse_tree(module, _batch_norm_act_classes())
+    return module
+
+
+def _batch_norm_act_classes() -> dict[type, type]:
+    try:
+        from fastgan.nn.batch_norm_act import BatchNormAct1d, BatchNormAct2d
+    except ImportError:  # BatchNorm fusion not available in this build: those runs stay unfused
+        return {}
+    return {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d}
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _activation(m: nn.Module) -> tuple[str, float | None] | None:
+    """(act, alpha) of a recognised activation module, else None."""
+    if _has_hooks(m):
+        return None
+    kind = type(m)
+    if kind is nn.ReLU:
+        return "relu", None
+    if kind is nn.LeakyReLU and m.negative_slope >= 0:
+        return "lrelu", float(m.negative_slope)
+    if kind is nn.Tanh:
+        return "tanh", None
+    if kind is nn.Sigmoid:
+        return "sigmoid", None
+    return None
+
+
+def _fused_layer(m: nn.Module, act: str, alpha: float | None, bn_classes: dict[type, type]) -> nn.Module | None:
+    """The fused twin of layer ``m`` followed by ``act``, sharing m's tensors; None if m is not fusable."""
+    if _has_hooks(m):
+        return None
+    kind = type(m)
+    if kind is nn.Linear:
+        return FusedLinear.from_linear(m, act, alpha)
+    if kind in CONV_ACT_OF:
+        if getattr(m, "padding_mode", "zeros") != "zeros" and kind not in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            return None
+        return CONV_ACT_OF[kind].from_conv(m, act, alpha)
+    if kind in bn_classes:
+        return bn_classes[kind].from_batchnorm(m, act, alpha)
+    return None
+
+
+def _fuse_tree(m: nn.Module, bn_classes: dict[type, type]) -> None:
+    if type(m) is nn.Sequential:
+        _fuse_sequential(m, bn_classes)
+    elif next(m.children(), None) is not None:
+        _fuse_traced(m, bn_classes)
+    for child in m.children():
+        _fuse_tree(child, bn_classes)
+
+
+def _fuse_sequential(seq: nn.Sequential, bn_classes: dict[type, type]) -> None:
+    i = 0
+    while i < len(seq) - 1:
+        act = _activation(seq[i + 1])
+        fused = _fused_layer(seq[i], *act, bn_classes) if act is not None else None
+        if fused is not None:
+            seq[i], seq[i + 1] = fused, nn.Identity()
+            i += 2
+        else:
+            i += 1
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces one module's forward with every child as an opaque call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
+    try:
+        graph = _ShallowTracer().trace(m)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: not traceable, leave this level
+        return
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    for node in list(graph.nodes):
+        if node.op != "call_module" or "." in node.target or calls[node.target] != 1:
+            continue
+        if len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        if (user.op != "call_module" or "." in user.target or calls[user.target] != 1
+                or user.args != (node,) or user.kwargs):
+            continue
+        act = _activation(getattr(m, user.target))
+        fused = _fused_layer(getattr(m, node.target), *act, bn_classes) if act is not None else None
+        if fused is not None:
+            setattr(m, node.target, fused)
+            setattr(m, user.target, nn.Identity())

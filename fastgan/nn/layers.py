@@ -1,0 +1,158 @@
+"""Layers on the fused ops, with the parameter names of the torch modules they stand for, so
+state_dicts load both ways: ``FusedLinear`` (``nn.Linear`` + activation, one ``linear_act``),
+``BiasAct`` (``bias_act`` as a module) and ``Conv{1,2,3}dAct`` / ``ConvTranspose{1,2,3}dAct`` (the
+convolution without its bias, then bias + activation in one ``bias_act`` pass).
+
+Each subclasses the torch module it replaces (``isinstance(m, nn.Conv2d)`` stays true, weight
+initialisers keep working) and has ``from_<module>(module, act, alpha)``, which builds the fused
+layer around the SAME parameter tensors (what ``fastgan.fuse`` uses).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastgan.ops.activations import resolve_act
+from fastgan.ops.bias_act import bias_act
+from fastgan.ops.linear_act import linear_act
+
+__all__ = ["FusedLinear", "BiasAct", "Conv1dAct", "Conv2dAct", "Conv3dAct",
+           "ConvTranspose1dAct", "ConvTranspose2dAct", "ConvTranspose3dAct"]
+
+
+def _adopt(cls, module: nn.Module) -> nn.Module:
+    """An instance of ``cls`` holding ``module``'s state: the same parameter and buffer tensors,
+    its own copies of the registries (so later registrations on one do not show on the other)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    return new
+
+
+class _ActMixin:
+    """The activation settings shared by the fused layers."""
+
+    act: str
+    alpha: float
+    impl: str
+
+    def _set_act(self, act: str, alpha: float | None, impl: str = "auto") -> None:
+        spec, alpha = resolve_act(act, alpha)
+        self.act, self.alpha, self.impl = spec.name, alpha, impl
+
+    def _act_repr(self) -> str:
+        return f"act={self.act!r}" + (f", alpha={self.alpha}" if self.act == "lrelu" else "")
+
+
+class FusedLinear(_ActMixin, nn.Linear):
+    """``act(nn.Linear(x))`` in one fused op (``fastgan.ops.linear_act``).
+
+    Same constructor arguments, parameters (``weight``, ``bias``) and initialisation as
+    ``nn.Linear``, plus ``act`` / ``alpha`` (see ``fastgan.ops.activations``) and ``impl``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: str = "linear",
+                 alpha: float | None = None, device=None, dtype=None, impl: str = "auto") -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._set_act(act, alpha, impl)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act: str = "linear", alpha: float | None = None,
+                    impl: str = "auto") -> "FusedLinear":
+        """A FusedLinear around ``linear``'s own weight and bias tensors."""
+        fused = _adopt(cls, linear)
+        fused._set_act(act, alpha, impl)
+        return fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear_act(x, self.weight, self.bias, self.act, self.alpha, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._act_repr()}"
+
+
+class BiasAct(_ActMixin, nn.Module):
+    """``clamp(act(x + bias) * gain)`` with a learnable bias of ``num_features`` along ``dim``
+    (``fastgan.ops.bias_act``). ``bias=False``: activation (and gain / clamp) only."""
+
+    def __init__(self, num_features: int, bias: bool = True, dim: int = 1, act: str = "linear",
+                 alpha: float | None = None, gain: float = 1.0, clamp: float | None = None,
+                 device=None, dtype=None, impl: str = "auto") -> None:
+        super().__init__()
+        self.num_features, self.dim, self.gain, self.clamp = num_features, dim, gain, clamp
+        self._set_act(act, alpha, impl)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bias_act(x, self.bias, self.dim, self.act, self.alpha, self.gain, self.clamp, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        extra = f", gain={self.gain}" if self.gain != 1 else ""
+        extra += f", clamp={self.clamp}" if self.clamp is not None else ""
+        return f"{self.num_features}, bias={self.bias is not None}, dim={self.dim}, {self._act_repr()}{extra}"
+
+
+class _ConvActMixin(_ActMixin):
+    """A convolution module whose forward runs the convolution without bias, then bias + activation
+    in one ``bias_act`` pass (NCHW or channels_last, as the convolution returns it)."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, act: str = "linear", alpha: float | None = None, impl: str = "auto"):
+        """The fused layer around ``conv``'s own weight and bias tensors."""
+        if type(conv) is not cls._base:
+            raise TypeError(f"{cls.__name__}.from_conv needs an nn.{cls._base.__name__}, got {type(conv).__name__}")
+        fused = _adopt(cls, conv)
+        fused._set_act(act, alpha, impl)
+        return fused
+
+    def _bias_act(self, y: Tensor) -> Tensor:
+        return bias_act(y, self.bias, 1, self.act, self.alpha, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._act_repr()}"
+
+
+def _conv_act_class(base: type, doc: str) -> type:
+    def __init__(self, *args, act: str = "linear", alpha: float | None = None, impl: str = "auto", **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._set_act(act, alpha, impl)
+
+    if issubclass(base, nn.modules.conv._ConvTransposeNd):
+        fn = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+              nn.ConvTranspose3d: F.conv_transpose3d}[base]
+
+        def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+            # nn.ConvTranspose*d.forward, with the bias left to bias_act
+            if self.padding_mode != "zeros":
+                raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
+            spatial = len(self.kernel_size)
+            output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                                  spatial, self.dilation)
+            y = fn(input, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation)
+            return self._bias_act(y)
+    else:
+        def forward(self, input: Tensor) -> Tensor:
+            return self._bias_act(self._conv_forward(input, self.weight, None))
+
+    name = base.__name__ + "Act"
+    return type(name, (_ConvActMixin, base), {"__init__": __init__, "forward": forward, "__doc__": doc, "_base": base,
+                                              "__module__": __name__, "__qualname__": name})
+
+
+_CONV_DOC = ("``act(nn.{base}(x))``: the convolution without bias, then bias + activation in one fused "
+             "pass. Same constructor arguments, parameters and initialisation as ``nn.{base}``, plus "
+             "keyword-only ``act`` / ``alpha`` / ``impl``.")
+Conv1dAct = _conv_act_class(nn.Conv1d, _CONV_DOC.format(base="Conv1d"))
+Conv2dAct = _conv_act_class(nn.Conv2d, _CONV_DOC.format(base="Conv2d"))
+Conv3dAct = _conv_act_class(nn.Conv3d, _CONV_DOC.format(base="Conv3d"))
+ConvTranspose1dAct = _conv_act_class(nn.ConvTranspose1d, _CONV_DOC.format(base="ConvTranspose1d"))
+ConvTranspose2dAct = _conv_act_class(nn.ConvTranspose2d, _CONV_DOC.format(base="ConvTranspose2d"))
+ConvTranspose3dAct = _conv_act_class(nn.ConvTranspose3d, _CONV_DOC.format(base="ConvTranspose3d"))
+
+# torch conv type -> its fused twin (fastgan.fuse uses this)
+CONV_ACT_OF: dict[type, type] = {nn.Conv1d: Conv1dAct, nn.Conv2d: Conv2dAct, nn.Conv3d: Conv3dAct,
+                                 nn.ConvTranspose1d: ConvTranspose1dAct, nn.ConvTranspose2d: ConvTranspose2dAct,
+                                 nn.ConvTranspose3d: ConvTranspose3dAct}

@@ -1,0 +1,352 @@
+"""fastgan.nn fused layers and fastgan.fuse: the PyTorch DCGAN example's Generator and
+Discriminator (as written there) and an MLP GAN keep their state_dict keys and parameter tensors,
+give the same outputs, gradients and running statistics in train and eval mode, and compile;
+what fuse() does not recognise is left alone."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastgan
+from fastgan.nn import (BiasAct, Conv1dAct, Conv2dAct, Conv3dAct, ConvTranspose1dAct, ConvTranspose2dAct,
+                        ConvTranspose3dAct, FusedLinear)
+
+nz, ngf, ndf, nc = 8, 4, 4, 3
+
+
+# --- the PyTorch DCGAN example (examples/dcgan/main.py), small sizes -----------------------------
+
+class Generator(nn.Module):
+    def __init__(self, ngpu):
+        super(Generator, self).__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(
+            # input is Z, going into a convolution
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
+            # state size. (ngf*8) x 4 x 4
+            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
+            # state size. (ngf*4) x 8 x 8
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
+            # state size. (ngf*2) x 16 x 16
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
+            # state size. (ngf) x 32 x 32
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
+            nn.Tanh()
+            # state size. (nc) x 64 x 64
+        )
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+        return output
+
+
+class Discriminator(nn.Module):
+    def __init__(self, ngpu):
+        super(Discriminator, self).__init__()
+        self.ngpu = ngpu
+        self.main = nn.Sequential(
+            # input is (nc) x 64 x 64
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf) x 32 x 32
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*2) x 16 x 16
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 4),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*4) x 8 x 8
+            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ndf * 8),
+            nn.LeakyReLU(0.2, inplace=True),
+            # state size. (ndf*8) x 4 x 4
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False),
+            nn.Sigmoid()
+        )
+
+    def forward(self, input):
+        if input.is_cuda and self.ngpu > 1:
+            output = nn.parallel.data_parallel(self.main, input, range(self.ngpu))
+        else:
+            output = self.main(input)
+
+        return output.view(-1, 1).squeeze(1)
+
+
+def weights_init(m):  # the example's initialiser: still finds the fused layers by class name
+    classname = m.__class__.__name__
+    if classname.find('Conv') != -1:
+        nn.init.normal_(m.weight.data, 0.0, 0.02)
+    elif classname.find('BatchNorm') != -1:
+        nn.init.normal_(m.weight.data, 1.0, 0.02)
+        nn.init.constant_(m.bias.data, 0)
+
+
+# --- an MLP GAN: a Sequential G and a D with its own forward (fused through torch.fx) ------------
+
+def mlp_generator():
+    return nn.Sequential(nn.Linear(nz, 32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32), nn.LeakyReLU(0.2),
+                         nn.Linear(32, 2), nn.Tanh())
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(2, 32), nn.LeakyReLU(0.2, inplace=True)
+        self.fc2, self.act2 = nn.Linear(32, 32), nn.LeakyReLU(0.2, inplace=True)
+        self.out = nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.out(self.act2(self.fc2(self.act1(self.fc1(x))))).squeeze(1)
+
+
+def tensors_of(module):
+    return module.state_dict(keep_vars=True)
+
+
+def assert_shares_state(fused, original):
+    a, b = tensors_of(fused), tensors_of(original)
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k] is b[k], k
+
+
+def assert_same_behaviour(make, x_shape):
+    """fuse(model) against an independent copy of the model: outputs, input and parameter gradients,
+    running statistics, in train mode (twice) and eval mode."""
+    torch.manual_seed(0)
+    model = make()
+    model.apply(weights_init)
+    reference = copy.deepcopy(model)
+    fused = fastgan.fuse(model)  # shares model's tensors
+    assert_shares_state(fused, model)
+    for mode in ("train", "train", "eval"):
+        for m in (fused, reference):
+            m.train(mode == "train")
+        x = torch.randn(x_shape)
+        xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yf, yr = fused(xf), reference(xr)
+        torch.testing.assert_close(yf, yr, rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(yr)
+        (yf * w).sum().backward()
+        (yr * w).sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-6)
+        pf, pr = dict(fused.named_parameters()), dict(reference.named_parameters())
+        for k in pr:
+            torch.testing.assert_close(pf[k].grad, pr[k].grad, rtol=1e-4, atol=1e-5, msg=k)
+        for (k, bf), (_, br) in zip(fused.named_buffers(), reference.named_buffers()):
+            torch.testing.assert_close(bf, br, rtol=1e-5, atol=1e-6, msg=k)
+        for m in (fused, reference):
+            m.zero_grad()
+    return model, fused
+
+
+def kinds(module):
+    return [type(m).__name__ for m in module.modules()]
+
+
+def test_dcgan_generator():
+    model, fused = assert_same_behaviour(lambda: Generator(0), (3, nz, 1, 1))
+    assert kinds(model).count("ConvTranspose2d") == 5 and "Tanh" in kinds(model)  # the original is untouched
+    k = kinds(fused)
+    assert k.count("BatchNormAct2d") == 4 and k.count("ReLU") == 0
+    assert k.count("ConvTranspose2dAct") == 1 and fused.main[12].act == "tanh" and k.count("Tanh") == 0
+    assert fused.main[0].__class__ is nn.ConvTranspose2d  # conv -> BatchNorm: the conv stays
+
+
+def test_dcgan_discriminator():
+    _, fused = assert_same_behaviour(lambda: Discriminator(0), (2, nc, 64, 64))
+    k = kinds(fused)
+    assert k.count("Conv2dAct") == 2 and k.count("BatchNormAct2d") == 3 and k.count("LeakyReLU") == 0
+    assert fused.main[0].act == "lrelu" and fused.main[0].alpha == 0.2 and fused.main[11].act == "sigmoid"
+
+
+def test_mlp_gan():
+    _, g = assert_same_behaviour(mlp_generator, (5, nz))
+    assert [type(m).__name__ for m in g] == ["FusedLinear", "Identity", "Linear", "BatchNormAct1d", "Identity",
+                                             "FusedLinear", "Identity"]
+    _, d = assert_same_behaviour(MLPDiscriminator, (5, 2))
+    assert isinstance(d.fc1, FusedLinear) and isinstance(d.fc2, FusedLinear) and type(d.out) is nn.Linear
+    assert type(d.act1) is nn.Identity and type(d.act2) is nn.Identity
+
+
+def test_inplace_and_checkpoints_both_ways():
+    g = Generator(0)
+    keys, tensors = list(g.state_dict()), tensors_of(g)
+    assert fastgan.fuse(g, inplace=True) is g
+    assert list(g.state_dict()) == keys and all(tensors_of(g)[k] is tensors[k] for k in keys)
+    plain = Generator(0)
+    plain.load_state_dict(g.state_dict())    # fused checkpoint -> plain model
+    g.load_state_dict(Generator(0).state_dict())  # plain checkpoint -> fused model
+    assert all(tensors_of(g)[k] is tensors[k] for k in keys)  # loaded into the same tensors
+
+
+def test_optimizer_built_before_fuse_trains_the_fused_model():
+    d = MLPDiscriminator()
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    before = d.fc1.weight.detach().clone()
+    fastgan.fuse(d, inplace=True)
+    d(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    assert not torch.equal(d.fc1.weight, before)
+
+
+def test_leaves_unrecognised_modules_alone():
+    class Residual(nn.Module):  # the linear output is used twice: fusing would change the result
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.act(h) + h
+
+    class Functional(nn.Module):  # functional activation: not a module to replace
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+    class Untraceable(nn.Module):  # data-dependent control flow: fx cannot trace; the Sequential inside is fused
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+            self.seq = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
+
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            return self.seq(self.act(self.fc(x)))
+
+    class MyLinear(nn.Linear):
+        pass
+
+    hooked = nn.utils.spectral_norm(nn.Linear(4, 4))  # old-style spectral norm: a pre-forward hook
+    model = nn.Sequential(hooked, nn.ReLU(), MyLinear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.LeakyReLU(-0.5),
+                          nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.Softplus(), Residual(), Functional(),
+                          Untraceable(), nn.LayerNorm(4), nn.ReLU(), nn.Dropout(0.0), nn.Linear(4, 4))
+    fused = fastgan.fuse(model)
+    assert [type(m) for m in fused] == [type(m) for m in model]  # nothing at the top level is fused
+    assert fused[0] is not hooked and type(fused[0]) is nn.Linear
+    assert type(fused[10].fc) is nn.Linear and type(fused[10].act) is nn.ReLU
+    assert type(fused[11].fc) is nn.Linear
+    assert type(fused[12].fc) is nn.Linear and type(fused[12].act) is nn.Tanh  # untraceable level left alone
+    assert type(fused[12].seq[0]) is FusedLinear and type(fused[12].seq[1]) is nn.Identity  # ... its Sequential not
+    assert kinds(fused).count("FusedLinear") == 1
+    x = torch.randn(3, 4)
+    model.eval()
+    fused.eval()
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_torch_compile_fullgraph_of_fused_models():
+    torch.manual_seed(0)
+    d = fastgan.fuse(MLPDiscriminator())
+    g = fastgan.fuse(nn.Sequential(nn.Linear(nz, 16), nn.LeakyReLU(0.2), nn.Linear(16, 2), nn.Tanh()))
+    step = torch.compile(lambda z: d(g(z)), fullgraph=True)
+    z = torch.randn(6, nz)
+    out = step(z)
+    torch.testing.assert_close(out, d(g(z)))
+    out.sum().backward()
+    grads = [p.grad.clone() for p in [*g.parameters(), *d.parameters()]]
+    for p in [*g.parameters(), *d.parameters()]:
+        p.grad = None
+    d(g(z)).sum().backward()
+    for got, p in zip(grads, [*g.parameters(), *d.parameters()]):
+        torch.testing.assert_close(got, p.grad)
+
+
+def test_torch_compile_fused_dcgan_discriminator():
+    torch.manual_seed(0)
+    d = fastgan.fuse(Discriminator(0))
+    x = torch.randn(2, nc, 64, 64)
+    d.eval()  # eval: no running-stat update, so eager and compiled calls see the same state
+    compiled = torch.compile(d, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), d(x))
+
+
+# --- the fused layers on their own ---------------------------------------------------------------
+
+ACTS = [("relu", None, nn.ReLU()), ("lrelu", 0.1, nn.LeakyReLU(0.1)), ("tanh", None, nn.Tanh()),
+        ("sigmoid", None, nn.Sigmoid())]
+
+
+@pytest.mark.parametrize("act,alpha,torch_act", ACTS)
+def test_fused_linear_matches_linear_and_act(act, alpha, torch_act):
+    torch.manual_seed(0)
+    fl = FusedLinear(7, 5, act=act, alpha=alpha)
+    lin = nn.Linear(7, 5)
+    lin.load_state_dict(fl.state_dict())
+    x = torch.randn(2, 3, 7)
+    torch.testing.assert_close(fl(x), torch_act(lin(x)))
+    assert [n for n, _ in fl.named_parameters()] == ["weight", "bias"]
+    assert FusedLinear(3, 2, bias=False).bias is None
+
+
+@pytest.mark.parametrize("fused_cls,base,shape", [
+    (Conv1dAct, nn.Conv1d, (2, 3, 9)), (Conv2dAct, nn.Conv2d, (2, 3, 7, 6)), (Conv3dAct, nn.Conv3d, (1, 3, 5, 4, 4)),
+    (ConvTranspose1dAct, nn.ConvTranspose1d, (2, 3, 9)), (ConvTranspose2dAct, nn.ConvTranspose2d, (2, 3, 5, 6)),
+    (ConvTranspose3dAct, nn.ConvTranspose3d, (1, 3, 3, 4, 4)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_act_modules(fused_cls, base, shape, bias):
+    torch.manual_seed(0)
+    conv = base(3, 5, 3, stride=2, padding=1, bias=bias)
+    fused = fused_cls.from_conv(conv, "lrelu", 0.2)
+    assert isinstance(fused, base) and fused.weight is conv.weight and fused.bias is conv.bias
+    x = torch.randn(shape, requires_grad=True)
+    y = fused(x)
+    y_ref = F.leaky_relu(conv(x), 0.2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *conv.parameters()], g)
+    want = torch.autograd.grad(y_ref, [x, *conv.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    fresh = fused_cls(3, 5, 3, stride=2, padding=1, bias=bias, act="tanh")
+    fresh.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(fresh(x), torch.tanh(conv(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="from_conv"):
+        fused_cls.from_conv(nn.Linear(3, 3))
+
+
+def test_conv2d_act_channels_last():
+    conv = Conv2dAct(4, 6, 3, padding=1, act="relu").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    y = conv(x)
+    ref = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_act_module():
+    m = BiasAct(5, act="lrelu", gain=2.0, clamp=1.5)
+    with torch.no_grad():
+        m.bias.normal_()
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(m(x), (F.leaky_relu(x + m.bias.view(1, -1, 1, 1), 0.2) * 2).clamp(-1.5, 1.5))
+    assert list(m.state_dict()) == ["bias"] and BiasAct(5, bias=False).bias is None
+    with pytest.raises(ValueError, match="act"):
+        BiasAct(5, act="elu")
+
+
+def test_fuse_argument_errors():
+    with pytest.raises(TypeError, match="module"):
+        fastgan.fuse("model")
+    with pytest.raises(TypeError, match="inplace"):
+        fastgan.fuse(nn.Linear(2, 2), inplace="yes")
