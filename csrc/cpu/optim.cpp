@@ -1,0 +1,451 @@
+// The batched optimizer update on CPU: Adam/AdamW and SGD over one flat buffer per parameter group,
+// with the inverse-loss-scale unscale, the non-finite skip and the EMA shadow update in the same
+// loop. The optimizer logic (param groups, flat buffers, state_dict) lives in fastgan/optim/fused.py;
+// these functions only walk raw buffers. The CUDA twins are in csrc/cuda/optim.cu (C ABI, no torch)
+// and csrc/cuda/optim_cuda.cpp (torch glue); the Python wrappers call the same names for both.
+//
+// Math: exactly torch.optim.Adam / SGD's single-tensor path, op by op, in float (the opmath type of
+// fp32 and bf16), with the bias corrections in double as torch computes them from Python floats.
+//
+// Non-finite skip on CPU. A single pass cannot both write the update and know that no later
+// gradient is non-finite, and undoing Adam exactly is impossible. So the check is its own pass,
+// read-only and vectorised (sum of g - g: 0 for finite g, NaN otherwise), run before the update.
+// The alternative -- check a cache-sized chunk, then update it -- still needs *every* chunk checked
+// before the first write, so it does not save the read; what it could save is a second trip to
+// DRAM, which the separate pass pays only for buffers larger than the caches. For those the check
+// costs one extra read stream (4 B per fp32 element against the update's 28 B: ~14 %, measured in
+// benchmarks/bench_optim.py); for cache-resident buffers (the 0.5 M case) it is nearly free.
+//
+// Threads: the loops run on an OpenMP team sized by at::get_num_threads(). torch's wheel ships its
+// own libgomp and this module links that same runtime (see ldd), so our team is torch's team and
+// the two do not fight over cores. Each thread takes one contiguous, 64-byte aligned slice; the
+// inner loops are `omp simd` over restrict pointers with all branches hoisted into template
+// parameters, so the compiler emits straight AVX2/AVX-512 code (sqrt and div included).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+// torch.optim runs each line of the update as its own op, rounding every intermediate to float; keep
+// the compiler from fusing a * b + c into one FMA here so that the results match it bit for bit
+// more often (this costs nothing measurable: the loop is bound by memory, not by arithmetic).
+#pragma GCC optimize("fp-contract=off")
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastgan {
+
+#ifdef FASTGAN_WITH_CUDA
+// csrc/cuda/optim_cuda.cpp: same signatures, CUDA tensors, current stream, no host synchronisation.
+namespace cuda {
+void optim_nonfinite_check(const at::Tensor& grad, const c10::optional<at::Tensor>& inv_scale,
+                           const at::Tensor& found_inf);
+void optim_adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& steps, const at::Tensor& found_inf,
+                     const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& lr_tensor,
+                     double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                     const c10::optional<at::Tensor>& ema_shadow, double ema_beta, bool check_nonfinite);
+void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad,
+                    const c10::optional<at::Tensor>& momentum_buffer, const at::Tensor& steps,
+                    const at::Tensor& found_inf, const c10::optional<at::Tensor>& inv_scale,
+                    const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                    bool nesterov, double weight_decay, const c10::optional<at::Tensor>& ema_shadow,
+                    double ema_beta, bool check_nonfinite);
+}  // namespace cuda
+#endif
+
+namespace {
+
+// ---- element access: fp32 as is, bf16 by bit manipulation (vectorises; round to nearest even) ----
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const c10::BFloat16* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline void store_f(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_f(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  // NaN stays a (quiet) NaN instead of rounding into the exponent field (as c10::BFloat16 does).
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+}
+
+// Elements below which one thread does the whole buffer (a team wake-up costs a few microseconds).
+constexpr int64_t kSerialBelow = 1 << 15;
+
+// Run body(lo, hi) over [0, n) split into one contiguous slice per thread, slices aligned to 16
+// elements (64 bytes of fp32) so each thread's vector loop starts on a cache line.
+// body(lo, hi, slot) gets slot in [0, at::get_num_threads()) for per-thread results.
+template <typename Body>
+void parallel_slices(int64_t n, const Body& body) {
+  const int max_threads = std::max(1, at::get_num_threads());
+  const int64_t want = n < kSerialBelow ? 1 : std::min<int64_t>(max_threads, (n + kSerialBelow - 1) / kSerialBelow);
+  if (want <= 1 || omp_in_parallel()) {
+    body(int64_t(0), n, 0);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(want))
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t per = (n + nt - 1) / nt;
+    per = (per + 15) / 16 * 16;
+    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
+    if (lo < hi) body(lo, hi, t);
+  }
+}
+
+// ---- non-finite check ------------------------------------------------------------------------
+// g - g is 0 for every finite g and NaN for inf/NaN; the sum is NaN iff any element is non-finite.
+// With an inverse scale the unscaled value is tested (g * inv can only overflow for inv > 1).
+template <typename grad_t, bool kScale>
+float nonfinite_sum(const grad_t* __restrict g, int64_t lo, int64_t hi, float inv) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = lo; i < hi; ++i) {
+    float v = load_f(g, i);
+    if (kScale) v *= inv;
+    acc += v - v;
+  }
+  return acc;
+}
+
+template <typename grad_t>
+bool any_nonfinite(const grad_t* g, int64_t n, bool scale, float inv) {
+  // Each thread reports into its own cache line; NaN never compares equal to itself.
+  const int max_threads = std::max(1, at::get_num_threads());
+  std::vector<float> part(static_cast<size_t>(max_threads) * 16, 0.f);
+  parallel_slices(n, [&](int64_t lo, int64_t hi, int t) {
+    part[static_cast<size_t>(t) * 16] += scale ? nonfinite_sum<grad_t, true>(g, lo, hi, inv)
+                                               : nonfinite_sum<grad_t, false>(g, lo, hi, inv);
+  });
+  for (int t = 0; t < max_threads; ++t)
+    if (part[static_cast<size_t>(t) * 16] != 0.f || std::isnan(part[static_cast<size_t>(t) * 16])) return true;
+  return false;
+}
+
+// ---- argument checks (Python validates user input; these guard the raw pointers) --------------
+void check_buffer(const at::Tensor& t, const char* name, int64_t n, bool fp32_only) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.numel() == n, name, " must have ", n, " elements, got ", t.numel());
+  if (fp32_only) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+                " must be float32 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_scalar_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1 && t.is_contiguous(), name,
+              " must be a one-element float32 CPU tensor");
+}
+
+float read_inv_scale(const c10::optional<at::Tensor>& inv_scale) {
+  if (!inv_scale.has_value()) return 1.f;
+  check_scalar_tensor(*inv_scale, "inv_scale");
+  return *inv_scale->data_ptr<float>();
+}
+
+double read_lr(const c10::optional<at::Tensor>& lr_tensor, double lr) {
+  if (!lr_tensor.has_value()) return lr;
+  TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1, "lr tensor must be a one-element CPU tensor");
+  return lr_tensor->item<double>();
+}
+
+// Shared prologue of a step: the found_inf protocol. Returns true when the step must be skipped.
+// check_nonfinite: this call owns the check (one buffer per step) -> found_inf := any non-finite.
+// Otherwise the caller ran optim_nonfinite_check over every buffer first and we only read found_inf.
+template <typename grad_t>
+bool skip_step(const grad_t* g, int64_t n, const c10::optional<at::Tensor>& inv_scale, float inv,
+               const at::Tensor& found_inf, bool check_nonfinite) {
+  float* flag = found_inf.data_ptr<float>();
+  if (check_nonfinite) *flag = any_nonfinite(g, n, inv_scale.has_value(), inv) ? 1.f : 0.f;
+  return *flag != 0.f;
+}
+
+void increment_steps(const at::Tensor& steps) {
+  float* s = steps.data_ptr<float>();
+  for (int64_t i = 0; i < steps.numel(); ++i) s[i] += 1.f;
+}
+
+// ---- Adam / AdamW ----------------------------------------------------------------------------
+struct AdamScalars {
+  float inv, lr_wd_keep, wd, w1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, ema_w;
+  bool w1_small, ema_small_w;
+};
+
+// torch's lerp: self + w * (end - self) for |w| < 0.5, else end - (end - self) * (1 - w); its
+// vectorised kernel computes both forms with one FMA, and so do we.
+inline float lerp_f(float self, float end, float w, bool small_w) {
+  return small_w ? std::fma(w, end - self, self) : std::fma(w - 1.f, end - self, end);
+}
+
+template <typename param_t, bool kScale, bool kDecoupled, bool kEma>
+void adam_slice(param_t* __restrict p, const param_t* __restrict g, float* __restrict m, float* __restrict v,
+                float* __restrict shadow, int64_t lo, int64_t hi, const AdamScalars s) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    float gi = load_f(g, i);
+    if (kScale) gi *= s.inv;
+    float pi = load_f(p, i);
+    if (kDecoupled) pi = pi * s.lr_wd_keep;   // param.mul_(1 - lr * wd)
+    else gi = gi + s.wd * pi;                  // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
+    const float mi = lerp_f(m[i], gi, s.w1, s.w1_small);  // exp_avg.lerp_(grad, 1 - beta1)
+    const float vi = v[i] * s.beta2 + s.one_minus_beta2 * gi * gi;  // mul_(beta2).addcmul_(g, g, 1 - beta2)
+    const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;        // (v.sqrt() / bc2_sqrt).add_(eps)
+    pi = pi + s.neg_step_size * mi / denom;                         // addcdiv_(m, denom, -step_size)
+    m[i] = mi;
+    v[i] = vi;
+    store_f(p, i, pi);
+    if (kEma) shadow[i] = lerp_f(shadow[i], load_f(p, i), s.ema_w, s.ema_small_w);
+  }
+}
+
+template <typename param_t, bool kScale, bool kDecoupled>
+void adam_dispatch_ema(param_t* p, const param_t* g, float* m, float* v, float* shadow, int64_t n,
+                       const AdamScalars& s) {
+  parallel_slices(n, [&](int64_t lo, int64_t hi, int) {
+    if (shadow) adam_slice<param_t, kScale, kDecoupled, true>(p, g, m, v, shadow, lo, hi, s);
+    else adam_slice<param_t, kScale, kDecoupled, false>(p, g, m, v, shadow, lo, hi, s);
+  });
+}
+
+template <typename param_t>
+void adam_run(param_t* p, const param_t* g, float* m, float* v, float* shadow, int64_t n, bool scale,
+              bool decoupled, const AdamScalars& s) {
+  if (scale) {
+    if (decoupled) adam_dispatch_ema<param_t, true, true>(p, g, m, v, shadow, n, s);
+    else adam_dispatch_ema<param_t, true, false>(p, g, m, v, shadow, n, s);
+  } else {
+    if (decoupled) adam_dispatch_ema<param_t, false, true>(p, g, m, v, shadow, n, s);
+    else adam_dispatch_ema<param_t, false, false>(p, g, m, v, shadow, n, s);
+  }
+}
+
+void check_common(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& steps,
+                  const at::Tensor& found_inf, const c10::optional<at::Tensor>& ema_shadow) {
+  const int64_t n = param.numel();
+  check_buffer(param, "param", n, false);
+  check_buffer(grad, "grad", n, false);
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "grad dtype ", grad.scalar_type(),
+              " must match param dtype ", param.scalar_type());
+  TORCH_CHECK(steps.device().is_cpu() && steps.scalar_type() == at::kFloat && steps.is_contiguous() &&
+                  steps.numel() >= 1,
+              "steps must be a contiguous float32 CPU tensor with at least one element");
+  check_scalar_tensor(found_inf, "found_inf");
+  if (ema_shadow.has_value()) check_buffer(*ema_shadow, "ema_shadow", n, true);
+}
+
+void optim_adam_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& steps, const at::Tensor& found_inf,
+                     const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& lr_tensor,
+                     double lr, double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                     const c10::optional<at::Tensor>& ema_shadow, double ema_beta, bool check_nonfinite) {
+#ifdef FASTGAN_WITH_CUDA
+  if (param.is_cuda()) {
+    cuda::optim_adam_step(param, grad, exp_avg, exp_avg_sq, steps, found_inf, inv_scale, lr_tensor, lr, beta1,
+                          beta2, eps, weight_decay, decoupled, ema_shadow, ema_beta, check_nonfinite);
+    return;
+  }
+#endif
+  const int64_t n = param.numel();
+  check_common(param, grad, steps, found_inf, ema_shadow);
+  check_buffer(exp_avg, "exp_avg", n, true);
+  check_buffer(exp_avg_sq, "exp_avg_sq", n, true);
+  const float inv = read_inv_scale(inv_scale);
+  const double lr_v = read_lr(lr_tensor, lr);
+  at::NoGradGuard no_grad;
+
+  const bool bf16 = param.scalar_type() == at::kBFloat16;
+  const bool skip = bf16 ? skip_step(grad.data_ptr<at::BFloat16>(), n, inv_scale, inv, found_inf, check_nonfinite)
+                         : skip_step(grad.data_ptr<float>(), n, inv_scale, inv, found_inf, check_nonfinite);
+  if (skip) return;
+
+  // Bias corrections as torch computes them: Python floats (double), step = count after increment.
+  const double step = static_cast<double>(*steps.data_ptr<float>()) + 1.0;
+  const double bc1 = 1.0 - std::pow(beta1, step);
+  const double bc2 = 1.0 - std::pow(beta2, step);
+  AdamScalars s;
+  s.inv = inv;
+  s.lr_wd_keep = static_cast<float>(1.0 - lr_v * weight_decay);
+  s.wd = decoupled ? 0.f : static_cast<float>(weight_decay);
+  s.w1 = static_cast<float>(1.0 - beta1);
+  s.w1_small = std::abs(1.0 - beta1) < 0.5;
+  s.beta2 = static_cast<float>(beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  s.neg_step_size = static_cast<float>(-(lr_v / bc1));
+  s.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  s.eps = static_cast<float>(eps);
+  s.ema_w = static_cast<float>(1.0 - ema_beta);
+  s.ema_small_w = std::abs(1.0 - ema_beta) < 0.5;
+  float* shadow = ema_shadow.has_value() ? ema_shadow->data_ptr<float>() : nullptr;
+  const bool decoupled_active = decoupled && weight_decay != 0.0;
+  if (bf16)
+    adam_run(param.data_ptr<at::BFloat16>(), grad.data_ptr<at::BFloat16>(), exp_avg.data_ptr<float>(),
+             exp_avg_sq.data_ptr<float>(), shadow, n, inv_scale.has_value(), decoupled_active, s);
+  else
+    adam_run(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
+             exp_avg_sq.data_ptr<float>(), shadow, n, inv_scale.has_value(), decoupled_active, s);
+  increment_steps(steps);
+}
+
+// ---- SGD (momentum, dampening, nesterov, weight decay) -----------------------------------------
+struct SgdScalars {
+  float inv, neg_lr, wd, momentum, one_minus_dampening, ema_w;
+  bool ema_small_w;
+};
+
+// kMomentum: 0 = no momentum, 1 = first step (buf = grad), 2 = later steps (buf = mu * buf + (1 - d) * g).
+template <typename param_t, bool kScale, int kMomentum, bool kNesterov, bool kEma>
+void sgd_slice(param_t* __restrict p, const param_t* __restrict g, float* __restrict buf, float* __restrict shadow,
+               int64_t lo, int64_t hi, const SgdScalars s) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    float gi = load_f(g, i);
+    if (kScale) gi *= s.inv;
+    const float pi = load_f(p, i);
+    gi = gi + s.wd * pi;  // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
+    if (kMomentum != 0) {
+      const float bi = kMomentum == 1 ? gi : buf[i] * s.momentum + s.one_minus_dampening * gi;
+      buf[i] = bi;
+      gi = kNesterov ? gi + s.momentum * bi : bi;
+    }
+    store_f(p, i, pi + s.neg_lr * gi);  // param.add_(grad, alpha=-lr)
+    if (kEma) shadow[i] = lerp_f(shadow[i], load_f(p, i), s.ema_w, s.ema_small_w);
+  }
+}
+
+template <typename param_t, bool kScale, int kMomentum, bool kNesterov>
+void sgd_dispatch_ema(param_t* p, const param_t* g, float* buf, float* shadow, int64_t n, const SgdScalars& s) {
+  parallel_slices(n, [&](int64_t lo, int64_t hi, int) {
+    if (shadow) sgd_slice<param_t, kScale, kMomentum, kNesterov, true>(p, g, buf, shadow, lo, hi, s);
+    else sgd_slice<param_t, kScale, kMomentum, kNesterov, false>(p, g, buf, shadow, lo, hi, s);
+  });
+}
+
+template <typename param_t, bool kScale>
+void sgd_dispatch_momentum(param_t* p, const param_t* g, float* buf, float* shadow, int64_t n, int mode,
+                           bool nesterov, const SgdScalars& s) {
+  if (mode == 0) sgd_dispatch_ema<param_t, kScale, 0, false>(p, g, buf, shadow, n, s);
+  else if (mode == 1) {
+    if (nesterov) sgd_dispatch_ema<param_t, kScale, 1, true>(p, g, buf, shadow, n, s);
+    else sgd_dispatch_ema<param_t, kScale, 1, false>(p, g, buf, shadow, n, s);
+  } else {
+    if (nesterov) sgd_dispatch_ema<param_t, kScale, 2, true>(p, g, buf, shadow, n, s);
+    else sgd_dispatch_ema<param_t, kScale, 2, false>(p, g, buf, shadow, n, s);
+  }
+}
+
+void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad, const c10::optional<at::Tensor>& momentum_buffer,
+                    const at::Tensor& steps, const at::Tensor& found_inf, const c10::optional<at::Tensor>& inv_scale,
+                    const c10::optional<at::Tensor>& lr_tensor, double lr, double momentum, double dampening,
+                    bool nesterov, double weight_decay, const c10::optional<at::Tensor>& ema_shadow, double ema_beta,
+                    bool check_nonfinite) {
+#ifdef FASTGAN_WITH_CUDA
+  if (param.is_cuda()) {
+    cuda::optim_sgd_step(param, grad, momentum_buffer, steps, found_inf, inv_scale, lr_tensor, lr, momentum,
+                         dampening, nesterov, weight_decay, ema_shadow, ema_beta, check_nonfinite);
+    return;
+  }
+#endif
+  const int64_t n = param.numel();
+  check_common(param, grad, steps, found_inf, ema_shadow);
+  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "momentum != 0 needs a momentum_buffer");
+  if (momentum_buffer.has_value()) check_buffer(*momentum_buffer, "momentum_buffer", n, true);
+  const float inv = read_inv_scale(inv_scale);
+  const double lr_v = read_lr(lr_tensor, lr);
+  at::NoGradGuard no_grad;
+
+  const bool bf16 = param.scalar_type() == at::kBFloat16;
+  const bool skip = bf16 ? skip_step(grad.data_ptr<at::BFloat16>(), n, inv_scale, inv, found_inf, check_nonfinite)
+                         : skip_step(grad.data_ptr<float>(), n, inv_scale, inv, found_inf, check_nonfinite);
+  if (skip) return;
+
+  SgdScalars s;
+  s.inv = inv;
+  s.neg_lr = static_cast<float>(-lr_v);
+  s.wd = static_cast<float>(weight_decay);
+  s.momentum = static_cast<float>(momentum);
+  s.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  s.ema_w = static_cast<float>(1.0 - ema_beta);
+  s.ema_small_w = std::abs(1.0 - ema_beta) < 0.5;
+  // torch creates the momentum buffer as a clone of the first step's gradient.
+  const int mode = momentum == 0.0 ? 0 : (*steps.data_ptr<float>() == 0.f ? 1 : 2);
+  float* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<float>() : nullptr;
+  float* shadow = ema_shadow.has_value() ? ema_shadow->data_ptr<float>() : nullptr;
+  const bool scale = inv_scale.has_value();
+  if (bf16) {
+    auto* p = param.data_ptr<at::BFloat16>();
+    auto* g = grad.data_ptr<at::BFloat16>();
+    if (scale) sgd_dispatch_momentum<at::BFloat16, true>(p, g, buf, shadow, n, mode, nesterov, s);
+    else sgd_dispatch_momentum<at::BFloat16, false>(p, g, buf, shadow, n, mode, nesterov, s);
+  } else {
+    auto* p = param.data_ptr<float>();
+    auto* g = grad.data_ptr<float>();
+    if (scale) sgd_dispatch_momentum<float, true>(p, g, buf, shadow, n, mode, nesterov, s);
+    else sgd_dispatch_momentum<float, false>(p, g, buf, shadow, n, mode, nesterov, s);
+  }
+  increment_steps(steps);
+}
+
+// found_inf := max(found_inf, any non-finite in grad * inv_scale). Run over every buffer of a step
+// before the updates when a step spans several buffers (the whole step is skipped, not one buffer).
+void optim_nonfinite_check(const at::Tensor& grad, const c10::optional<at::Tensor>& inv_scale,
+                           const at::Tensor& found_inf) {
+#ifdef FASTGAN_WITH_CUDA
+  if (grad.is_cuda()) {
+    cuda::optim_nonfinite_check(grad, inv_scale, found_inf);
+    return;
+  }
+#endif
+  check_buffer(grad, "grad", grad.numel(), false);
+  check_scalar_tensor(found_inf, "found_inf");
+  const float inv = read_inv_scale(inv_scale);
+  const int64_t n = grad.numel();
+  const bool bad = grad.scalar_type() == at::kBFloat16
+                       ? any_nonfinite(grad.data_ptr<at::BFloat16>(), n, inv_scale.has_value(), inv)
+                       : any_nonfinite(grad.data_ptr<float>(), n, inv_scale.has_value(), inv);
+  if (bad) *found_inf.data_ptr<float>() = 1.f;
+}
+
+// zero_grad(set_to_none=False) of a flat gradient buffer: one memset, threads on large buffers.
+void optim_zero(const at::Tensor& buffer) {
+  if (!buffer.device().is_cpu()) {
+    buffer.zero_();
+    return;
+  }
+  TORCH_CHECK(buffer.is_contiguous(), "buffer must be contiguous");
+  auto* base = static_cast<char*>(buffer.data_ptr());
+  const int64_t bytes = buffer.numel() * buffer.element_size();
+  parallel_slices(bytes, [&](int64_t lo, int64_t hi, int) { std::memset(base + lo, 0, static_cast<size_t>(hi - lo)); });
+}
+
+}  // namespace
+
+void register_optim(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("optim_adam_step", &optim_adam_step,
+        "Adam/AdamW step over one flat buffer (in place): optional unscale, non-finite skip, EMA shadow.",
+        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("steps"),
+        py::arg("found_inf"), py::arg("inv_scale"), py::arg("lr_tensor"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("decoupled"), py::arg("ema_shadow"),
+        py::arg("ema_beta"), py::arg("check_nonfinite"));
+  m.def("optim_sgd_step", &optim_sgd_step,
+        "SGD step (momentum, dampening, nesterov, weight decay) over one flat buffer (in place).", py::arg("param"),
+        py::arg("grad"), py::arg("momentum_buffer"), py::arg("steps"), py::arg("found_inf"), py::arg("inv_scale"),
+        py::arg("lr_tensor"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("ema_shadow"), py::arg("ema_beta"), py::arg("check_nonfinite"));
+  m.def("optim_nonfinite_check", &optim_nonfinite_check,
+        "found_inf := 1 if any grad * inv_scale is inf/NaN (left unchanged otherwise).", py::arg("grad"),
+        py::arg("inv_scale"), py::arg("found_inf"));
+  m.def("optim_zero", &optim_zero, "Zero a contiguous buffer (the flat-gradient zero_grad).", py::arg("buffer"));
+}
+
+}  // namespace fastgan

@@ -1,0 +1,603 @@
+"""FusedAdam and FusedSGD: one pass over flat buffers per step (``fastgan._C``), torch's exact math.
+
+Layout. At construction the parameters of each param group are split by (dtype, device) into
+*buckets*; a bucket's parameters are copied into one contiguous buffer and become views of it
+(``p.data = flat[off:off + n].view_as(p)``), and their gradients are views of one flat gradient
+buffer. Autograd then accumulates straight into that buffer and ``zero_grad(set_to_none=False)`` is
+one fill. Optimizer state (exp_avg, exp_avg_sq, momentum) lives in float32 flat buffers beside it
+(float32 also for bf16 parameters), the step count in a float32 device tensor.
+
+Gradients that are not views of the buffer are detected at each step (an identity check per
+parameter) and handled:
+
+* ``p.grad = None`` (``zero_grad()`` / ``zero_grad(set_to_none=True)``, or user code): the parameter
+  is skipped, exactly as torch's optimizers skip it. A post-accumulate-grad hook puts the next
+  gradient autograd produces back into the buffer (one copy, while it is hot in cache).
+* ``p.grad = tensor`` assigned by hand: copied into the buffer and the view re-attached.
+* Parameters skipped while others step get their own step counts; from then on that bucket runs one
+  kernel call per parameter (still exact, slower).
+
+A step: (1) gradients gathered as above; (2) when the step covers several buffers, a read-only
+non-finite check over all of them first (a step that touches one buffer checks inside its kernel
+call); (3) one call per buffer doing unscale by ``inv_scale``, the Adam/AdamW or SGD update and the
+EMA shadow update, skipping everything when ``found_inf`` is set; (4) buffers of the EMA copied.
+Nothing is read back to the host, so on CUDA a step is capturable in a CUDA graph (after a warm-up
+step has allocated the state).
+
+Without ``fastgan._C`` (or for dtypes/devices it does not cover: fp16, fp64, CUDA without the CUDA
+build) the same math runs as torch ops on the flat buffers, with a one-time warning.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from fastgan._dispatch import extension
+from fastgan.optim.ema import EMA
+
+__all__ = ["FusedAdam", "FusedSGD", "fused_twin"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _kernels(device: torch.device, dtype: torch.dtype):
+    """fastgan._C when it can run the update for this device and dtype, else None (torch fallback)."""
+    ext = extension()
+    if ext is None or not hasattr(ext, "optim_adam_step"):
+        _warn_once("no-ext", "fastgan.optim: fastgan._C is not built; the fused optimizers run their update "
+                             "as plain torch ops (correct, slower). See `fastgan info`.")
+        return None
+    if device.type == "cuda" and not getattr(ext, "with_cuda", False):
+        _warn_once("no-cuda-ext", "fastgan.optim: fastgan._C was built without CUDA; the fused optimizers run "
+                                  "their CUDA update as plain torch ops (correct, slower).")
+        return None
+    if device.type not in ("cpu", "cuda") or dtype not in _KERNEL_DTYPES:
+        _warn_once(f"dtype-{device.type}-{dtype}", f"fastgan.optim: no fused kernel for {dtype} parameters on "
+                                                  f"{device.type}; that bucket runs as plain torch ops.")
+        return None
+    return ext
+
+
+class _Bucket:
+    """The parameters of one param group that share dtype and device, flattened into one buffer."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.numels = [p.numel() for p in params]
+        self.offsets = []
+        total = 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += n
+        self.total = total
+        # Optimizer state: float32, also for bf16/fp16 parameters; float64 parameters keep float64.
+        self.state_dtype = self.dtype if self.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            self.flat_param = torch.empty(total, dtype=self.dtype, device=self.device)
+            self.flat_grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+            for p, off, n in zip(params, self.offsets, self.numels):
+                self.flat_param[off:off + n].copy_(p.detach().reshape(-1))
+            for p, off, n in zip(params, self.offsets, self.numels):
+                p.data = self.flat_param[off:off + n].view(p.shape)
+            self.grad_views = [self.flat_grad[off:off + n].view(p.shape)
+                               for p, off, n in zip(params, self.offsets, self.numels)]
+            for p, view in zip(params, self.grad_views):
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                    p.grad = view
+        # Per-parameter step counts (float32, on the device: read by the kernels, never by the host).
+        self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
+        self.uniform_steps = True  # all counts equal: one kernel call over the whole buffer
+        self.state: dict[str, torch.Tensor] = {}  # flat float32 state buffers, allocated at the first step
+        self.shadow: torch.Tensor | None = None  # flat EMA shadow (float32), when an EMA is attached
+        self.kernels = _kernels(self.device, self.dtype)
+        self.hook_handles = []
+        ref = weakref.ref(self)
+        for i, p in enumerate(params):
+            if p.requires_grad:
+                self.hook_handles.append(p.register_post_accumulate_grad_hook(_reattach_hook(ref, i)))
+
+    def gather_grads(self) -> list[bool] | None:
+        """Make every present gradient a view of the flat buffer. Returns None when all parameters
+        have a gradient, else a per-parameter list of which ones do."""
+        present = None
+        for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                if present is None:
+                    present = [True] * len(self.params)
+                present[i] = False
+                continue
+            if g.is_sparse:
+                raise RuntimeError("fastgan.optim: sparse gradients are not supported")
+            view.copy_(g)
+            if not g.requires_grad:  # a differentiable .grad (create_graph=True) is left to its owner
+                p.grad = view
+        return present
+
+    def segments(self, present: list[bool] | None):
+        """(lo, hi, steps) ranges for the kernel calls of one step."""
+        if present is None and not self.uniform_steps and self.device.type == "cpu":
+            # On CPU the counts can be re-read for free: all equal again -> back to one call.
+            self.uniform_steps = bool((self.steps == self.steps[0]).all())
+        if present is None and self.uniform_steps:
+            return [(0, self.total, self.steps)]
+        self.uniform_steps = False
+        return [(off, off + n, self.steps[i:i + 1])
+                for i, (off, n) in enumerate(zip(self.offsets, self.numels))
+                if n > 0 and (present is None or present[i])]
+
+    def view_of(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        off, n = self.offsets[i], self.numels[i]
+        return flat[off:off + n].view(self.params[i].shape)
+
+
+def _reattach_hook(bucket_ref, i: int):
+    def hook(p: torch.Tensor) -> None:
+        bucket = bucket_ref()
+        if bucket is None:
+            return
+        view = bucket.grad_views[i]
+        g = p.grad
+        if g is None or g is view or g.requires_grad:
+            return
+        with torch.no_grad():
+            view.copy_(g)
+        p.grad = view
+    return hook
+
+
+def _as_float(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor")
+        return float(value)
+    return float(value)
+
+
+class _FusedOptimizer(Optimizer):
+    """Shared machinery of FusedAdam / FusedSGD (flat buckets, found_inf, EMA, state_dict)."""
+
+    _state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict[str, Any], ema: EMA | None):
+        if ema is not None and not isinstance(ema, EMA):
+            raise TypeError(f"ema must be a fastgan.optim.EMA or None, got {type(ema).__name__}")
+        self._buckets: list[list[_Bucket]] = []  # per param group
+        self._device: torch.device | None = None
+        self.ema = ema
+        super().__init__(params, defaults)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device or "cpu")
+
+    # ---- groups and buckets ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        by_key: dict[tuple, list] = defaultdict(list)
+        for p in group["params"]:
+            if self._device is None:
+                self._device = p.device
+            elif p.device != self._device:
+                raise ValueError(f"params: all parameters must be on one device; got {self._device} and {p.device}")
+            if not p.is_floating_point():
+                raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
+            by_key[(p.dtype, p.device)].append(p)
+        buckets = [_Bucket(ps) for ps in by_key.values()]
+        self._buckets.append(buckets)
+        if self.ema is not None:
+            for b in buckets:
+                if b.kernels is not None:  # buckets on the torch fallback keep the EMA's own shadows
+                    b.shadow = self.ema._adopt_flat(b.params, b.offsets, b.flat_param)
+        if hasattr(self, "found_inf") and self.found_inf.device != self._device:
+            self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # ---- gradients -------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch documents it: ``set_to_none=True`` sets every ``.grad`` to None (the parameter is then
+        skipped by the next step unless backward reaches it; the gradient autograd produces is put back
+        into the flat buffer by a hook); ``set_to_none=False`` zeroes the flat gradient buffer in one
+        fill and keeps the ``.grad`` views."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if set_to_none:
+                    for p in b.params:
+                        p.grad = None
+                    continue
+                if b.kernels is not None:
+                    b.kernels.optim_zero(b.flat_grad)
+                else:
+                    b.flat_grad.zero_()
+                for p, view in zip(b.params, b.grad_views):
+                    if p.grad is not view:
+                        p.grad = view
+
+    # ---- step ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, inv_scale: torch.Tensor | None = None):
+        """One update of every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad enabled).
+            inv_scale: optional 0-d float tensor ``1 / loss_scale`` on the parameters' device; the
+                gradients are multiplied by it inside the update (they are left scaled in ``.grad``).
+
+        After the step ``self.found_inf`` (0-d float32 on the device) is 1.0 if some gradient was
+        inf/NaN -- then nothing (parameters, state, step counts, EMA) changed -- else 0.0.
+        It is never read back to the host here."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if inv_scale is not None:
+            inv_scale = self._check_inv_scale(inv_scale)
+        work = []
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                present = b.gather_grads()
+                if present is not None and not any(present):
+                    continue
+                if not b.state:
+                    self._init_state(group, b)
+                work.append((group, b, b.segments(present)))
+        found_inf = self.found_inf
+        calls = sum(len(segs) for _, _, segs in work)
+        check_inside = calls == 1 and work[0][1].kernels is not None
+        if not check_inside:
+            found_inf.zero_()
+            for _, b, segs in work:
+                for lo, hi, _ in segs:
+                    _nonfinite_check(b, b.flat_grad[lo:hi], inv_scale, found_inf)
+        for group, b, segs in work:
+            for lo, hi, steps in segs:
+                self._update(group, b, lo, hi, steps, inv_scale, found_inf, check_inside)
+        if self.ema is not None:
+            self.ema._after_fused_step(found_inf)
+        return loss
+
+    def _check_inv_scale(self, inv_scale) -> torch.Tensor:
+        if not isinstance(inv_scale, torch.Tensor):
+            raise TypeError(f"inv_scale must be a 0-d float tensor or None, got {type(inv_scale).__name__}")
+        if inv_scale.numel() != 1 or not inv_scale.is_floating_point():
+            raise ValueError(f"inv_scale must be a one-element float tensor, got shape {tuple(inv_scale.shape)} "
+                             f"dtype {inv_scale.dtype}")
+        if self._device is not None and inv_scale.device != self._device:
+            raise ValueError(f"inv_scale is on {inv_scale.device} but the parameters are on {self._device}")
+        if inv_scale.dtype != torch.float32:
+            inv_scale = inv_scale.float()
+        return inv_scale.reshape(())
+
+    def _lr_args(self, group, b: _Bucket):
+        """(lr_tensor, lr_float) for a kernel call: a tensor lr on the parameters' device is read by the
+        kernel (graph capture sees scheduler updates); otherwise a float."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.device == b.device and b.device.type == "cuda":
+                return (lr if lr.dtype == torch.float32 else lr.float()).reshape(()), 0.0
+            return None, float(lr)
+        return None, float(lr)
+
+    def _ema_beta(self) -> float:
+        return self.ema.beta if self.ema is not None else 0.0
+
+    # ---- state -----------------------------------------------------------------------------------
+    def _init_state(self, group, b: _Bucket) -> None:
+        raise NotImplementedError
+
+    def _publish_state(self, b: _Bucket) -> None:
+        """Expose the flat state as torch's per-parameter ``self.state[p]`` (views), for state_dict."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (``state[i]`` per parameter, ``param_groups``), so torch.optim loads it. Tensors
+        are views of the flat buffers: copy (or ``torch.save``) before stepping again if you keep it."""
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of this class or of torch's Adam/AdamW (FusedAdam) / SGD (FusedSGD)."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for g in state_dict["param_groups"]:
+            self._validate_group(g)
+        super().load_state_dict(state_dict)
+        ours = [p for g in self.param_groups for p in g["params"]]
+        by_param = {id(p): saved_state.get(i) for p, i in zip(ours, saved_ids)}
+        self.state = defaultdict(dict)
+        with torch.no_grad():
+            for group, buckets in zip(self.param_groups, self._buckets):
+                for b in buckets:
+                    entries = [by_param.get(id(p)) for p in b.params]
+                    if not any(entries):
+                        b.state = {}
+                        b.steps.zero_()
+                        b.uniform_steps = True
+                        continue
+                    self._init_state(group, b, zero=True)
+                    self._load_bucket(group, b, entries)
+                    counts = b.steps.tolist()  # host read: loading is not a training step
+                    b.uniform_steps = all(c == counts[0] for c in counts)
+
+    def _load_bucket(self, group, b: _Bucket, entries: list) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_torch(cls, optimizer: Optimizer, *, ema: EMA | None = None) -> "_FusedOptimizer":
+        """The fused twin of a torch optimizer (same parameters, groups, hyperparameters and state)."""
+        twin = fused_twin(optimizer, ema=ema)
+        if not isinstance(twin, cls):
+            raise TypeError(f"{cls.__name__}.from_torch: got a {type(optimizer).__name__}, whose twin is "
+                            f"{type(twin).__name__}")
+        return twin
+
+
+def _nonfinite_check(b: _Bucket, grad: torch.Tensor, inv_scale, found_inf: torch.Tensor) -> None:
+    if b.kernels is not None:
+        b.kernels.optim_nonfinite_check(grad, inv_scale, found_inf)
+        return
+    g = grad.float()
+    if inv_scale is not None:
+        g = g * inv_scale
+    bad = torch.logical_not(torch.isfinite(g)).any().to(torch.float32)
+    torch.maximum(found_inf, bad, out=found_inf)
+
+
+class FusedAdam(_FusedOptimizer):
+    """Adam / AdamW over flat buffers, with torch.optim.Adam's math, one pass per step.
+
+    Args:
+        params: parameters or param groups (as torch.optim.Adam).
+        lr: learning rate (float or tensor; tensors on the parameters' CUDA device are read by the kernel).
+        betas: (beta1, beta2).
+        eps: added to the denominator.
+        weight_decay: L2 penalty (Adam) or decoupled decay (AdamW, see next).
+        decoupled_weight_decay: True gives AdamW (``param *= 1 - lr * weight_decay``).
+        ema: a :class:`fastgan.optim.EMA` whose shadows are updated in the same pass.
+
+    ``step(closure=None, *, inv_scale=None)``; ``found_inf`` as described in :mod:`fastgan.optim.fused`.
+    """
+
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False, ema: EMA | None = None):
+        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if len(betas) != 2 or not all(0.0 <= _as_float(b, "betas") < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
+                        foreach=None, capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=bool(decoupled_weight_decay))
+        super().__init__(params, defaults, ema)
+
+    def _validate_group(self, group) -> None:
+        for key in ("amsgrad", "maximize", "differentiable"):
+            if group.get(key, False):
+                raise ValueError(f"FusedAdam does not support {key}=True")
+
+    def _init_state(self, group, b: _Bucket, zero: bool = True) -> None:
+        b.state = {"exp_avg": torch.zeros(b.total, dtype=b.state_dtype, device=b.device),
+                   "exp_avg_sq": torch.zeros(b.total, dtype=b.state_dtype, device=b.device)}
+        self._publish_state(b)
+
+    def _publish_state(self, b: _Bucket) -> None:
+        for i, p in enumerate(b.params):
+            self.state[p] = {"step": b.steps[i], "exp_avg": b.view_of(b.state["exp_avg"], i),
+                             "exp_avg_sq": b.view_of(b.state["exp_avg_sq"], i)}
+
+    def _load_bucket(self, group, b: _Bucket, entries) -> None:
+        for i, entry in enumerate(entries):
+            if not entry:
+                continue
+            b.view_of(b.state["exp_avg"], i).copy_(entry["exp_avg"])
+            b.view_of(b.state["exp_avg_sq"], i).copy_(entry["exp_avg_sq"])
+            b.steps[i] = float(entry["step"])
+
+    def _update(self, group, b: _Bucket, lo: int, hi: int, steps, inv_scale, found_inf, check_inside) -> None:
+        beta1, beta2 = (_as_float(x, "betas") for x in group["betas"])
+        lr_tensor, lr = self._lr_args(group, b)
+        shadow = b.shadow[lo:hi] if b.shadow is not None else None
+        args = (b.flat_param[lo:hi], b.flat_grad[lo:hi], b.state["exp_avg"][lo:hi], b.state["exp_avg_sq"][lo:hi],
+                steps, found_inf, inv_scale)
+        kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                  decoupled=bool(group["decoupled_weight_decay"]), ema_shadow=shadow, ema_beta=self._ema_beta(),
+                  check_nonfinite=check_inside)
+        if b.kernels is not None:
+            b.kernels.optim_adam_step(*args, lr_tensor=lr_tensor, **kw)
+        else:
+            _adam_torch(*args, lr=group["lr"], **{k: v for k, v in kw.items() if k not in ("lr", "check_nonfinite")})
+
+
+class FusedSGD(_FusedOptimizer):
+    """SGD with momentum, dampening, Nesterov and weight decay over flat buffers (torch.optim.SGD's math).
+
+    Args as torch.optim.SGD (``lr`` required), plus ``ema`` (see :class:`FusedAdam`).
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float | torch.Tensor, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, ema: EMA | None = None):
+        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=False, foreach=None, differentiable=False, fused=None)
+        super().__init__(params, defaults, ema)
+
+    def _validate_group(self, group) -> None:
+        for key in ("maximize", "differentiable"):
+            if group.get(key, False):
+                raise ValueError(f"FusedSGD does not support {key}=True")
+
+    def _init_state(self, group, b: _Bucket, zero: bool = True) -> None:
+        # Without momentum SGD has no state; the entry marks the bucket as initialised.
+        b.state = {"momentum_buffer": None}
+        if group["momentum"] != 0:
+            self._ensure_momentum_buffer(group, b)
+
+    def _ensure_momentum_buffer(self, group, b: _Bucket) -> None:
+        if b.state.get("momentum_buffer") is None:
+            b.state["momentum_buffer"] = torch.zeros(b.total, dtype=b.state_dtype, device=b.device)
+            # Steps count momentum updates here: the first one copies the gradient (as torch does).
+            b.steps.zero_()
+            b.uniform_steps = True
+            self._publish_state(b, group)
+
+    def _publish_state(self, b: _Bucket, group=None) -> None:
+        # torch keeps a momentum buffer only when momentum != 0.
+        if group is not None and group["momentum"] == 0:
+            return
+        for i, p in enumerate(b.params):
+            self.state[p] = {"momentum_buffer": b.view_of(b.state["momentum_buffer"], i)}
+
+    def _load_bucket(self, group, b: _Bucket, entries) -> None:
+        if b.state.get("momentum_buffer") is None:
+            b.state["momentum_buffer"] = torch.zeros(b.total, dtype=b.state_dtype, device=b.device)
+            self._publish_state(b, group)
+        for i, entry in enumerate(entries):
+            buf = entry.get("momentum_buffer") if entry else None
+            if buf is None:
+                b.steps[i] = 0.0
+                continue
+            b.view_of(b.state["momentum_buffer"], i).copy_(buf)
+            b.steps[i] = 1.0
+
+    def _update(self, group, b: _Bucket, lo: int, hi: int, steps, inv_scale, found_inf, check_inside) -> None:
+        momentum = float(group["momentum"])
+        if momentum != 0 and b.state.get("momentum_buffer") is None:
+            self._ensure_momentum_buffer(group, b)  # momentum switched on after the first step
+        lr_tensor, lr = self._lr_args(group, b)
+        shadow = b.shadow[lo:hi] if b.shadow is not None else None
+        buf = b.state["momentum_buffer"][lo:hi] if momentum != 0 else None
+        args = (b.flat_param[lo:hi], b.flat_grad[lo:hi], buf, steps, found_inf, inv_scale)
+        kw = dict(momentum=momentum, dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
+                  weight_decay=float(group["weight_decay"]), ema_shadow=shadow, ema_beta=self._ema_beta())
+        if b.kernels is not None:
+            b.kernels.optim_sgd_step(*args, lr_tensor=lr_tensor, lr=lr, check_nonfinite=check_inside, **kw)
+        else:
+            _sgd_torch(*args, lr=group["lr"], **kw)
+
+
+# ---- the same math as plain torch ops (no fastgan._C, or dtypes/devices it does not cover) ---------
+# Written to follow torch.optim's single-tensor code op by op. The step is computed out of place and
+# selected with found_inf, so the fallback too never synchronises with the device.
+
+def _select(skip: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> None:
+    old.copy_(torch.where(skip, old, new.to(old.dtype)))
+
+
+def _adam_torch(param, grad, exp_avg, exp_avg_sq, steps, found_inf, inv_scale, *, lr, beta1, beta2, eps,
+                weight_decay, decoupled, ema_shadow, ema_beta) -> None:
+    g = grad.to(exp_avg.dtype) if grad.dtype != exp_avg.dtype else grad.clone()
+    if inv_scale is not None:
+        g = g * inv_scale
+    p = param.to(exp_avg.dtype) if param.dtype != exp_avg.dtype else param.clone()
+    if weight_decay != 0:
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m = exp_avg.lerp(g, 1 - beta1)
+    v = (exp_avg_sq * beta2).addcmul_(g, g, value=1 - beta2)
+    step = steps[0].double() + 1
+    bias_correction1 = 1 - torch.pow(step.new_full((), beta1), step)
+    bias_correction2 = 1 - torch.pow(step.new_full((), beta2), step)
+    step_size = (lr / bias_correction1).to(m.dtype)
+    denom = (v.sqrt() / bias_correction2.sqrt().to(m.dtype)).add_(eps)
+    p = p + (-step_size) * m / denom
+    skip = found_inf != 0
+    _select(skip, param, p)
+    _select(skip, exp_avg, m)
+    _select(skip, exp_avg_sq, v)
+    steps.add_(1 - found_inf)
+    if ema_shadow is not None:
+        _select(skip, ema_shadow, ema_shadow.lerp(param.to(ema_shadow.dtype), 1 - ema_beta))
+
+
+def _sgd_torch(param, grad, momentum_buffer, steps, found_inf, inv_scale, *, lr, momentum, dampening, nesterov,
+               weight_decay, ema_shadow, ema_beta) -> None:
+    opmath = torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+    g = grad.to(opmath) if grad.dtype != opmath else grad.clone()
+    if inv_scale is not None:
+        g = g * inv_scale
+    p = param.to(opmath)
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    skip = found_inf != 0
+    if momentum != 0:
+        first = steps[0] == 0
+        buf = torch.where(first, g, (momentum_buffer * momentum).add_(g, alpha=1 - dampening).to(g.dtype))
+        _select(skip, momentum_buffer, buf)
+        g = g.add(buf, alpha=momentum) if nesterov else buf
+    _select(skip, param, p - lr * g if isinstance(lr, torch.Tensor) else p.add(g, alpha=-lr))
+    steps.add_(1 - found_inf)
+    if ema_shadow is not None:
+        _select(skip, ema_shadow, ema_shadow.lerp(param.to(ema_shadow.dtype), 1 - ema_beta))
+
+
+# ---- twins of torch optimizers ---------------------------------------------------------------------
+
+def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimizer:
+    """The fused twin of a torch ``Adam`` / ``AdamW`` (-> FusedAdam) or ``SGD`` (-> FusedSGD): same
+    parameters, param groups, hyperparameters and (if it has stepped) state. A fused optimizer is
+    returned as is. The torch optimizer should not be stepped afterwards (its parameters now live in
+    the twin's flat buffers); attach LR schedulers to the twin."""
+    if isinstance(optimizer, _FusedOptimizer):
+        if ema is not None and optimizer.ema is not ema:
+            raise ValueError("fused_twin: the optimizer is already fused and has a different ema")
+        return optimizer
+    is_adamw = isinstance(optimizer, torch.optim.AdamW)
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        groups = []
+        for g in optimizer.param_groups:
+            if g.get("amsgrad") or g.get("maximize"):
+                raise ValueError("fused_twin: amsgrad / maximize have no fused twin")
+            extra = {k: v for k, v in g.items() if k not in ("params",)}
+            extra["decoupled_weight_decay"] = bool(g.get("decoupled_weight_decay", False) or is_adamw)
+            extra.update(foreach=None, fused=None, capturable=False, differentiable=False)
+            groups.append({"params": list(g["params"]), **extra})
+        twin = FusedAdam(groups, ema=ema)
+    elif isinstance(optimizer, torch.optim.SGD):
+        groups = []
+        for g in optimizer.param_groups:
+            if g.get("maximize"):
+                raise ValueError("fused_twin: maximize has no fused twin")
+            extra = {k: v for k, v in g.items() if k not in ("params",)}
+            extra.update(foreach=None, fused=None, differentiable=False)
+            groups.append({"params": list(g["params"]), **extra})
+        twin = FusedSGD(groups, lr=groups[0]["lr"], ema=ema)
+    else:
+        raise TypeError(f"fused_twin: no fused twin for {type(optimizer).__name__} (Adam, AdamW and SGD have one)")
+    if any(len(s) for s in optimizer.state.values()):
+        sd = optimizer.state_dict()
+        sd["param_groups"] = twin.state_dict()["param_groups"]  # ids are the same; keep the twin's groups
+        twin.load_state_dict(sd)
+    return twin

@@ -1,0 +1,583 @@
+"""FusedAdam / FusedSGD / EMA against torch.optim on the same parameters and the same gradients."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastgan.optim.fused as fused_mod
+from fastgan._dispatch import extension
+from fastgan.optim import EMA, FusedAdam, FusedSGD, fused_twin
+
+SHAPES = [(7, 5), (13,), (3, 4, 5), (1,), (33, 17)]  # odd sizes, a single element, > one SIMD vector
+
+
+def make_params(shapes=SHAPES, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float32).to(dtype)) for s in shapes]
+
+
+def clone_params(params, dtype=None):
+    return [nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in params]
+
+
+def random_grads(params, gen, scale=1.0):
+    return [torch.randn(p.shape, generator=gen) * scale for p in params]
+
+
+def assert_close_fp32(actual, expected, rtol=1e-6):
+    """Within rtol of the reference, relative to the scale of the values (the parameters start as
+    standard normal samples, so an element near 0 is compared at scale 1, not at its own size)."""
+    for a, e in zip(actual, expected):
+        a, e = a.detach().float(), e.detach().float()
+        scale = e.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale.item())
+
+
+ADAM_CASES = {
+    "adam": (dict(lr=1e-2), dict(lr=1e-2), torch.optim.Adam),
+    "adam_wd": (dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6),
+                dict(lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6), torch.optim.Adam),
+    "adamw": (dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True), dict(lr=1e-2, weight_decay=0.1),
+              torch.optim.AdamW),
+}
+SGD_CASES = {
+    "sgd": dict(lr=0.05),
+    "sgd_wd": dict(lr=0.05, weight_decay=0.01),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "momentum_dampening_wd": dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def build(kind, case, params):
+    if kind == "adam":
+        ours_kw, torch_kw, torch_cls = ADAM_CASES[case]
+        return FusedAdam(params[0], **ours_kw), torch_cls(params[1], **torch_kw)
+    kw = SGD_CASES[case]
+    return FusedSGD(params[0], **kw), torch.optim.SGD(params[1], **kw)
+
+
+def run_both(ours, ref, ours_params, ref_params, steps, gen, **step_kw):
+    for _ in range(steps):
+        for p, q, g in zip(ours_params, ref_params, random_grads(ref_params, gen)):
+            p.grad = g.clone().to(p.dtype)
+            q.grad = g.clone().to(q.dtype)
+        ours.step(**step_kw)
+        ref.step()
+
+
+ALL_CASES = [("adam", c) for c in ADAM_CASES] + [("sgd", c) for c in SGD_CASES]
+
+
+@pytest.fixture(autouse=True)
+def _need_extension_or_warning():
+    # The fused optimizers work without fastgan._C (torch fallback) but warn once about it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def test_extension_is_built():
+    ext = extension()
+    assert ext is not None and hasattr(ext, "optim_adam_step"), "fastgan._C lacks the optimizer kernels"
+
+
+@pytest.mark.parametrize("kind,case", ALL_CASES)
+def test_100_steps_match_torch(kind, case):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    ours, ref = build(kind, case, (ours_p, ref_p))
+    assert all(b.kernels is not None for bs in ours._buckets for b in bs)
+    run_both(ours, ref, ours_p, ref_p, 100, torch.Generator().manual_seed(1))
+    assert_close_fp32(ours_p, ref_p)
+    assert float(ours.found_inf) == 0.0
+    for p, q in zip(ours_p, ref_p):
+        for key, value in ref.state[q].items():
+            assert_close_fp32([ours.state[p][key]], [value], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_several_param_groups(kind):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+
+    def groups(ps):
+        extra = dict(betas=(0.5, 0.9)) if kind == "adam" else dict(momentum=0.5, dampening=0.1)
+        return [{"params": ps[:2]}, {"params": ps[2:4], "lr": 0.003, "weight_decay": 0.2, **extra},
+                {"params": ps[4:], "lr": 0.02}]
+
+    if kind == "adam":
+        ours, ref = FusedAdam(groups(ours_p), lr=0.01), torch.optim.Adam(groups(ref_p), lr=0.01)
+    else:
+        ours, ref = FusedSGD(groups(ours_p), lr=0.01, momentum=0.9), torch.optim.SGD(groups(ref_p), lr=0.01,
+                                                                                      momentum=0.9)
+    assert len(ours._buckets) == 3
+    run_both(ours, ref, ours_p, ref_p, 100, torch.Generator().manual_seed(2))
+    assert_close_fp32(ours_p, ref_p)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_scheduler(tensor_lr):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    ours = FusedAdam(ours_p, lr=torch.tensor(0.01) if tensor_lr else 0.01)
+    ref = torch.optim.Adam(ref_p, lr=torch.tensor(0.01) if tensor_lr else 0.01)
+    s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.05, total_steps=60)
+    s2 = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=0.05, total_steps=60)
+    gen = torch.Generator().manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for _ in range(60):
+            run_both(ours, ref, ours_p, ref_p, 1, gen)
+            s1.step()
+            s2.step()
+    assert float(ours.param_groups[0]["lr"]) == pytest.approx(ref.param_groups[0]["lr"], rel=1e-6)
+    assert_close_fp32(ours_p, ref_p)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_bf16_params_fp32_state(kind):
+    """bf16 parameters: fp32 state and math, the parameter rounded to bf16 after each step -- the
+    reference is torch's fp32 optimizer whose parameters are rounded to bf16 after each step."""
+    base = make_params()
+    ours_p = clone_params(base, torch.bfloat16)
+    ref_p = clone_params(ours_p, torch.float32)
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=0.05, weight_decay=0.01), torch.optim.Adam(ref_p, lr=0.05, weight_decay=0.01)
+    else:
+        ours, ref = (FusedSGD(ours_p, lr=0.05, momentum=0.9), torch.optim.SGD(ref_p, lr=0.05, momentum=0.9))
+    assert all(b.kernels is not None for bs in ours._buckets for b in bs)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        for p, q, g in zip(ours_p, ref_p, random_grads(ref_p, gen)):
+            g = g.bfloat16()
+            p.grad, q.grad = g.clone(), g.float()
+        ours.step()
+        ref.step()
+        with torch.no_grad():
+            for q in ref_p:
+                q.copy_(q.bfloat16().float())
+    for p in ours_p:
+        assert p.dtype == torch.bfloat16
+    for st in ours.state.values():
+        assert all(v.dtype == torch.float32 for v in st.values())
+    assert_close_fp32(ours_p, ref_p, rtol=1e-2)
+
+
+def test_params_are_views_and_autograd_accumulates_into_flat_buffer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt = FusedAdam(model.parameters(), lr=1e-3)
+    (bucket,) = opt._buckets[0]
+    flat_p, flat_g = bucket.flat_param, bucket.flat_grad
+    lo, hi = flat_p.data_ptr(), flat_p.data_ptr() + flat_p.numel() * flat_p.element_size()
+    for p in model.parameters():
+        assert lo <= p.data_ptr() < hi and p.untyped_storage().data_ptr() == flat_p.untyped_storage().data_ptr()
+    model(torch.randn(8, 5)).sum().backward()  # first backward: grads were None -> hook re-attaches
+    for p, view in zip(model.parameters(), bucket.grad_views):
+        assert p.grad is view
+    before = flat_g.clone()
+    model(torch.randn(8, 5)).sum().backward()  # second backward: accumulates in place into the buffer
+    assert not torch.equal(before, flat_g)
+    for p, view in zip(model.parameters(), bucket.grad_views):
+        assert p.grad is view
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_tiny_module_training_matches_torch(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    ref_model = nn.Sequential(nn.Linear(4, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    ref_model.load_state_dict(model.state_dict())
+    if kind == "adam":
+        ours, ref = FusedAdam(model.parameters(), lr=1e-3), torch.optim.Adam(ref_model.parameters(), lr=1e-3)
+    else:
+        ours = FusedSGD(model.parameters(), lr=1e-2, momentum=0.9)
+        ref = torch.optim.SGD(ref_model.parameters(), lr=1e-2, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    for it in range(50):
+        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+        for m, o in ((model, ours), (ref_model, ref)):
+            o.zero_grad(set_to_none=it % 2 == 0)  # both zero_grad flavours
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    assert_close_fp32(list(model.parameters()), list(ref_model.parameters()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("layout", ["one_group", "two_groups"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_gradient_skips_whole_step(kind, layout, bad):
+    ours_p = make_params()
+    groups = [{"params": ours_p}] if layout == "one_group" else [{"params": ours_p[:2]}, {"params": ours_p[2:]}]
+    model = nn.Module()
+    model.ps = nn.ParameterList(ours_p)
+    ema = EMA(model, beta=0.9)
+    opt = FusedAdam(groups, lr=0.01, ema=ema) if kind == "adam" else FusedSGD(groups, lr=0.01, momentum=0.9, ema=ema)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        for p, g in zip(ours_p, random_grads(ours_p, gen)):
+            p.grad = g
+        opt.step()
+    snapshot = [p.detach().clone() for p in ours_p]
+    state = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in ours_p}
+    shadows = [s.clone() for s in ema.shadow_params]
+    for p, g in zip(ours_p, random_grads(ours_p, gen)):
+        p.grad = g
+    ours_p[-1].grad[3, 2] = bad  # the last buffer, after the others would have been updated
+    opt.step()
+    assert float(opt.found_inf) == 1.0
+    for p, s in zip(ours_p, snapshot):
+        assert torch.equal(p.detach(), s)
+    for p in ours_p:
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[id(p)][k]), k
+    for s, s0 in zip(ema.shadow_params, shadows):
+        assert torch.equal(s, s0)
+    ours_p[-1].grad[3, 2] = 0.0
+    opt.step()
+    assert float(opt.found_inf) == 0.0
+    assert not torch.equal(ours_p[0].detach(), snapshot[0])
+
+
+def test_found_inf_is_a_device_tensor_reused_across_steps():
+    ps = make_params()
+    opt = FusedAdam(ps, lr=0.01)
+    flag = opt.found_inf
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.found_inf is flag and flag.shape == () and flag.dtype == torch.float32
+    assert isinstance(opt.state[ps[0]]["step"], torch.Tensor) and float(opt.state[ps[0]]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("scale", [1024.0, 3.0])
+def test_unscale_matches_dividing_gradients_first(kind, scale):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=0.01, weight_decay=0.01), FusedAdam(ref_p, lr=0.01, weight_decay=0.01)
+    else:
+        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), FusedSGD(ref_p, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(7)
+    inv = torch.tensor(1.0 / scale)
+    for _ in range(20):
+        for p, q, g in zip(ours_p, ref_p, random_grads(ours_p, gen)):
+            p.grad = g * scale
+            q.grad = g * scale / scale
+        ours.step(inv_scale=inv)
+        ref.step()
+    # A power of two scales exactly; 1/3 differs from dividing by 3 in the last bit.
+    assert_close_fp32(ours_p, ref_p, rtol=0 if scale == 1024.0 else 1e-6)
+
+
+def test_unscale_overflow_is_reported():
+    ps = make_params()
+    opt = FusedSGD(ps, lr=0.01)
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.full_like(p, 3e38)
+    opt.step(inv_scale=torch.tensor(2.0))  # 6e38 overflows float32
+    assert float(opt.found_inf) == 1.0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(ps, before))
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fused_ema_matches_reference_lerp(kind):
+    torch.manual_seed(0)
+    # (no bias right before BatchNorm: its gradient is pure rounding noise, which Adam amplifies)
+    model = nn.Sequential(nn.Linear(3, 8), nn.LeakyReLU(0.2), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ref_model = nn.Sequential(nn.Linear(3, 8), nn.LeakyReLU(0.2), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ref_model.load_state_dict(model.state_dict())
+    ema = EMA(model, beta=0.9)
+    if kind == "adam":
+        ours, ref = FusedAdam(model.parameters(), lr=0.01, ema=ema), torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    else:
+        ours = FusedSGD(model.parameters(), lr=0.01, momentum=0.9, ema=ema)
+        ref = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9)
+    ref_shadow = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(8)
+    ours_p, ref_p = list(model.parameters()), list(ref_model.parameters())
+    for _ in range(30):
+        model(torch.randn(6, 3, generator=gen))  # moves BatchNorm's running statistics
+        run_both(ours, ref, ours_p, ref_p, 1, gen)
+        for s, p in zip(ref_shadow, ours_p):
+            s.lerp_(p.detach(), 1 - 0.9)
+    assert_close_fp32(ours_p, ref_p)
+    assert_close_fp32(ema.shadow_params, ref_shadow, rtol=1e-5)
+    # buffers (BatchNorm running stats) are copied
+    for s, b in zip(ema.shadow_buffers, model.buffers()):
+        assert torch.equal(s, b)
+    averaged = ema.averaged_model()
+    for p, s in zip(averaged.parameters(), ema.shadow_params):
+        assert torch.equal(p.detach(), s) and p.grad is None
+        assert p.data_ptr() != 0 and p.is_contiguous()
+    assert not any(torch.equal(p, q) for p, q in zip(averaged.parameters(), model.parameters()))
+
+
+def test_standalone_ema_update_state_dict_and_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = EMA(model, beta=0.75)
+    ref = [p.detach().clone() for p in model.parameters()]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(5, 3))  # moves BatchNorm's running statistics
+        ema.update()
+        for r, p in zip(ref, model.parameters()):
+            r.lerp_(p.detach(), 0.25)
+    for s, r in zip(ema.shadow_params, ref):
+        torch.testing.assert_close(s, r, rtol=1e-6, atol=1e-7)
+    for s, b in zip(ema.shadow_buffers, model.buffers()):
+        assert torch.equal(s, b)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    other = EMA(model, beta=0.5)
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert other.beta == 0.75
+    for a, b in zip(other.shadow_params, ema.shadow_params):
+        assert torch.equal(a, b)
+    target = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema.copy_to(target)
+    for p, s in zip(target.parameters(), ema.shadow_params):
+        assert torch.equal(p.detach(), s)
+    with pytest.raises(ValueError, match="beta"):
+        EMA(model, beta=1.5)
+    with pytest.raises(TypeError, match="model"):
+        EMA([torch.zeros(1)], beta=0.5)
+
+
+def test_ema_of_bf16_params_keeps_fp32_shadow():
+    model = nn.Linear(4, 4).bfloat16()
+    ema = EMA(model, beta=0.999)
+    opt = FusedAdam(model.parameters(), lr=0.1, ema=ema)
+    assert all(s.dtype == torch.float32 for s in ema.shadow_params)
+    start = [s.clone() for s in ema.shadow_params]
+    ref = [s.clone() for s in ema.shadow_params]
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        for r, p in zip(ref, model.parameters()):
+            r.lerp_(p.detach().float(), 1 - 0.999)
+    assert all(not torch.equal(s, s0) for s, s0 in zip(ema.shadow_params, start))
+    assert_close_fp32(ema.shadow_params, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_state_dict_ours_to_torch(kind):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=0.01, weight_decay=0.1), torch.optim.Adam(ref_p, lr=0.5)
+    else:
+        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), torch.optim.SGD(ref_p, lr=0.5)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(10):
+        for p, g in zip(ours_p, random_grads(ours_p, gen)):
+            p.grad = g
+        ours.step()
+    with torch.no_grad():
+        for q, p in zip(ref_p, ours_p):
+            q.copy_(p)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    ref.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    assert ref.param_groups[0]["lr"] == 0.01
+    run_both(ours, ref, ours_p, ref_p, 20, gen)
+    assert_close_fp32(ours_p, ref_p)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_state_dict_torch_to_ours_and_fused_twin(kind):
+    ref_p = make_params()
+    if kind == "adam":
+        ref = torch.optim.Adam([{"params": ref_p[:2]}, {"params": ref_p[2:], "lr": 0.002}], lr=0.01, weight_decay=0.1)
+    elif kind == "adamw":
+        ref = torch.optim.AdamW(ref_p, lr=0.01, weight_decay=0.1)
+    else:
+        ref = torch.optim.SGD(ref_p, lr=0.01, momentum=0.9, dampening=0.1)
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(10):
+        for q, g in zip(ref_p, random_grads(ref_p, gen)):
+            q.grad = g
+        ref.step()
+    # (a) load_state_dict into a fresh fused optimizer with the same groups
+    ours_p = clone_params(ref_p)
+    groups = [{"params": ours_p[:2]}, {"params": ours_p[2:]}] if kind == "adam" else ours_p
+    ours = FusedSGD(groups, lr=1.0) if kind == "sgd" else FusedAdam(groups, lr=1.0)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.param_groups[0]["lr"] == 0.01
+    # (b) the fused twin of (a copy of) the torch optimizer
+    twin_p = clone_params(ref_p)
+    ref_copy = type(ref)([dict(g, params=twin_p[i:i + len(g["params"])]) for i, g in
+                          zip([0, 2], ref.param_groups)] if kind == "adam" else twin_p)
+    ref_copy.load_state_dict(ref.state_dict())
+    twin = fused_twin(ref_copy)
+    assert isinstance(twin, FusedSGD if kind == "sgd" else FusedAdam)
+    assert twin.param_groups[0].get("decoupled_weight_decay", False) == (kind == "adamw")
+    gen2 = torch.Generator().manual_seed(11)
+    for _ in range(20):
+        for p, t, q, g in zip(ours_p, twin_p, ref_p, random_grads(ref_p, gen2)):
+            p.grad, t.grad, q.grad = g.clone(), g.clone(), g.clone()
+        ours.step()
+        twin.step()
+        ref.step()
+    assert_close_fp32(ours_p, ref_p)
+    assert_close_fp32(twin_p, ref_p)
+
+
+def test_state_dict_ours_round_trip_and_classmethod_twin():
+    ps = make_params()
+    opt = FusedAdam(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["param_groups"][0]["amsgrad"] is False
+    ps2 = clone_params(ps)
+    opt2 = FusedAdam(ps2, lr=0.5)
+    opt2.load_state_dict(torch.load(io.BytesIO(_saved(sd))))
+    for p, q in zip(ps, ps2):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], opt2.state[q][k])
+    sgd = torch.optim.SGD(clone_params(ps), lr=0.1)
+    assert isinstance(FusedSGD.from_torch(sgd), FusedSGD)
+    with pytest.raises(TypeError):
+        FusedAdam.from_torch(torch.optim.SGD(clone_params(ps), lr=0.1))
+    with pytest.raises(TypeError):
+        fused_twin(torch.optim.RMSprop(clone_params(ps)))
+    with pytest.raises(ValueError, match="amsgrad"):
+        fused_twin(torch.optim.Adam(clone_params(ps), amsgrad=True))
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_hand_assigned_and_missing_grads(kind):
+    """Gradients set by hand, set to None for some parameters (torch skips those), then the buffer
+    views again: every step matches torch."""
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=0.01), torch.optim.Adam(ref_p, lr=0.01)
+    else:
+        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), torch.optim.SGD(ref_p, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(12)
+    for it in range(12):
+        grads = random_grads(ref_p, gen)
+        for i, (p, q, g) in enumerate(zip(ours_p, ref_p, grads)):
+            if (it + i) % 3 == 0:  # some parameters miss a step
+                p.grad = q.grad = None
+            elif it % 2 and p.grad is not None:  # write into whatever .grad is (the flat view)
+                p.grad.copy_(g)
+                q.grad = g.clone()
+            else:
+                p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        assert_close_fp32(ours_p, ref_p)
+    for p, q in zip(ours_p, ref_p):
+        if q in ref.state and "step" in ref.state[q]:
+            assert float(ours.state[p]["step"]) == float(ref.state[q]["step"])
+
+
+def test_zero_grad_both_ways():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = FusedSGD(model.parameters(), lr=0.1)
+    (bucket,) = opt._buckets[0]
+    model(torch.randn(2, 6)).sum().backward()
+    assert all(p.grad is v for p, v in zip(model.parameters(), bucket.grad_views))
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is v for p, v in zip(model.parameters(), bucket.grad_views))
+    assert torch.count_nonzero(bucket.flat_grad) == 0
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no gradients at all: nothing moves
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    model.weight.grad = torch.ones_like(model.weight)  # only one parameter gets a gradient
+    opt.step()
+    assert torch.equal(model.bias.detach(), before[1])
+    torch.testing.assert_close(model.weight.detach(), before[0] - 0.1)
+
+
+def test_validation_errors():
+    ps = make_params()
+    with pytest.raises(ValueError, match="lr"):
+        FusedAdam(ps, lr=-1.0)
+    with pytest.raises(ValueError, match="betas"):
+        FusedAdam(clone_params(ps), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="nesterov"):
+        FusedSGD(clone_params(ps), lr=0.1, nesterov=True)
+    with pytest.raises(TypeError, match="ema"):
+        FusedAdam(clone_params(ps), ema=object())
+    with pytest.raises(ValueError, match="floating"):
+        FusedSGD([nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)], lr=0.1)
+    opt = FusedAdam(clone_params(ps))
+    with pytest.raises(TypeError, match="inv_scale"):
+        opt.step(inv_scale=0.5)
+    with pytest.raises(ValueError, match="inv_scale"):
+        opt.step(inv_scale=torch.ones(2))
+    sd = torch.optim.Adam(clone_params(ps), amsgrad=True).state_dict()
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fallback_without_extension_matches_torch(kind, monkeypatch):
+    """Without fastgan._C the same math runs as torch ops (one warning), skip and EMA included."""
+    monkeypatch.setattr(fused_mod, "extension", lambda: None)
+    monkeypatch.setattr(fused_mod, "_warned", set())
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    model = nn.Module()
+    model.ps = nn.ParameterList(ours_p)
+    ema = EMA(model, beta=0.8)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        if kind == "adam":
+            ours = FusedAdam([{"params": ours_p[:3]}, {"params": ours_p[3:]}], lr=0.01, weight_decay=0.1, ema=ema)
+        else:
+            ours = FusedSGD([{"params": ours_p[:3]}, {"params": ours_p[3:]}], lr=0.01, momentum=0.9, nesterov=True,
+                            ema=ema)
+    ref = torch.optim.Adam(ref_p, lr=0.01, weight_decay=0.1) if kind == "adam" else torch.optim.SGD(
+        ref_p, lr=0.01, momentum=0.9, nesterov=True)
+    assert all(b.kernels is None for bs in ours._buckets for b in bs)
+    ref_shadow = [p.detach().clone() for p in ref_p]
+    gen = torch.Generator().manual_seed(13)
+    for it in range(30):
+        run_both(ours, ref, ours_p, ref_p, 1, gen)
+        for s, q in zip(ref_shadow, ref_p):
+            s.lerp_(q.detach(), 0.2)
+    assert_close_fp32(ours_p, ref_p)
+    assert_close_fp32(ema.shadow_params, ref_shadow, rtol=1e-5)
+    snapshot = [p.detach().clone() for p in ours_p]
+    for p in ours_p:
+        p.grad = torch.ones_like(p)
+    ours_p[1].grad[5] = float("nan")
+    ours.step()
+    assert float(ours.found_inf) == 1.0
+    assert all(torch.equal(p.detach(), s) for p, s in zip(ours_p, snapshot))
+
+
+def test_float64_params_use_torch_path_and_match():
+    ours_p = make_params(dtype=torch.float64)
+    ref_p = clone_params(ours_p)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        fused_mod._warned.discard(f"dtype-cpu-{torch.float64}")
+        ours = FusedAdam(ours_p, lr=0.01)
+    ref = torch.optim.Adam(ref_p, lr=0.01)
+    run_both(ours, ref, ours_p, ref_p, 20, torch.Generator().manual_seed(14))
+    for p, q in zip(ours_p, ref_p):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
