@@ -19,6 +19,16 @@ from fastgan import Trainer
 NZ = 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """These models are tiny: one thread is fastest, and on a loaded shared machine torch's thread pool
+    (spinning OpenMP workers) makes them an order of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # models: the PyTorch DCGAN example's networks (reduced widths), and a small MLP pair
 # ---------------------------------------------------------------------------------------------

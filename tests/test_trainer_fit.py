@@ -15,6 +15,16 @@ NZ = 4
 DIM = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """These models are tiny: one thread is fastest, and on a loaded shared machine torch's thread pool
+    (spinning OpenMP workers) makes them an order of magnitude slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mlp_pair(seed=0, dropout=False, pack=1):
     torch.manual_seed(seed)
     g = nn.Sequential(nn.Linear(NZ, 16), nn.ReLU(), nn.Linear(16, DIM))
@@ -283,6 +293,7 @@ def test_load_state_dict_checks_compatibility(tmp_path):
 # errors
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prior="cauchy"), "prior"),
     (dict(loss="softmax"), "loss"),
