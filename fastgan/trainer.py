@@ -395,6 +395,8 @@ class Trainer:
         self._last_r1 = torch.full((), float("nan"), device=self.device)  # latest R1 value (lazy R1)
         self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self._graph_failure: str | None = None
+        from fastgan.ops.losses import d_loss, g_loss
+        self._d_loss_fn, self._g_loss_fn = d_loss, g_loss
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -562,8 +564,13 @@ class Trainer:
             raise ValueError(f"the discriminator's output must be one value per D input, shape ({n_in},) or "
                              f"({n_in}, 1) for {n_in} inputs{' (pack=%d)' % self.pack if self.pack > 1 else ''}, "
                              f"got {shape}")
-        if calls and isinstance(calls[-1][0], nn.Sigmoid):
-            last, last_out = calls[-1]
+        # The Sigmoid is final when only reshaping layers run after it and D returns its values.
+        reshaping = (nn.Flatten, nn.Unflatten, nn.Identity)
+        i = len(calls) - 1
+        while i >= 0 and isinstance(calls[i][0], reshaping):
+            i -= 1
+        if i >= 0 and isinstance(calls[i][0], nn.Sigmoid):
+            last, last_out = calls[i]
             if (sum(1 for m, _ in calls if m is last) == 1 and last_out.numel() == out.numel()
                     and torch.equal(last_out.reshape(-1), out.reshape(-1))):
                 self._replace_final_sigmoid(last)
@@ -633,7 +640,7 @@ class Trainer:
     def _d_update(self, real: torch.Tensor, z: torch.Tensor, fake: torch.Tensor | None,
                   r1_due: bool) -> dict[str, torch.Tensor]:
         """One D update. ``fake`` is G(z) when the caller already ran G (it is detached here)."""
-        from fastgan.ops.losses import d_loss
+        d_loss = self._d_loss_fn
         scaler = self._d_scaler
         with self._autocast():
             if fake is None:
@@ -694,7 +701,7 @@ class Trainer:
 
     def _g_update(self, z: torch.Tensor, fake: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """One G update with D frozen. ``fake`` is G(z) with its autograd graph when already computed."""
-        from fastgan.ops.losses import g_loss
+        g_loss = self._g_loss_fn
         scaler = self._g_scaler
         for p in self._d_trainable:
             p.requires_grad_(False)
@@ -728,7 +735,7 @@ class Trainer:
             z = self._draw_z(real.shape[0])
         return self._d_update(real, z, None, r1_due)
 
-    def _eager_g_step(self, batch: int, z: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _eager_g_step(self, batch: int, z: torch.Tensor | None, _r1_due: bool = False) -> dict[str, torch.Tensor]:
         if z is None:
             z = self._draw_z(batch)
         return self._g_update(z, None)
@@ -758,8 +765,14 @@ class Trainer:
         if z is not None:
             self._check_z(z, real.shape[0])
         r1_due = self._r1_due()
-        with self._logits_mode():
-            stats = self._run("d", real, z, r1_due, lambda r, zz: self._eager_d_step(r, zz, r1_due))
+        tap = self._sigmoid_tap
+        if tap is not None:
+            tap.emit_logits = True
+        try:
+            stats = self._run("d", real, z, r1_due, self._eager_d_step)
+        finally:
+            if tap is not None:
+                tap.emit_logits = False
         self.d_step_count += 1
         return stats
 
@@ -782,8 +795,14 @@ class Trainer:
                 probe = self.generator(z if z is not None else self._draw_z(batch))
             self._check_fake(probe, None)
             self._setup(probe.to(self.param_dtype))
-        with self._logits_mode():
-            stats = self._run("g", batch, z, False, lambda _b, zz: self._eager_g_step(batch, zz))
+        tap = self._sigmoid_tap
+        if tap is not None:
+            tap.emit_logits = True
+        try:
+            stats = self._run("g", batch, z, False, self._eager_g_step)
+        finally:
+            if tap is not None:
+                tap.emit_logits = False
         self.step_count += 1
         return stats
 
@@ -794,23 +813,17 @@ class Trainer:
         if z is not None:
             self._check_z(z, real.shape[0])
         r1_due = self._r1_due()
-        with self._logits_mode():
-            stats = self._run("step", real, z, r1_due, lambda r, zz: self._eager_step(r, zz, r1_due))
+        tap = self._sigmoid_tap
+        if tap is not None:
+            tap.emit_logits = True
+        try:
+            stats = self._run("step", real, z, r1_due, self._eager_step)
+        finally:
+            if tap is not None:
+                tap.emit_logits = False
         self.d_step_count += 1
         self.step_count += 1
         return stats
-
-    @contextlib.contextmanager
-    def _logits_mode(self):
-        tap = self._sigmoid_tap
-        if tap is None:
-            yield
-            return
-        tap.emit_logits = True
-        try:
-            yield
-        finally:
-            tap.emit_logits = False
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs
@@ -818,7 +831,7 @@ class Trainer:
 
     def _run(self, kind: str, real, z, r1_due: bool, eager: Callable) -> dict[str, torch.Tensor]:
         if not self._graphs_on:
-            return eager(real, z)
+            return eager(real, z, r1_due)
         shape = real.shape if isinstance(real, torch.Tensor) else (real,)
         key = (kind, tuple(shape), z is not None, r1_due)
         entry = self._graphs.get(key)
@@ -830,12 +843,12 @@ class Trainer:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                stats = eager(real, z)
+                stats = eager(real, z, r1_due)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             return stats
         if entry.graph is None:
             try:
-                self._capture(entry, kind, real, z, eager)
+                self._capture(entry, real, z, r1_due, eager)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
                 self._graphs_on = False
                 self._graphs.clear()
@@ -845,7 +858,7 @@ class Trainer:
                               RuntimeWarning, stacklevel=4)
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize(self.device)
-                return eager(real, z)
+                return eager(real, z, r1_due)
         if entry.static_real is not None:
             entry.static_real.copy_(real)
         if entry.static_z is not None:
@@ -854,7 +867,7 @@ class Trainer:
         values = entry.out.clone()  # the graph overwrites its outputs on the next replay
         return dict(zip(entry.names, values.unbind()))
 
-    def _capture(self, entry: _GraphEntry, kind: str, real, z, eager: Callable) -> None:
+    def _capture(self, entry: _GraphEntry, real, z, r1_due: bool, eager: Callable) -> None:
         if isinstance(real, torch.Tensor):
             entry.static_real = real.detach().clone()
         if z is not None:
@@ -867,7 +880,7 @@ class Trainer:
         torch.cuda.synchronize(self.device)
         static_in = entry.static_real if entry.static_real is not None else real
         with torch.cuda.graph(graph):
-            stats = eager(static_in, entry.static_z)
+            stats = eager(static_in, entry.static_z, r1_due)
             names = tuple(stats)
             out = torch.stack([stats[n].float() for n in names])
         entry.graph, entry.names, entry.out = graph, names, out

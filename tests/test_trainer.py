@@ -446,6 +446,21 @@ def test_discriminator_ending_in_sigmoid_uses_logits_with_one_warning():
         torch.testing.assert_close(d_sig(x), torch.sigmoid(d_ref(x)))
 
 
+def test_sigmoid_followed_by_flatten_is_detected():
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 6))
+    d = nn.Sequential(nn.Linear(6, 1), nn.Sigmoid(), nn.Flatten(0))
+    d_ref = nn.Sequential(nn.Linear(6, 1), nn.Flatten(0))
+    d_ref.load_state_dict(d.state_dict())
+    g_ref = copy.deepcopy(g)
+    with pytest.warns(UserWarning, match="Sigmoid"):
+        trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+        real, z = torch.randn(4, 6), torch.randn(4, NZ)
+        trainer.step(real, z)
+    eager_dcgan_step(g_ref, d_ref, adam(g_ref.parameters()), adam(d_ref.parameters()), real, z)
+    assert_rel_close(d, d_ref, what="D ")
+
+
 def test_sigmoid_inside_discriminator_is_left_alone(recwarn):
     torch.manual_seed(0)
     g = nn.Sequential(nn.Linear(NZ, 6))
