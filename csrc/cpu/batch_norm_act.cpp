@@ -66,6 +66,31 @@ Tensor channel_vector(const std::optional<Tensor>& t, at::ScalarType acc, int64_
 
 template <typename T> const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
+// z = x * scale + shift per channel: scale = w invstd, shift = b - mean scale. Forward and backward
+// derive them identically, so the backward's recomputed z is bit-identical to the forward's.
+template <typename opm> struct ChannelAffine {
+  double invstd;
+  opm scale, shift;
+};
+template <typename opm>
+inline ChannelAffine<opm> channel_affine(const opm* w, const opm* b, opm mean, opm var, double eps, int64_t c) {
+  const double invstd = 1.0 / std::sqrt(double(var) + eps);
+  const double scale = w ? double(w[c]) * invstd : invstd;
+  return {invstd, static_cast<opm>(scale), static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean) * scale)};
+}
+
+// dy * act'(z), z recomputed from x (act' through the table's rule in y = act(z), all in op-math).
+template <int64_t ACT, typename opm>
+inline opm grad_z(opm gy, opm x, opm scale, opm shift, opm alpha) {
+  return gy * act_grad_from_output_ct<ACT>(apply_act_ct<ACT>(x * scale + shift, alpha), alpha);
+}
+
+// Below this many elements per task, at::parallel_for runs inline: waking threads costs more.
+constexpr int64_t kMinTaskElements = 16384;
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(elements_per_item, 1));
+}
+
 // Fixed row chunks of the rows layout: partial sums per chunk, summed in chunk order.
 int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, 1024); }
 
@@ -79,7 +104,7 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
                     opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       if (training) {
         const opm shift = static_cast<opm>(x[c * HW]);
@@ -100,10 +125,8 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
         mean[c] = static_cast<opm>(double(shift) + m);
         var[c] = static_cast<opm>(std::max(ss / cnt - m * m, 0.0));
       }
-      const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
-      const double scale_d = w ? double(w[c]) * invstd : invstd;
-      const opm scale = static_cast<opm>(scale_d);
-      const opm shift = static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean[c]) * scale_d);
+      const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
+      const opm scale = aff.scale, shift = aff.shift;
       for (int64_t n = 0; n < N; ++n) {
         const scalar_t* __restrict__ p = x + (n * C + c) * HW;
         scalar_t* __restrict__ o = y + (n * C + c) * HW;
@@ -127,7 +150,7 @@ void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training
     std::vector<opm> shift(C);
     for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opm>(x[c]);
     std::vector<double> partial(size_t(chunks) * 2 * C);
-    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    at::parallel_for(0, chunks, grain_for(rpc * C), [&](int64_t k0, int64_t k1) {
       std::vector<opm> a(C), q(C);
       const opm* __restrict__ sh = shift.data();
       for (int64_t k = k0; k < k1; ++k) {
@@ -165,14 +188,13 @@ void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training
   }
   std::vector<opm> scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
-    const double scale_d = w ? double(w[c]) * invstd : invstd;
-    scale[c] = static_cast<opm>(scale_d);
-    shift[c] = static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean[c]) * scale_d);
+    const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
+    scale[c] = aff.scale;
+    shift[c] = aff.shift;
   }
   const opm* __restrict__ sc = scale.data();
   const opm* __restrict__ sh = shift.data();
-  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ p = x + r * C;
       scalar_t* __restrict__ o = y + r * C;
@@ -219,7 +241,7 @@ std::vector<Tensor> batch_norm_act_forward(const Tensor& x, const std::optional<
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward: dz = dy act'(y); db = sum dz; dw = invstd sum dz (x - mean);
+// Backward: dz = dy act'(z), z = x scale + shift recomputed (y is not read); db = sum dz; dw = invstd sum dz (x - mean);
 // dx = p dz + q x + o with p = w invstd, and in training q = -p invstd^2 sum dz (x - mean) / n,
 // o = -p sum dz / n - q mean (eval: q = o = 0, and dx is written in the reduction pass).
 // ------------------------------------------------------------------------------------------------
@@ -237,39 +259,41 @@ inline ChannelGrad channel_grad(double sum_dz, double sum_dzx, double mean, doub
 }
 
 template <typename scalar_t, int64_t ACT>
-void backward_planar(const scalar_t* gy, const scalar_t* x, const scalar_t* y, scalar_t* dx, const Layout& L,
-                     bool training, const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* mean,
+void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const Layout& L, bool training,
+                     const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b, const opmath_t<scalar_t>* mean,
                      const opmath_t<scalar_t>* var, opmath_t<scalar_t>* dw, opmath_t<scalar_t>* db, double eps,
                      opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const opm m = mean[c];
-      const double invstd = 1.0 / std::sqrt(double(var[c]) + eps);
-      const double wc = w ? double(w[c]) : 1.0;
+      const auto aff = channel_affine<opm>(w, b, m, var[c], eps, c);
+      const opm scale = aff.scale, shift = aff.shift;
+      const double invstd = aff.invstd, wc = w ? double(w[c]) : 1.0;
       const opm p_eval = static_cast<opm>(wc * invstd);
       double s_dz = 0, s_dzx = 0;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
         const scalar_t* __restrict__ g = gy + off;
         const scalar_t* __restrict__ xv = x + off;
-        const scalar_t* __restrict__ yv = y + off;
         opm a = 0, q = 0;
         if (training) {
 #pragma omp simd reduction(+ : a, q)
           for (int64_t i = 0; i < HW; ++i) {
-            const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
+            const opm xi = static_cast<opm>(xv[i]);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
             a += dz;
-            q += dz * (static_cast<opm>(xv[i]) - m);
+            q += dz * (xi - m);
           }
         } else {  // eval: dx needs no reduction, write it now
           scalar_t* __restrict__ o = dx + off;
 #pragma omp simd reduction(+ : a, q)
           for (int64_t i = 0; i < HW; ++i) {
-            const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
+            const opm xi = static_cast<opm>(xv[i]);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
             a += dz;
-            q += dz * (static_cast<opm>(xv[i]) - m);
+            q += dz * (xi - m);
             o[i] = static_cast<scalar_t>(dz * p_eval);
           }
         }
@@ -285,12 +309,12 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, const scalar_t* y, s
         const int64_t off = (n * C + c) * HW;
         const scalar_t* __restrict__ g = gy + off;
         const scalar_t* __restrict__ xv = x + off;
-        const scalar_t* __restrict__ yv = y + off;
         scalar_t* __restrict__ o = dx + off;
 #pragma omp simd
         for (int64_t i = 0; i < HW; ++i) {
-          const opm dz = static_cast<opm>(g[i]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[i]), alpha);
-          o[i] = static_cast<scalar_t>(dz * kp + static_cast<opm>(xv[i]) * kq + ko);
+          const opm xi = static_cast<opm>(xv[i]);
+          const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+          o[i] = static_cast<scalar_t>(dz * kp + xi * kq + ko);
         }
       }
     }
@@ -298,21 +322,26 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, const scalar_t* y, s
 }
 
 template <typename scalar_t, int64_t ACT>
-void backward_rows(const scalar_t* gy, const scalar_t* x, const scalar_t* y, scalar_t* dx, const Layout& L,
-                   bool training, const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* mean,
+void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const Layout& L, bool training,
+                   const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b, const opmath_t<scalar_t>* mean,
                    const opmath_t<scalar_t>* var, opmath_t<scalar_t>* dw, opmath_t<scalar_t>* db, double eps,
                    opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, R = L.rows();
   std::vector<double> invstd(C);
-  std::vector<opm> p_eval(C);
+  std::vector<opm> p_eval(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    invstd[c] = 1.0 / std::sqrt(double(var[c]) + eps);
-    p_eval[c] = static_cast<opm>((w ? double(w[c]) : 1.0) * invstd[c]);
+    const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
+    invstd[c] = aff.invstd;
+    scale[c] = aff.scale;
+    shift[c] = aff.shift;
+    p_eval[c] = static_cast<opm>((w ? double(w[c]) : 1.0) * aff.invstd);
   }
+  const opm* __restrict__ sc = scale.data();
+  const opm* __restrict__ sh = shift.data();
   const int64_t rpc = rows_per_chunk(R), chunks = (R + rpc - 1) / rpc;
   std::vector<double> partial(size_t(chunks) * 2 * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, chunks, grain_for(rpc * C), [&](int64_t k0, int64_t k1) {
     std::vector<opm> a(C), q(C);
     const opm* __restrict__ mc = mean;
     const opm* __restrict__ pe = p_eval.data();
@@ -324,21 +353,22 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, const scalar_t* y, sca
       for (int64_t r = k * rpc, r_end = std::min(R, (k + 1) * rpc); r < r_end; ++r) {
         const scalar_t* __restrict__ g = gy + r * C;
         const scalar_t* __restrict__ xv = x + r * C;
-        const scalar_t* __restrict__ yv = y + r * C;
         if (training) {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
+            const opm xi = static_cast<opm>(xv[c]);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
             pa[c] += dz;
-            pq[c] += dz * (static_cast<opm>(xv[c]) - mc[c]);
+            pq[c] += dz * (xi - mc[c]);
           }
         } else {
           scalar_t* __restrict__ o = dx + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
+            const opm xi = static_cast<opm>(xv[c]);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
             pa[c] += dz;
-            pq[c] += dz * (static_cast<opm>(xv[c]) - mc[c]);
+            pq[c] += dz * (xi - mc[c]);
             o[c] = static_cast<scalar_t>(dz * pe[c]);
           }
         }
@@ -369,33 +399,32 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, const scalar_t* y, sca
   const opm* __restrict__ pp = kp.data();
   const opm* __restrict__ pq = kq.data();
   const opm* __restrict__ po = ko.data();
-  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ g = gy + r * C;
       const scalar_t* __restrict__ xv = x + r * C;
-      const scalar_t* __restrict__ yv = y + r * C;
       scalar_t* __restrict__ o = dx + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const opm dz = static_cast<opm>(g[c]) * act_grad_from_output_ct<ACT>(static_cast<opm>(yv[c]), alpha);
-        o[c] = static_cast<scalar_t>(dz * pp[c] + static_cast<opm>(xv[c]) * pq[c] + po[c]);
+        const opm xi = static_cast<opm>(xv[c]);
+        const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
+        o[c] = static_cast<scalar_t>(dz * pp[c] + xi * pq[c] + po[c]);
       }
     }
   });
 }
 
 // Returns (dx, dweight, dbias); the parameter gradients in the op-math type (float32 / float64).
-std::vector<Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor& x, const Tensor& y,
-                                            const std::optional<Tensor>& weight, const Tensor& mean_t,
-                                            const Tensor& var_t, bool training, double eps, int64_t act,
-                                            double alpha) {
+std::vector<Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor& x,
+                                            const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& mean_t, const Tensor& var_t, bool training, double eps,
+                                            int64_t act, double alpha) {
   TORCH_CHECK(x.device().is_cpu(), "batch_norm_act: x must be a CPU tensor");
   const Layout L = layout_of(x);
   check_like_x(grad_out, x, L, "grad_out");
-  check_like_x(y, x, L, "y");
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t C = L.c;
-  Tensor w = channel_vector(weight, acc, C, "weight");
+  Tensor w = channel_vector(weight, acc, C, "weight"), b = channel_vector(bias, acc, C, "bias");
   Tensor mean = channel_vector(mean_t, acc, C, "mean"), var = channel_vector(var_t, acc, C, "var");
   Tensor dx = at::empty_like(x);
   Tensor dw = at::zeros({C}, x.options().dtype(acc)), db = at::zeros({C}, x.options().dtype(acc));
@@ -405,8 +434,8 @@ std::vector<Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t ACT = decltype(act_c)::value;
       auto run = L.planar ? backward_planar<scalar_t, ACT> : backward_rows<scalar_t, ACT>;
-      run(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), L,
-          training, ptr_or_null<opm>(w), mean.data_ptr<opm>(), var.data_ptr<opm>(), dw.data_ptr<opm>(),
+      run(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), L, training,
+          ptr_or_null<opm>(w), ptr_or_null<opm>(b), mean.data_ptr<opm>(), var.data_ptr<opm>(), dw.data_ptr<opm>(),
           db.data_ptr<opm>(), eps, static_cast<opm>(alpha));
     });
   });
@@ -422,8 +451,8 @@ void register_batch_norm_act(pybind11::module_& m) {
         pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"), pybind11::arg("act"),
         pybind11::arg("alpha"));
   m.def("batch_norm_act_backward", &batch_norm_act_backward,
-        "BatchNorm + activation backward (CPU): (dx, dweight, dbias) from the saved input and output",
-        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("weight"),
+        "BatchNorm + activation backward (CPU): (dx, dweight, dbias) from the saved input and statistics",
+        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"),
         pybind11::arg("act"), pybind11::arg("alpha"));
 }

@@ -10,7 +10,8 @@
   the cumulative average).
 * eval: the same with the running statistics, one pass.
 
-Backward (dz = dy * act'(z), act' recomputed from the saved output y): db = sum dz, dw = sum dz x_hat,
+Backward (dz = dy * act'(z), z recomputed in float32 from the saved input: x and the per-channel
+scale and shift; so y is not saved, and a bfloat16 output's rounding does not enter act'): db = sum dz, dw = sum dz x_hat,
 and in training dx = w/sigma (dz - mean(dz) - x_hat mean(dz x_hat)); in eval dx = w/sigma dz. Two
 per-channel reductions then one elementwise pass, as the forward.
 
@@ -135,15 +136,15 @@ def _(x, weight, bias, mean, var, training, eps, act, alpha, impl):
 
 
 @torch.library.custom_op("fastgan::batch_norm_act_backward", mutates_args=())
-def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor],
+def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float,
                  act: int, alpha: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias) from the saved input x and output y (grad_out in x's layout)."""
+    """(dx, dweight, dbias) from the saved input x and statistics (grad_out in x's layout)."""
     if impl == "cpu":
-        dx, dw, db = extension().batch_norm_act_backward(grad_out, x, y, weight, mean, var, training, eps, act,
+        dx, dw, db = extension().batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training, eps, act,
                                                          alpha)
     elif impl == "triton":
-        dx, dw, db = triton_module("batch_norm_act").batch_norm_act_backward(grad_out, x, y, weight, mean, var,
+        dx, dw, db = triton_module("batch_norm_act").batch_norm_act_backward(grad_out, x, weight, bias, mean, var,
                                                                              training, eps, act, alpha)
     elif impl == "ref":
         spec = _activation_by_index(act)
@@ -159,7 +160,7 @@ def _param_grad_dtype(grad: torch.Tensor, param: Optional[torch.Tensor]) -> torc
 
 
 @_backward_op.register_fake
-def _(grad_out, x, y, weight, bias, mean, var, training, eps, act, alpha, impl):
+def _(grad_out, x, weight, bias, mean, var, training, eps, act, alpha, impl):
     acc = _acc_dtype(x.dtype)
     c = x.shape[1]
     dw = x.new_empty(c, dtype=weight.dtype if weight is not None else acc)
@@ -181,18 +182,18 @@ def _layout_of(x: torch.Tensor) -> torch.memory_format:
 
 def _forward_setup(ctx, inputs, output):
     x, weight, bias, _mean, _var, training, eps, act, alpha, impl = inputs
-    y, mean, var = output
-    ctx.save_for_backward(x, y, weight, bias, mean, var)
+    _y, mean, var = output
+    ctx.save_for_backward(x, weight, bias, mean, var)
     ctx.args = (training, eps, act, alpha, impl)
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.mark_non_differentiable(mean, var)
 
 
 def _forward_backward(ctx, grad_y, _grad_mean, _grad_var):
-    x, y, weight, bias, mean, var = ctx.saved_tensors
+    x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, act, alpha, impl = ctx.args
     grad_y = grad_y.contiguous(memory_format=_layout_of(x))
-    dx, dw, db = _backward_op(grad_y, x, y, weight, bias, mean, var, training, eps, act, alpha, impl)
+    dx, dw, db = _backward_op(grad_y, x, weight, bias, mean, var, training, eps, act, alpha, impl)
     return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None, None, None,
             None)
 
@@ -201,7 +202,7 @@ _forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
 
 
 def _backward_setup(ctx, inputs, output):
-    grad_out, x, _y, weight, bias, mean, var, training, eps, act, alpha, _impl = inputs
+    grad_out, x, weight, bias, mean, var, training, eps, act, alpha, _impl = inputs
     ctx.save_for_backward(grad_out, x, weight, bias, mean, var)
     ctx.args = (training, eps, act, alpha)
 
@@ -209,8 +210,8 @@ def _backward_setup(ctx, inputs, output):
 def _backward_backward(ctx, gg_x, gg_w, gg_b):
     """Second order: re-derive (dx, dw, db) with the reference formulas (differentiable ops) and take
     their gradient. The result is the total derivative in grad_out, x, weight and bias (the batch
-    statistics are recomputed from x), so the inputs y, mean and var get none: they are functions of
-    x, weight and bias already accounted for."""
+    statistics are recomputed from x), so the inputs mean and var get none: they are functions of x
+    already accounted for (or, in eval mode, running statistics: buffers without gradient)."""
     grad_out, x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, act, alpha = ctx.args
     spec = _activation_by_index(act)
@@ -235,7 +236,7 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     g_go, g_x = next(it), next(it)
     g_w = next(it) if weight is not None else None
     g_b = next(it) if bias is not None else None
-    return g_go, g_x, None, g_w, g_b, None, None, None, None, None, None, None
+    return g_go, g_x, g_w, g_b, None, None, None, None, None, None, None
 
 
 _backward_op.register_autograd(_backward_backward, setup_context=_backward_setup)

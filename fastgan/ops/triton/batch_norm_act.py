@@ -8,7 +8,8 @@ channels_last the channels are (BLOCK_C large), so loads coalesce either way.
 Forward: ``_stats_kernel`` (per-channel sums of x - shift, in float32 (float64 for float64 x), one row of partials per split of
 the rows; shift = x[0, c] keeps the variance free of cancellation) then ``_apply_kernel``
 (y = act(x * scale + shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz,
-sum dz (x - mean), dz = dy act'(y)) then ``_grad_apply_kernel`` (dx = dz * p + x * q + r per channel).
+sum dz (x - mean), dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read)
+then ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel).
 Partial rows are summed by torch: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -77,14 +78,23 @@ def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW, W, s_n, s
 
 
 @triton.jit
-def _grad_stats_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, partial_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
+def _dz(gy, v, scale, shift, alpha, ACT: tl.constexpr):
+    """dy * act'(z) with z = x * scale + shift recomputed (act' through the table's rule in y)."""
+    y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
+    return gy * act_grad_from_output(y, alpha, ACT)
+
+
+@triton.jit
+def _grad_stats_kernel(gy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, partial_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
                        rows_per_split, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(y)."""
+    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(z)."""
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     row_start = split * rows_per_split
@@ -95,8 +105,7 @@ def _grad_stats_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, partial_ptr, alpha, R, C,
         offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
         gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.where(mask, gy * act_grad_from_output(y, alpha, ACT), 0.0)
+        dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
         acc_dz += dz
         acc_dzx += dz * tl.where(mask, v - mean[None, :], 0.0)
     out = partial_ptr + split * C + c
@@ -105,9 +114,9 @@ def _grad_stats_kernel(gy_ptr, x_ptr, y_ptr, mean_ptr, partial_ptr, alpha, R, C,
 
 
 @triton.jit
-def _grad_apply_kernel(gy_ptr, x_ptr, y_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW, W,
+def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW, W,
                        s_n, s_c, s_h, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(y)."""
+    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     c_mask = c < C
@@ -116,10 +125,11 @@ def _grad_apply_kernel(gy_ptr, x_ptr, y_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha,
     p = tl.load(p_ptr + c, mask=c_mask, other=0.0)
     q = tl.load(q_ptr + c, mask=c_mask, other=0.0)
     o = tl.load(o_ptr + c, mask=c_mask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-    dz = gy * act_grad_from_output(y, alpha, ACT)
+    dz = _dz(gy, v, scale, shift, alpha, ACT)
     dx = dz * p[None, :] + v * q[None, :] + o[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -176,6 +186,16 @@ def _channel_shift(x: torch.Tensor) -> torch.Tensor:
     return x[0].reshape(x.shape[1], -1)[:, 0]
 
 
+def _scale_shift(weight, bias, mean, var, eps: float):
+    """Per-channel z = x * scale + shift (float64, cast by the caller): scale = w invstd."""
+    invstd = torch.rsqrt(var.to(torch.float64) + eps)
+    scale = invstd if weight is None else weight.to(torch.float64) * invstd
+    shift = -mean.to(torch.float64) * scale
+    if bias is not None:
+        shift = shift + bias.to(torch.float64)
+    return invstd, scale, shift
+
+
 def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float):
     """(y, mean, biased var); see fastgan.ops.batch_norm_act._forward_op."""
     r, c, hw, w, strides = _geometry(x)
@@ -187,11 +207,7 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
         var = (sums[1] / r - m_shifted * m_shifted).clamp_min(0.0).to(acc)
     else:
         mean, var = mean.to(acc).clone(), var.to(acc).clone()
-    invstd = torch.rsqrt(var.to(torch.float64) + eps)
-    scale = invstd if weight is None else weight.to(torch.float64) * invstd
-    shift = -mean.to(torch.float64) * scale
-    if bias is not None:
-        shift = shift + bias.to(torch.float64)
+    _, scale, shift = _scale_shift(weight, bias, mean, var, eps)
     y = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
@@ -200,32 +216,33 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
     return y, mean, var
 
 
-def batch_norm_act_backward(grad_out, x, y, weight, mean, var, training: bool, eps: float, act: int, alpha: float):
+def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool, eps: float, act: int,
+                            alpha: float):
     """(dx, dweight, dbias), the parameter grads in the statistics' dtype; see
     fastgan.ops.batch_norm_act._backward_op."""
-    if grad_out.stride() != x.stride() or y.stride() != x.stride():
-        raise ValueError("batch_norm_act_backward (triton): grad_out, x and y must share strides")
+    if grad_out.stride() != x.stride():
+        raise ValueError("batch_norm_act_backward (triton): grad_out and x must share strides")
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
-    sums = _reduce_launch(_grad_stats_kernel, (grad_out, x, y, _channel_vector(mean, acc)), x, r, c, hw, w,
-                          strides, (alpha,), act=act)
+    invstd, scale, shift = _scale_shift(weight, bias, mean, var, eps)
+    scale_v, shift_v = _channel_vector(scale, acc), _channel_vector(shift, acc)
+    sums = _reduce_launch(_grad_stats_kernel, (grad_out, x, _channel_vector(mean, acc), scale_v, shift_v), x,
+                          r, c, hw, w, strides, (alpha,), act=act)
     sum_dz, sum_dzx = sums[0], sums[1]
-    mean64 = mean.to(torch.float64)
-    invstd = torch.rsqrt(var.to(torch.float64) + eps)
     dbias = sum_dz.to(acc)
     dweight = (sum_dzx * invstd).to(acc)
     # dx = p dz + q x + o: p = w invstd; in training q, o subtract the mean of dz and its projection on x_hat.
     p = invstd if weight is None else weight.to(torch.float64) * invstd
     if training:
         q = -p * invstd * invstd * sum_dzx / r
-        o = -p * sum_dz / r - q * mean64
+        o = -p * sum_dz / r - q * mean.to(torch.float64)
     else:
         q = torch.zeros_like(p)
         o = torch.zeros_like(p)
     dx = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
-    _grad_apply_kernel[grid](grad_out, x, y, dx, _channel_vector(p, acc), _channel_vector(q, acc),
+    _grad_apply_kernel[grid](grad_out, x, scale_v, shift_v, dx, _channel_vector(p, acc), _channel_vector(q, acc),
                              _channel_vector(o, acc), alpha, r, c, hw, w, *strides,
                              ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
     return dx, dweight, dbias

@@ -1,0 +1,97 @@
+"""BatchNorm + activation modules: drop-in replacements for ``nn.BatchNorm1d/2d`` followed by an
+activation, running ``fastgan.ops.batch_norm_act``.
+
+They subclass the torch modules, so parameters and buffers keep torch's names (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``): state_dicts load both ways, and
+``from_batchnorm`` wraps an existing BatchNorm sharing its very tensors (what ``fastgan.fuse`` does).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastgan.ops.activations import resolve_act
+from fastgan.ops.batch_norm_act import batch_norm_act
+
+
+class _BatchNormActMixin:
+    """forward() of nn.BatchNorm (same training / running-statistics logic) through the fused op."""
+
+    _torch_base: type = nn.modules.batchnorm._BatchNorm
+
+    def _init_act(self, act: str, alpha: Optional[float], impl: str) -> None:
+        spec, alpha_value = resolve_act(act, alpha)  # validates early, at construction
+        self.act = spec.name
+        self.alpha = alpha_value
+        self.impl = impl
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = self.momentum
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average: factor 1 / num_batches_tracked
+                num_batches_tracked = self.num_batches_tracked
+        # As nn.BatchNorm: batch statistics in training, or always when there are no running stats;
+        # running stats are updated only in training (and only if tracked).
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update_stats = self.training and self.track_running_stats
+        running_mean = self.running_mean if (not self.training or update_stats) else None
+        running_var = self.running_var if (not self.training or update_stats) else None
+        return batch_norm_act(input, self.weight, self.bias, running_mean, running_var, use_batch_stats,
+                              momentum=momentum, eps=self.eps, act=self.act, alpha=self.alpha, impl=self.impl,
+                              num_batches_tracked=num_batches_tracked)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}, alpha={self.alpha}"
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, act: str = "linear",
+                       alpha: Optional[float] = None, impl: str = "auto"):
+        """A module computing act(bn(x)) that SHARES bn's parameters and buffers (the same tensor
+        objects: training one trains the other; bn's state_dict keys are kept)."""
+        if type(bn) is not cls._torch_base:
+            raise TypeError(f"{cls.__name__}.from_batchnorm expects an {cls._torch_base.__name__} "
+                            f"(exactly that class), got {type(bn).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_features = bn.num_features
+        module.eps = bn.eps
+        module.momentum = bn.momentum
+        module.affine = bn.affine
+        module.track_running_stats = bn.track_running_stats
+        module.register_parameter("weight", bn.weight)  # same Parameter objects (None when affine=False)
+        module.register_parameter("bias", bn.bias)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            module.register_buffer(name, getattr(bn, name))  # same tensors (None when not tracked)
+        module.train(bn.training)
+        module._init_act(act, alpha, impl)
+        return module
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """``act(nn.BatchNorm1d(x))`` for (N, C) or (N, C, L) input, fused (``fastgan.ops.batch_norm_act``)."""
+
+    _torch_base = nn.BatchNorm1d
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, act: str = "linear",
+                 alpha: Optional[float] = None, impl: str = "auto") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_act(act, alpha, impl)
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``act(nn.BatchNorm2d(x))`` for (N, C, H, W) input (NCHW or channels_last), fused
+    (``fastgan.ops.batch_norm_act``)."""
+
+    _torch_base = nn.BatchNorm2d
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, act: str = "linear",
+                 alpha: Optional[float] = None, impl: str = "auto") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._init_act(act, alpha, impl)

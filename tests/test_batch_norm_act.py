@@ -1,0 +1,365 @@
+"""fastgan.ops.batch_norm_act and fastgan.nn.BatchNormAct1d/2d: every implementation x activation
+against torch's own F.batch_norm + activation in float64 (values, gradients, running statistics),
+layouts (NCHW, channels_last, 2-D, 3-D, non-contiguous), dtypes, batch 1, affine=False, no running
+stats, first- and second-order gradients, torch.compile, the modules against nn.BatchNorm over
+several steps, and the argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgan.nn import BatchNormAct1d, BatchNormAct2d
+from fastgan.ops import ACTIVATIONS, batch_norm_act
+from fastgan.ops.batch_norm_act import batch_norm_act_reference
+
+IMPLS = ["ref", "cpu", "triton"]
+ACTS = list(ACTIVATIONS)
+ACT_FNS = {"linear": lambda t, a: t, "relu": lambda t, a: torch.relu(t), "lrelu": lambda t, a: F.leaky_relu(t, a),
+           "tanh": lambda t, a: torch.tanh(t), "sigmoid": lambda t, a: torch.sigmoid(t)}
+TORCH_ACTS = {"linear": nn.Identity, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.2), "tanh": nn.Tanh,
+              "sigmoid": nn.Sigmoid}
+
+
+def expected(x, weight, bias, running_mean, running_var, training, momentum, eps, act, alpha):
+    """The specification written with torch's own batch_norm, in float64: (y, running_mean, running_var);
+    the running statistics are updated copies (None when not given)."""
+    rm = running_mean.double().clone() if running_mean is not None else None
+    rv = running_var.double().clone() if running_var is not None else None
+    use_batch = training or rm is None
+    y = F.batch_norm(x.double(), rm, rv, None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), use_batch, momentum, eps)
+    return ACT_FNS[act](y, alpha), rm, rv
+
+
+def close(actual, expected_, rtol, what=""):
+    actual, expected_ = actual.double(), expected_.double()
+    atol = rtol * max(1.0, float(expected_.detach().abs().max())) if expected_.numel() else rtol
+    torch.testing.assert_close(actual, expected_, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def make_x(shape, layout, dtype):
+    if layout == "noncontiguous":  # every other column of a wider tensor
+        wide = list(shape)
+        wide[-1] *= 2
+        x = torch.randn(wide)[..., ::2]
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(shape)
+    x = (x * 1.5 + 0.7).to(dtype)  # non-zero mean: the statistics must not cancel
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+# (shape, layout): 2-D, batch-1 maps, channels_last, odd channel counts, sizes beyond one tile,
+# a (N, C, L) input, non-contiguous, H*W == 1.
+CASES = [
+    ((6, 5), "contiguous"),
+    ((1, 3, 5, 5), "contiguous"),
+    ((1, 5, 3, 3), "channels_last"),
+    ((4, 7, 3, 9), "channels_last"),
+    ((3, 3, 30, 31), "contiguous"),
+    ((4, 67, 5, 3), "channels_last"),
+    ((5, 11, 6), "contiguous"),
+    ((4, 9, 6, 5), "noncontiguous"),
+    ((7, 6, 1, 1), "contiguous"),
+]
+DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,layout,dtype", [case + (torch.float32,) for case in CASES] +
+                         [case + (torch.bfloat16,) for case in (CASES[1], CASES[5], CASES[7])])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_torch_batch_norm(impl, shape, layout, dtype, training):
+    rtol = DTYPES[dtype]
+    c = shape[1]
+    for act in ACTS:
+        x = make_x(shape, layout, dtype).requires_grad_(True)
+        weight = (torch.rand(c) + 0.5).requires_grad_(True)
+        bias = torch.randn(c).requires_grad_(True)
+        rm, rv = torch.randn(c), torch.rand(c) + 0.5
+        rm_fast, rv_fast = rm.clone(), rv.clone()
+        y = batch_norm_act(x, weight, bias, rm_fast, rv_fast, training, 0.1, 1e-5, act, None, impl)
+        assert y.dtype == dtype and y.shape == x.shape
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+        x64 = x.detach().double().requires_grad_(True)
+        w64, b64 = weight.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+        y_exp, rm_exp, rv_exp = expected(x64, w64, b64, rm, rv, training, 0.1, 1e-5, act, 0.2)
+        what = f"{impl} {act} {shape} {layout} {dtype} training={training}"
+        close(y, y_exp, rtol, what + " y")
+        close(rm_fast, rm_exp, 1e-5, what + " running_mean")
+        close(rv_fast, rv_exp, 1e-5, what + " running_var")
+        grad_y = torch.randn(shape, dtype=dtype)
+        dx, dw, db = torch.autograd.grad(y, (x, weight, bias), grad_y)
+        dx_exp, dw_exp, db_exp = torch.autograd.grad(y_exp, (x64, w64, b64), grad_y.double())
+        close(dx, dx_exp, rtol, what + " dx")
+        close(dw, dw_exp, rtol, what + " dweight")
+        close(db, db_exp, rtol, what + " dbias")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(4, 5, 3, 3), (6, 3)])
+def test_affine_false_and_no_running_stats(impl, shape):
+    """weight/bias None and running stats None (batch statistics also for training=False)."""
+    x = make_x(shape, "contiguous", torch.float32).requires_grad_(True)
+    for training in (True, False):
+        y = batch_norm_act(x, None, None, None, None, training, act="lrelu", impl=impl)
+        x64 = x.detach().double().requires_grad_(True)
+        y_exp, _, _ = expected(x64, None, None, None, None, True, 0.1, 1e-5, "lrelu", 0.2)
+        close(y, y_exp, 1e-5, f"{impl} y")
+        g = torch.randn(shape)
+        close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_exp, x64, g.double())[0], 1e-5, f"{impl} dx")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_float64_and_large_mean(impl):
+    """float64 keeps float64 accuracy; a large common offset does not destroy the variance."""
+    x = (torch.randn(4, 5, 6, 7, dtype=torch.float64) + 1e4).requires_grad_(True)
+    w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    y = batch_norm_act(x, w, b, None, None, True, act="tanh", impl=impl)
+    y_exp, _, _ = expected(x, w, b, None, None, True, 0.1, 1e-5, "tanh", 0.0)
+    close(y, y_exp, 1e-10, "float64")
+    x32 = x.detach().float()
+    y32 = batch_norm_act(x32, w.float(), b.float(), None, None, True, act="tanh", impl=impl)
+    close(y32, y_exp, 2e-3, "float32 with offset 1e4")  # limited by x's own rounding at 1e4 (~5e-4)
+
+
+def _pair(kind, c, act, alpha, **kw):
+    """(torch BatchNorm + activation, fastgan module with identical parameters)."""
+    torch_bn = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d}[kind](c, **kw)
+    ours = {"1d": BatchNormAct1d, "2d": BatchNormAct2d}[kind](c, act=act, alpha=alpha, **kw)
+    if torch_bn.affine:
+        with torch.no_grad():
+            torch_bn.weight.uniform_(0.5, 1.5)
+            torch_bn.bias.normal_()
+    ours.load_state_dict(torch_bn.state_dict())
+    act_module = TORCH_ACTS[act]() if act != "lrelu" or alpha is None else nn.LeakyReLU(alpha)
+    return nn.Sequential(torch_bn, act_module), ours
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind,shape,kw", [
+    ("2d", (4, 6, 5, 5), {}),
+    ("2d", (1, 5, 4, 3), {"momentum": None}),
+    ("2d", (3, 4, 3, 3), {"affine": False}),
+    ("2d", (3, 4, 3, 3), {"track_running_stats": False}),
+    ("1d", (8, 7), {}),
+    ("1d", (4, 3, 9), {"momentum": 0.3}),
+])
+def test_module_matches_torch_over_steps(impl, kind, shape, kw):
+    torch_model, ours = _pair(kind, shape[1], "lrelu", None, **kw)
+    ours.impl = impl
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = torch_model(x1), ours(x2)
+        close(y2, y1, 1e-5, f"step {step} y")
+        g = torch.randn(shape)
+        y1.backward(g)
+        y2.backward(g)
+        close(x2.grad, x1.grad, 1e-5, f"step {step} dx")
+        if ours.affine:
+            close(ours.weight.grad, torch_model[0].weight.grad, 1e-5, "dweight")
+            close(ours.bias.grad, torch_model[0].bias.grad, 1e-5, "dbias")
+    torch_sd, our_sd = torch_model[0].state_dict(), ours.state_dict()
+    assert list(torch_sd) == list(our_sd)
+    for key in torch_sd:
+        close(our_sd[key], torch_sd[key], 1e-6, key)  # running stats and num_batches_tracked
+    torch_model.eval()
+    ours.eval()
+    x = torch.randn(shape)
+    close(ours(x), torch_model(x), 1e-5, "eval y")
+
+
+def test_module_state_dict_both_ways_and_from_batchnorm():
+    bn = nn.BatchNorm2d(6)
+    bn(torch.randn(4, 6, 3, 3))  # non-trivial running stats
+    ours = BatchNormAct2d(6, act="relu")
+    ours.load_state_dict(bn.state_dict())
+    back = nn.BatchNorm2d(6)
+    back.load_state_dict(ours.state_dict())
+    for key, value in bn.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+
+    fused = BatchNormAct2d.from_batchnorm(bn, act="lrelu", alpha=0.1)
+    assert fused.weight is bn.weight and fused.bias is bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(fused, name) is getattr(bn, name)
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    assert [p for p in fused.parameters()] == [p for p in bn.parameters()]
+    reference = nn.BatchNorm2d(6)
+    reference.load_state_dict(bn.state_dict())
+    x = torch.randn(3, 6, 4, 4)
+    close(fused(x), F.leaky_relu(reference(x), 0.1), 1e-5, "from_batchnorm train")
+    close(bn.running_mean, reference.running_mean, 1e-6, "shared running_mean updated")
+    assert int(bn.num_batches_tracked) == int(reference.num_batches_tracked) == 2
+    fused.eval()
+    reference.eval()
+    close(fused(x), F.leaky_relu(reference(x), 0.1), 1e-5, "from_batchnorm eval")
+
+    plain = nn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    fused1 = BatchNormAct1d.from_batchnorm(plain, act="tanh")
+    assert fused1.weight is None and fused1.running_mean is None
+    x = torch.randn(5, 3)
+    close(fused1(x), torch.tanh(plain(x)), 1e-5, "1d affine=False")
+    with pytest.raises(TypeError, match="BatchNorm2d"):
+        BatchNormAct2d.from_batchnorm(nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="act"):
+        BatchNormAct2d(3, act="swish")
+
+
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout,act", [
+    ((3, 2, 2, 3), "contiguous", "tanh"),
+    ((2, 3, 2, 2), "channels_last", "sigmoid"),
+    ((5, 3), "contiguous", "lrelu"),
+])
+def test_gradcheck_and_gradgradcheck(impl, training, shape, layout, act):
+    x = make_x(shape, layout, torch.float64).requires_grad_(True)
+    c = shape[1]
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(c, dtype=torch.float64).requires_grad_(True)
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x, w, b):  # fresh copies: the running statistics must not drift between evaluations
+        return batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act=act, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def _second_order(impl, x, w, b, act, training):
+    """R1-style: d/d(x, w, b) of sum(dy/dx * v), with the first gradient taken with create_graph."""
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    b = b.detach().requires_grad_(True)
+    rm, rv = torch.zeros(x.shape[1]), torch.ones(x.shape[1])
+    y = batch_norm_act(x, w, b, rm, rv, training, act=act, impl=impl)
+    g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    (dx,) = torch.autograd.grad(y, x, g, create_graph=True)
+    v = torch.cos(torch.arange(dx.numel(), dtype=torch.float32)).reshape(dx.shape)
+    return torch.autograd.grad((dx * v).sum(), (x, w, b))
+
+
+@pytest.mark.parametrize("act", ["lrelu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_second_order_matches_reference(act, training, layout):
+    x = make_x((3, 4, 3, 5), layout, torch.float32)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    for got, want in zip(_second_order("triton", x, w, b, act, training), _second_order("ref", x, w, b, act, training)):
+        close(got, want, 1e-5, "second order")
+
+
+def test_triton_gradgradcheck_float64():
+    x = make_x((2, 2, 1, 3), "channels_last", torch.float64).requires_grad_(True)
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(2, dtype=torch.float64).requires_grad_(True)
+
+    def fn(x, w, b):
+        return batch_norm_act(x, w, b, None, None, True, act="tanh", impl="triton")
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_reference_matches_torch_and_updates_stats():
+    x = torch.randn(4, 3, 5, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    nbt = torch.tensor(2)
+    y = batch_norm_act_reference(x, None, None, rm, rv, True, None, 1e-5, "relu", num_batches_tracked=nbt)
+    y_exp, rm_exp, rv_exp = expected(x, None, None, torch.zeros(3), torch.ones(3), True, 0.5, 1e-5, "relu", 0.0)
+    close(y, y_exp, 1e-5, "y")
+    close(rm, rm_exp, 1e-6, "cumulative running_mean")
+    close(rv, rv_exp, 1e-6, "cumulative running_var")
+
+
+class _ConvBNAct(nn.Module):
+    def __init__(self, impl):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(8, act="lrelu", impl=impl)
+        self.bn1d = BatchNormAct1d(8, act="tanh", momentum=None, impl=impl)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return self.bn1d(h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("impl", ["cpu"])
+def test_torch_compile_fullgraph(impl):
+    torch._dynamo.reset()
+    eager = _ConvBNAct(impl)
+    compiled_model = _ConvBNAct(impl)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 6, 6)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = eager(x1), compiled(x2)
+        close(y2, y1, 1e-5, "compiled y")
+        y1.sum().backward()
+        y2.sum().backward()
+        close(x2.grad, x1.grad, 1e-5, "compiled dx")
+        close(compiled_model.bn.weight.grad, eager.bn.weight.grad, 1e-5, "compiled dweight")
+    for key, value in eager.state_dict().items():
+        close(compiled_model.state_dict()[key], value, 1e-5, f"compiled {key}")
+    assert int(compiled_model.bn.num_batches_tracked) == 2
+    compiled_model.eval()
+    eager.eval()
+    x = torch.randn(2, 3, 6, 6)
+    close(compiled(x), eager(x), 1e-5, "compiled eval")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_argument_errors(impl):
+    x = torch.randn(4, 3, 5, 5)
+    ok = dict(weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3))
+
+    def call(x=x, **over):
+        args = {**ok, **over}
+        return batch_norm_act(x, args["weight"], args["bias"], args["running_mean"], args["running_var"],
+                              args.get("training", True), impl=impl, **{k: v for k, v in over.items()
+                                                                       if k in ("momentum", "eps", "act", "alpha")})
+
+    with pytest.raises(ValueError, match="x must have shape"):
+        call(x=torch.randn(4, 3, 2, 2, 2))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        call(x=torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x must have dtype"):
+        call(x=torch.ones(4, 3).to(torch.float8_e4m3fn))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        call(x=[[1.0]])
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        call(weight=torch.ones(4))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        call(bias=torch.ones(3, 1))
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        call(running_var=torch.ones(2))
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        call(running_var=None)
+    with pytest.raises(ValueError, match="weight is on meta"):
+        call(weight=torch.ones(3, device="meta"))
+    with pytest.raises(ValueError, match="act must be one of"):
+        call(act="swish")
+    with pytest.raises(ValueError, match="alpha"):
+        call(act="lrelu", alpha=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        call(eps=-1.0)
+    with pytest.raises(ValueError, match="momentum=None"):
+        call(momentum=None)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        batch_norm_act(x, None, None, None, None, True, impl="cuda")
+    # Batch statistics need more than one value per channel, as torch says.
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.batch_norm(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        call(x=torch.randn(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNormAct1d(3)(torch.randn(1, 3))
+    # ... but eval mode normalises a single sample with the running statistics.
+    y = call(x=torch.randn(1, 3), training=False)
+    assert y.shape == (1, 3)
