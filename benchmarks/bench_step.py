@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import common
-from conftest import bench_device
 
-DEVICE = bench_device()
+DEVICE = common.select_device()
 PROBLEMS = common.problems(DEVICE)
 # One timed call runs this many steps, then synchronises: on CUDA a sync per step would stall the
 # host-side launch pipeline that eager PyTorch relies on; CUDA events time the same calls.
@@ -39,12 +38,16 @@ class ProblemRun:
         initial = problem.models(seed=0)
         self.prepared = {
             name: common.prepare(lambda name=name: common.make_contender(name, problem, DEVICE, initial),
-                                 self.inputs, steps=CHECK_STEPS)
+                                 self.inputs, steps=CHECK_STEPS, initial=initial)
             for name in common.CONTENDERS
         }
         rtol, atol = common.default_tolerance(DEVICE)
         common.check_equivalent({n: p.losses for n, p in self.prepared.items()}, reference="naive",
-                                rtol=rtol, atol=atol)
+                                rtol=rtol, atol=atol,
+                                updates={n: p.updates for n, p in self.prepared.items()},
+                                update_rtol=common.default_update_tolerance(DEVICE))
+        for p in self.prepared.values():
+            p.updates = None  # only needed for the check
         self.flops = common.step_flops(problem, DEVICE, initial)
         self.medians: dict[str, float] = {}
 

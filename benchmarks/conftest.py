@@ -12,14 +12,9 @@ import common
 import machine
 
 
-def bench_device() -> torch.device:
-    """Where the suites run: the first GPU when there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return bench_device()
+    return common.select_device()
 
 
 @pytest.fixture(scope="session")

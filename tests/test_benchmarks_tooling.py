@@ -1,0 +1,244 @@
+"""The benchmark tooling: report.py's ratios, the contender-equivalence check, the memory and FLOP
+measurements of benchmarks/common.py, machine.py, and gpu_check.sh's dry run on CPU."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    """Import benchmarks/<name>.py under a private name (benchmarks/ is not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # report.py / common.py import their siblings
+    spec = importlib.util.spec_from_file_location(f"_fastgan_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load("report")
+common = _load("common")
+machine = _load("machine")
+
+
+# ---------------------------------------------------------------------------------------------
+# report.py
+# ---------------------------------------------------------------------------------------------
+
+def _bench(group, contender, median, *, iqr=0.001, rounds=10, steps=1, **extra):
+    return {"group": group, "name": f"bench[{group}-{contender}]", "params": {"contender": contender},
+            "extra_info": {"contender": contender, "steps_per_round": steps, **extra},
+            "stats": {"median": median, "iqr": iqr, "rounds": rounds, "min": median, "max": median}}
+
+
+def _synthetic(tmp_path, benches, name="bench.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"machine_info": {}, "benchmarks": benches}))
+    return path
+
+
+def test_report_ratios_are_exact(tmp_path):
+    path = _synthetic(tmp_path, [
+        _bench("step A", "naive", 0.030, peak_memory_bytes=3 * 2 ** 20, limit_s=0.002),
+        _bench("step A", "tuned", 0.015, limit_s=0.002),
+        _bench("step A", "compile", 0.012, compile_time_s=4.5, limit_s=0.002),
+        _bench("step A", "fastgan", 0.010, peak_memory_bytes=2 ** 20, limit_s=0.002),
+        # 10 steps per timed call: per-step time is median / 10
+        _bench("step B", "naive", 0.50, steps=10),
+        _bench("step B", "fastgan", 0.04, steps=10),
+    ])
+    groups = report.load_groups([path])
+    assert [g.name for g in groups] == ["step A", "step B"]
+    ratios = report.speedups(groups)
+    assert ratios["step A"] == pytest.approx({"naive": 3.0, "tuned": 1.5, "compile": 1.2}, rel=1e-12)
+    assert ratios["step B"] == pytest.approx({"naive": 12.5}, rel=1e-12)
+    assert groups[1].entry("fastgan").median_s == pytest.approx(0.004, rel=1e-12)
+
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out-dir", str(out), "--title", "T"]) == 0
+    text = (out / "report.md").read_text()
+    assert "| step A | 10.000 ms | 3.00× | 1.50× | 1.20× | 20.0% |" in text
+    assert "| step B | 4.000 ms | 12.50× | – | – | – |" in text
+    assert "| naive | 30.000 ms | 1.000 ms | 10 | 3.0 | – | 3.00× | 6.7% |" in text
+    assert "| compile | 12.000 ms | 1.000 ms | 10 | – | 4.500 s | 1.20× | 16.7% |" in text
+    assert "| limit (FLOPs / matmul rate) | 2.000 ms |" in text
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_report_prefers_cuda_event_times_and_names_contenders(tmp_path):
+    bench = _bench("g", "fastgan", 1.0, steps=10, event_median_s=0.05)
+    other = _bench("g", "eager", 2.0, steps=10, event_median_s=0.2)
+    no_extra = {"group": "h", "name": "bench_x[64-ref]", "params": {"n": 64, "impl": "ref"},
+                "extra_info": {}, "stats": {"median": 1e-5, "iqr": 0, "rounds": 3}}
+    groups = report.load_groups([_synthetic(tmp_path, [bench, other, no_extra])])
+    assert groups[0].entry("fastgan").median_s == 0.05 and groups[0].entry("fastgan").timer == "cuda events"
+    assert report.speedups(groups)["g"] == {"eager": pytest.approx(4.0, rel=1e-12)}
+    assert groups[1].entries[0].contender == "64-ref"
+    assert "h" not in report.speedups(groups)  # no fastgan in that group: times only, no ratio
+    assert "### h" in report.markdown(groups)
+
+
+def test_report_rejects_duplicate_contenders_and_empty_input(tmp_path):
+    dup = _synthetic(tmp_path, [_bench("g", "naive", 1.0), _bench("g", "naive", 2.0)])
+    with pytest.raises(ValueError, match="contender 'naive' twice"):
+        report.load_groups([dup])
+    empty = _synthetic(tmp_path, [], name="empty.json")
+    assert report.main([str(empty), "--out-dir", str(tmp_path / "o")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# common.py: equivalence check, memory, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+SMALL = common.Problem("toy-small", 32, (2,), (2,), lambda: common.toy2d_gan(hidden=16))
+
+
+class _WrongGLearningRate(common.TunedEager):
+    """Deliberately wrong: G's learning rate doubled (invisible in the first step's losses)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        for group in self.opt_g.param_groups:
+            group["lr"] = 2 * common.LR
+
+
+class _WrongNoDUpdate(common.TunedEager):
+    """Deliberately wrong: skips D's optimizer step (and is therefore faster)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.opt_d.step = lambda *a, **k: None
+
+
+def _prepare(contender_cls, initial, inputs, steps=3):
+    def build():
+        g, d = copy.deepcopy(initial[0]), copy.deepcopy(initial[1])
+        if contender_cls is common.NaiveEager:
+            return contender_cls(g, d, "cpu")
+        return contender_cls(g, d, "cpu", SMALL.batch)
+    return common.prepare(build, inputs, steps=steps, initial=initial)
+
+
+def test_equivalence_check_accepts_equal_and_catches_wrong_contenders():
+    initial = SMALL.models(seed=0)
+    inputs = common.InputSets(SMALL, "cpu", count=3)
+    runs = {"naive": _prepare(common.NaiveEager, initial, inputs),
+            "tuned": _prepare(common.TunedEager, initial, inputs)}
+    losses = {n: r.losses for n, r in runs.items()}
+    updates = {n: r.updates for n, r in runs.items()}
+    common.check_equivalent(losses, updates=updates)  # the two eager loops compute the same step
+    assert float(updates["naive"][0].abs().max()) > 0 and float(updates["naive"][1].abs().max()) > 0
+
+    # G's learning rate doubled: the losses of three steps barely move (a step changes them by ~lr)...
+    wrong = _prepare(_WrongGLearningRate, initial, inputs)
+    common.check_equivalent(dict(losses, wrong=wrong.losses))
+    # ...the update of G's parameters does
+    with pytest.raises(common.ContenderMismatch, match=r"'wrong': its update of G's parameters"):
+        common.check_equivalent(dict(losses, wrong=wrong.losses), updates=dict(updates, wrong=wrong.updates))
+
+    # D never updated: the first step's g_loss (computed by the updated D) already differs
+    skipped = _prepare(_WrongNoDUpdate, initial, inputs)
+    with pytest.raises(common.ContenderMismatch, match=r"'wrong' step 0: g_loss"):
+        common.check_equivalent(dict(losses, wrong=skipped.losses))
+    with pytest.raises(common.ContenderMismatch, match=r"'wrong': its update of [GD]'s parameters"):
+        common.check_equivalent(losses, updates=dict(updates, wrong=skipped.updates))
+
+    nan = dict(losses, bad=[(float("nan"), 0.0)] * 3)
+    with pytest.raises(common.ContenderMismatch, match="'bad' step 0: d_loss = nan"):
+        common.check_equivalent(nan)
+
+
+def test_prepare_measures_memory_and_records_first_losses():
+    initial = SMALL.models(seed=0)
+    inputs = common.InputSets(SMALL, "cpu", count=3)
+    prepared = common.prepare(lambda: common.make_contender("naive", SMALL, "cpu", initial), inputs, steps=3)
+    g, d = copy.deepcopy(initial[0]), copy.deepcopy(initial[1])
+    eager = common.NaiveEager(g, d, "cpu")
+    assert prepared.losses == [tuple(float(x) for x in eager.step(*inputs[i])) for i in range(3)]
+    param_bytes = sum(p.numel() * p.element_size() for m in initial for p in m.parameters())
+    # the copies of the parameters, their gradients and Adam's two moments are all allocated inside
+    assert prepared.peak_memory_bytes >= 4 * param_bytes
+    assert prepared.peak_memory_bytes < 100 * param_bytes + 2 ** 20
+    assert "profiler" in prepared.memory_method and prepared.first_steps_s > 0
+
+
+def test_step_flops_counts_every_matmul_of_the_tuned_step():
+    dims_g, dims_d, batch = [3, 5, 7], [7, 4, 1], 6
+    problem = common.Problem("flops", batch, (3,), (7,), lambda: (
+        nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 7)),
+        nn.Sequential(nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 1), nn.Sigmoid())))
+    mm = lambda dims, b: [2 * b * i * o for i, o in zip(dims, dims[1:])]  # noqa: E731
+    g, d = mm(dims_g, batch), mm(dims_d, batch)
+    expected = (sum(g)                         # G forward (shared by both updates)
+                + 2 * sum(d)                   # D forward on real and on fake
+                + 2 * (sum(d) + sum(d[1:]))    # D backward: weight grads, input grads past layer 1
+                + sum(d)                       # G step: D forward on fake
+                + sum(d)                       # G step: D backward, input grads only (D frozen)
+                + sum(g) + sum(g[1:]))         # G backward: weight grads, input grads past layer 1
+    assert common.step_flops(problem, "cpu", problem.models()) == expected
+
+
+def test_problems_share_models_and_inputs_rotate():
+    probs = {p.name: p for p in common.problems("cpu")}
+    assert {"mlp-b64", "mlp-b512", "toy2d-b256"} <= set(probs) and any(n.startswith("dcgan") for n in probs)
+    g, d = probs["mlp-b64"].models(seed=3)
+    g2, _ = probs["mlp-b64"].models(seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(g.parameters(), g2.parameters()))
+    assert [m.out_features for m in g if isinstance(m, nn.Linear)] == [256, 512, 784]
+    inputs = common.InputSets(probs["mlp-b64"], "cpu", count=3)
+    first = inputs.next()
+    assert first[0].shape == (64, 784) and first[1].shape == (64, 64)
+    assert not torch.equal(first[0], inputs.next()[0])
+    inputs.next()
+    assert inputs.next()[0] is first[0]
+
+
+def test_machine_description():
+    info = machine.describe()
+    for key in ("cpu_model", "cpu_count", "torch", "triton", "device", "date_utc"):
+        assert key in info
+    json.dumps(info)
+    assert "cores" in machine.short_name(info) or info["device"] == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# gpu_check.sh
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU mode; a CUDA machine runs it for real")
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu check"   # a space in the path must not break the script
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "bench_step: ok" in summary and "report: ok" in summary and "all phases ok" in summary
+    assert json.loads((out / "machine.json").read_text())["device"] == "cpu"
+    results = json.loads((out / "bench_step.json").read_text())["benchmarks"]
+    assert {b["extra_info"]["contender"] for b in results} == set(common.CONTENDERS)
+    assert "| step toy2d-b256 (cpu) |" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 1000
+
+
+def test_gpu_check_refuses_without_cuda_unless_dry_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3 and "--dry-run" in proc.stdout
