@@ -43,7 +43,13 @@ Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
   ``g_step``, ``step``, with and without a due R1 step, per batch shape) runs eagerly twice as
   warm-up, then is captured once (noise drawn inside the graph from the trainer's generator, the
   batch copied into a static buffer, optimizer steps included) and replayed. If capture fails the
-  trainer warns once and stays eager.
+  trainer warns once and stays eager. What a replay does is fixed at capture: Python-side
+  changes afterwards do not reach it. Give a learning-rate scheduler a tensor ``lr`` on the device
+  (fastgan's fused optimizers read tensor learning rates inside the kernel) and do not change
+  ``ema.beta`` after the first steps, or pass ``cuda_graphs=False``. Each batch shape gets its own
+  graph (``fit`` keeps one shape by dropping incomplete batches).
+* **Stats** are 0-d tensors on the device; nothing in a step reads a value back to the host.
+  Under CUDA graphs they are copies of the graph's outputs (one small copy per call).
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ import numbers
 import os
 import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -879,7 +886,9 @@ class Trainer:
             raise RuntimeError("this torch cannot capture a private torch.Generator in a CUDA graph")
         torch.cuda.synchronize(self.device)
         static_in = entry.static_real if entry.static_real is not None else real
-        with torch.cuda.graph(graph):
+        # thread_local: unsafe CUDA calls of other threads (a DataLoader's pin-memory thread) do not
+        # invalidate the capture (torch.compile's CUDA-graph trees capture the same way).
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             stats = eager(static_in, entry.static_z, r1_due)
             names = tuple(stats)
             out = torch.stack([stats[n].float() for n in names])
@@ -1050,7 +1059,7 @@ class Trainer:
                 yield batch
             if got == 0:
                 raise ValueError("data is empty (the iterable yielded no batch)")
-            if data is iter(data):  # a one-shot iterator (e.g. a generator) cannot be cycled
+            if isinstance(data, Iterator):  # a one-shot iterator (e.g. a generator) cannot be cycled
                 raise ValueError("data ran out: a one-shot iterator (such as a generator) was exhausted before "
                                  "`steps` were done; pass a re-iterable (list, DataLoader, tensor) or an endless one")
 
