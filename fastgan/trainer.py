@@ -212,6 +212,28 @@ class _GraphEntry:
         self.out: torch.Tensor | None = None
 
 
+_DEFAULT_OPTIMIZER = ("fastgan.optim.fused", "FusedAdam")
+
+
+def _rebuild_optimizer(cfg: dict[str, Any], params: list) -> torch.optim.Optimizer:
+    """An optimizer like the recorded one over ``params``, for ``Trainer.load``: fastgan's fused ones
+    come back as their torch counterparts, which the Trainer turns into fused twins (with the EMA)."""
+    import importlib
+    defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg["defaults"].items()}
+    if cfg["module"].startswith("fastgan.") and cfg["class"] == "FusedSGD":
+        cls = torch.optim.SGD
+    elif cfg["module"].startswith("fastgan.") and cfg["class"] == "FusedAdam":
+        cls = torch.optim.AdamW if defaults.get("decoupled_weight_decay") else torch.optim.Adam
+    else:
+        cls = getattr(importlib.import_module(cfg["module"]), cfg["class"])
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        defaults = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
+    for key in ("foreach", "fused", "capturable", "differentiable"):
+        defaults.pop(key, None)
+    return cls(params, **defaults)
+
+
 # ------------------------------------------------------------------------------------------------
 # Trainer
 # ------------------------------------------------------------------------------------------------
@@ -1197,36 +1219,14 @@ class Trainer:
                                                        "gp_lambda", "ema_beta", "pack", "precision", "fuse",
                                                        "joint_d_forward", "seed")}
         kwargs["latent_dim"] = tuple(cfg["latent_dim"])
+        for name, net in (("g_optimizer", generator), ("d_optimizer", discriminator)):
+            recorded = cfg[name]
+            if name not in overrides and (recorded["module"], recorded["class"]) != _DEFAULT_OPTIMIZER:
+                kwargs[name] = _rebuild_optimizer(recorded, [p for p in net.parameters() if p.requires_grad])
         kwargs.update(overrides)
         trainer = cls(generator, discriminator, **kwargs)
-        for name, fused_attr, params, ema in (("g_optimizer", "_g_fused", trainer._g_trainable, trainer.ema),
-                                              ("d_optimizer", "_d_fused", trainer._d_trainable, None)):
-            if name in overrides:
-                continue
-            recorded = cfg[name]
-            current = getattr(trainer, name)
-            if (type(current).__module__, type(current).__name__) == (recorded["module"], recorded["class"]):
-                continue  # load_state_dict restores its hyper-parameters
-            opt, fused = trainer._rebuild_optimizer(recorded, params, ema)
-            if trainer.precision == "fp16" and not fused:
-                raise ValueError(f"the checkpoint's {name} is a {recorded['class']}, which fp16 cannot use")
-            setattr(trainer, name, opt)
-            setattr(trainer, fused_attr, fused)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state)  # also restores the optimizers' hyper-parameters and state
         return trainer
-
-    def _rebuild_optimizer(self, cfg: dict[str, Any], params: list, ema):
-        """(optimizer of the recorded class over ``params``, whether it is one of fastgan's fused ones)."""
-        import importlib
-        cls = getattr(importlib.import_module(cfg["module"]), cfg["class"])
-        defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg["defaults"].items()}
-        fused = cfg["module"].startswith("fastgan.")
-        if fused and ema is not None:
-            defaults["ema"] = ema
-        accepted = inspect.signature(cls.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            defaults = {k: v for k, v in defaults.items() if k in accepted}
-        return cls(params, **defaults), fused
 
     def __repr__(self) -> str:
         return (f"Trainer(loss={self.loss!r}, d_steps={self.d_steps}, latent_dim={self.latent_dim}, "

@@ -241,6 +241,32 @@ def test_resume_equals_uninterrupted_run(tmp_path, precision):
         assert torch.equal(a["scaler"]["d"]["scale"], b["scaler"]["d"]["scale"])
 
 
+def test_resume_with_user_optimizers(tmp_path):
+    """Torch optimizers given to the trainer run as fused twins; the checkpoint brings them back."""
+    def build(model_seed):
+        g, d = mlp_pair(model_seed)
+        return Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, ema_beta=0.5,
+                       g_optimizer=torch.optim.AdamW(g.parameters(), lr=1e-3, weight_decay=0.1),
+                       d_optimizer=torch.optim.SGD(d.parameters(), lr=1e-2, momentum=0.9, nesterov=True))
+
+    x = data_tensor(24)
+    whole = build(0)
+    assert type(whole.d_optimizer).__name__ == "FusedSGD" and type(whole.g_optimizer).__name__ == "FusedAdam"
+    whole.fit(x, steps=4, batch_size=4, progress=False)
+    first = build(0)
+    first.fit(x, steps=2, batch_size=4, progress=False)
+    first.save(tmp_path / "ck.pt")
+    resumed = Trainer.load(tmp_path / "ck.pt", *mlp_pair(5))
+    assert type(resumed.d_optimizer).__name__ == "FusedSGD"
+    assert resumed.d_optimizer.param_groups[0]["momentum"] == 0.9
+    assert resumed.g_optimizer.param_groups[0]["weight_decay"] == 0.1
+    resumed.fit(x, steps=2, batch_size=4, progress=False)
+    for p, q in zip(params_of(whole), params_of(resumed)):
+        assert torch.equal(p, q)
+    z = torch.randn(3, NZ)
+    assert torch.equal(whole.sample(3, z=z), resumed.sample(3, z=z))
+
+
 def test_checkpoint_is_complete_and_loads_weights_only(tmp_path):
     trainer = make_trainer(ema_beta=0.5, precision="fp16")
     trainer.fit(data_tensor(), steps=2, batch_size=8, progress=False)
