@@ -798,7 +798,7 @@ class Trainer:
         if tap is not None:
             tap.emit_logits = True
         try:
-            stats = self._run("d", real, z, r1_due, self._eager_d_step)
+            stats = self._run("d_step", real, z, r1_due, self._eager_d_step)
         finally:
             if tap is not None:
                 tap.emit_logits = False
@@ -828,7 +828,7 @@ class Trainer:
         if tap is not None:
             tap.emit_logits = True
         try:
-            stats = self._run("g", batch, z, False, self._eager_g_step)
+            stats = self._run("g_step", batch, z, False, self._eager_g_step)
         finally:
             if tap is not None:
                 tap.emit_logits = False
@@ -882,7 +882,7 @@ class Trainer:
                 self._graphs_on = False
                 self._graphs.clear()
                 self._graph_failure = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"fastgan.Trainer: CUDA graph capture of the {kind} step failed "
+                warnings.warn(f"fastgan.Trainer: CUDA graph capture of {kind}() failed "
                               f"({self._graph_failure}); training continues without CUDA graphs",
                               RuntimeWarning, stacklevel=4)
                 with contextlib.suppress(Exception):

@@ -168,8 +168,9 @@ def test_ema_tracks_generator_and_sample_uses_it():
     assert trainer.sample(7).shape == (7, DIM)
 
 
-def test_bf16_autocast_on_cpu_trains_close_to_fp32():
-    fp32, bf16 = make_trainer(), make_trainer(precision="bf16")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_bf16_autocast_on_cpu_trains_close_to_fp32(fuse):
+    fp32, bf16 = make_trainer(fuse=fuse), make_trainer(precision="bf16", fuse=fuse)
     real = torch.randn(16, DIM)
     fp32.step(real, torch.zeros(16, NZ))
     bf16.step(real, torch.zeros(16, NZ))  # the first step also probes D once, outside autocast
