@@ -10,6 +10,13 @@ What one call does (``real`` a batch of N samples, z a batch of N latent vectors
 * ``step(real, z)``: ``d_step`` then ``g_step`` on the same z, reusing G's forward pass (exact: G
   does not change during the D step; this is what the PyTorch DCGAN example does).
 
+Usage::
+
+    trainer = fastgan.Trainer(generator, discriminator, latent_dim=100, loss="nonsaturating", seed=0)
+    history = trainer.fit(images, steps=10_000, batch_size=64, checkpoint_every=1000, out_dir="runs/a")
+    samples = trainer.sample(64)
+    trainer = fastgan.Trainer.load("runs/a/checkpoint.pt", build_generator(), build_discriminator())
+
 Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
 
 * **Joint D forward.** D sees ``cat([real, fake])`` in one forward pass when none of its layers

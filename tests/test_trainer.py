@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastgan
 from fastgan import Trainer
 
 NZ = 8
