@@ -1032,6 +1032,9 @@ class Trainer:
                 raise ValueError(f"batch_size={batch_size} does not divide by pack={self.pack}")
             cursor = self._cursor_for(n, batch_size)
             return self._dataset_batches(data, cursor)
+        if isinstance(data, torch.utils.data.IterableDataset):
+            raise TypeError("data is an IterableDataset, which yields single samples; wrap it in a "
+                            "torch.utils.data.DataLoader(data, batch_size=...) so that fit receives batches")
         if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
             raise TypeError(f"data must be a tensor, a Dataset, a DataLoader or an iterable of batches, "
                             f"got {type(data).__name__}")

@@ -464,5 +464,11 @@ def test_fit_option_errors(tmp_path):
         trainer.fit(data_tensor(), steps=1, log_every=0, progress=False)
     with pytest.raises(TypeError, match="data must be"):
         trainer.fit("images/", steps=1, progress=False)
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data_tensor(12))
+
+    with pytest.raises(TypeError, match="IterableDataset.*DataLoader"):
+        trainer.fit(Stream(), steps=1, progress=False)
     with pytest.raises(ValueError, match="one-shot iterator"):
         trainer.fit((b for b in data_tensor(12).split(6)), steps=3, batch_size=6, progress=False)
