@@ -163,3 +163,18 @@ def test_empty_batch():
 def test_argument_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         linear_act(*args, **kwargs)
+
+
+@pytest.mark.parametrize("act", ["lrelu", "tanh"])
+def test_registered_custom_op_is_twice_differentiable(act):
+    # what torch.compile runs (eager calls use a C++ autograd node on the same kernels)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    index = ACTIVATIONS[act].index
+
+    def fn(x_, w_, b_):
+        return torch.ops.fastgan.linear_act(x_, w_, b_, index, 0.2, 1.3, "cpu")
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))

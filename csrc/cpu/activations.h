@@ -4,6 +4,7 @@
 // case in each function below, and one line in dispatch_act.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -88,6 +89,33 @@ inline T act_grad_from_output(T y, T alpha, int64_t act) {
     default: TORCH_CHECK(false, "unknown activation id ", act);
   }
   return T(1);
+}
+
+// The same rules as differentiable ATen ops on whole tensors (s: the activation's output), for the
+// double-backward formulas: act_grad_from_output_aten(s) = f'(x) and act_grad2_from_output_aten(s)
+// = d f'(x(s)) / ds, as the grad_from_output / grad2_from_output columns of the Python table.
+inline at::Tensor act_grad_from_output_aten(const at::Tensor& s, double alpha, int64_t act) {
+  switch (act) {
+    case kActLinear: return at::ones_like(s);
+    case kActRelu: return (s > 0).to(s.scalar_type());
+    case kActLrelu: return (s > 0).to(s.scalar_type()) * (1.0 - alpha) + alpha;
+    case kActTanh: return 1.0 - s * s;
+    case kActSigmoid: return s * (1.0 - s);
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+  return s;
+}
+
+inline at::Tensor act_grad2_from_output_aten(const at::Tensor& s, double alpha, int64_t act) {
+  switch (act) {
+    case kActLinear:
+    case kActRelu:
+    case kActLrelu: return at::zeros_like(s);
+    case kActTanh: return -2.0 * s;
+    case kActSigmoid: return 1.0 - 2.0 * s;
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+  return s;
 }
 
 }  // namespace fastgan

@@ -218,6 +218,114 @@ torch::Tensor linear_act_forward(const torch::Tensor& x, const torch::Tensor& we
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Eager autograd in C++: the same kernels as the custom ops of fastgan/ops/{bias_act,linear_act}.py
+// with the same backward structure (the backward is BiasActGradFn, a fused kernel whose own backward
+// is differentiable ATen ops), without the per-call cost of Python autograd.Functions, which at GAN
+// layer sizes is as large as the fused element-wise work. Python uses these for impl="cpu" in eager
+// mode and the torch.library custom ops under torch.compile.
+// ---------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// (grad_x3, grad_bias) of bias_act from the saved output; differentiable again through ATen ops.
+struct BiasActGradFn : public torch::autograd::Function<BiasActGradFn> {
+  static variable_list forward(AutogradContext* ctx, torch::Tensor gy3, torch::Tensor y3, bool need_bias_grad,
+                               int64_t act, double alpha, double gain, double clamp) {
+    auto gx3 = torch::empty_like(y3);
+    auto gb = bias_act_backward(gy3.contiguous(), y3, gx3, need_bias_grad, act, alpha, gain, clamp);
+    ctx->save_for_backward({gy3, y3});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["gain"] = gain;
+    ctx->saved_data["clamp"] = clamp;
+    return {gx3, gb};
+  }
+
+  // grad_x = gy * gain * f'(s) * mask with s = y / gain: d/d gy = u * gain * f'(s) * mask and
+  // d/d y = u * gy * f''(s) * mask, u = incoming grad of grad_x + that of grad_bias broadcast over C.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& gy3 = saved[0];
+    const auto& y3 = saved[1];
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const double alpha = ctx->saved_data["alpha"].toDouble(), gain = ctx->saved_data["gain"].toDouble();
+    const double clamp = ctx->saved_data["clamp"].toDouble();
+    torch::Tensor u = grads[0].defined() ? grads[0] : torch::zeros_like(y3);
+    if (grads[1].defined() && grads[1].numel() > 0) u = u + grads[1].view({1, -1, 1});
+    const auto s = y3 / gain;
+    auto d_gy = u * gain * act_grad_from_output_aten(s, alpha, act);
+    auto d_y = u * gy3 * act_grad2_from_output_aten(s, alpha, act);
+    if (clamp >= 0) {
+      const auto unsaturated = (y3.abs() < clamp).to(y3.scalar_type());
+      d_gy = d_gy * unsaturated;
+      d_y = d_y * unsaturated;
+    }
+    return {d_gy, d_y, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// bias_act on an (outer, C, inner) view; saves only the output.
+struct BiasActFn : public torch::autograd::Function<BiasActFn> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x3, torch::Tensor bias, int64_t act,
+                               double alpha, double gain, double clamp, double clamp_threshold) {
+    auto y3 = torch::empty_like(x3);
+    const bool has_bias = bias.numel() > 0;  // x3 is never empty here (Python checks)
+    std::optional<torch::Tensor> b;
+    if (has_bias) b = bias;
+    epilogue(x3, b, y3, act, alpha, gain, clamp);
+    ctx->save_for_backward({y3});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["gain"] = gain;
+    ctx->saved_data["clamp"] = clamp_threshold;
+    ctx->saved_data["has_bias"] = has_bias;
+    return y3;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto y3 = ctx->get_saved_variables()[0];
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
+    auto r = BiasActGradFn::apply(grads[0], y3, need_bias, ctx->saved_data["act"].toInt(),
+                                  ctx->saved_data["alpha"].toDouble(), ctx->saved_data["gain"].toDouble(),
+                                  ctx->saved_data["clamp"].toDouble());
+    return {r[0], need_bias ? r[1] : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// linear_act; saves x, weight and the output. Backward: BiasActGradFn, then ATen's GEMM twice.
+struct LinearActFn : public torch::autograd::Function<LinearActFn> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                               int64_t act, double alpha, double gain) {
+    const bool has_bias = bias.numel() > 0 || weight.size(0) == 0;  // an empty bias: none (or no features)
+    std::optional<torch::Tensor> b;
+    if (bias.numel() > 0) b = bias;
+    auto y = linear_act_forward(x, weight, b, act, alpha, gain);
+    ctx->save_for_backward({x, weight, y});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["gain"] = gain;
+    ctx->saved_data["has_bias"] = has_bias;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &weight = saved[1], &y = saved[2];
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    const int64_t M = y.size(0), N = y.size(1);
+    auto r = BiasActGradFn::apply(grads[0].reshape({M, N, 1}), y.view({M, N, 1}), need_b,
+                                  ctx->saved_data["act"].toInt(), ctx->saved_data["alpha"].toDouble(),
+                                  ctx->saved_data["gain"].toDouble(), -1.0);
+    const auto grad_z = r[0].view({M, N});
+    return {need_x ? grad_z.mm(weight) : torch::Tensor(), need_w ? grad_z.t().mm(x) : torch::Tensor(),
+            need_b ? r[1] : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 void register_layers(pybind11::module_& m) {
@@ -231,6 +339,25 @@ void register_layers(pybind11::module_& m) {
   m.def("linear_act_forward", &linear_act_forward, "act(x @ weight.T + bias) * gain: ATen GEMM + one fused pass (CPU)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("act"),
         pybind11::arg("alpha"), pybind11::arg("gain"));
+  m.def("linear_act_autograd",
+        [](const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& bias, int64_t act,
+           double alpha, double gain) {
+          // no bias: an empty tensor (an undefined one cannot be an autograd Function input)
+          return LinearActFn::apply(x, weight, bias.value_or(torch::empty({0}, x.options())), act, alpha, gain);
+        },
+        "linear_act with its backward recorded by a C++ autograd node (eager CPU path)", pybind11::arg("x"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("act"), pybind11::arg("alpha"),
+        pybind11::arg("gain"));
+  m.def("bias_act_autograd",
+        [](const torch::Tensor& x3, const std::optional<torch::Tensor>& bias, int64_t act, double alpha, double gain,
+           double clamp, double clamp_threshold) {
+          check_view3d(x3, "x");
+          return BiasActFn::apply(x3, bias.value_or(torch::empty({0}, x3.options())), act, alpha, gain, clamp,
+                                  clamp_threshold);
+        },
+        "bias_act on an (outer, C, inner) view with its backward recorded by a C++ autograd node (eager CPU path)",
+        pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("act"), pybind11::arg("alpha"), pybind11::arg("gain"),
+        pybind11::arg("clamp"), pybind11::arg("clamp_threshold"));
 }
 
 }  // namespace fastgan

@@ -84,6 +84,9 @@ def _dense(t: Tensor) -> Tensor:
 
 def _view3d(t: Tensor, dim: int) -> Tensor:
     """The (outer, C, inner) contiguous view of a dense ``t`` with C = t.shape[dim]."""
+    if t.is_contiguous():  # the common case, without the permutation search
+        shape = t.shape
+        return t.view(math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
     order = _dense_order(t)
     assert order is not None, "fastgan internal error: _view3d needs a dense tensor"
     tp = t.permute(order)
@@ -241,13 +244,18 @@ class _BiasActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _bias_act_backward(ctx, grad_out, _BiasActGradFunction.apply)
+        # create_graph (grad mode on): the differentiable grad op; otherwise its kernel directly
+        return _bias_act_backward(ctx, grad_out, _BiasActGradFunction.apply if torch.is_grad_enabled()
+                                  else _bias_act_grad_impl)
 
 
 def bias_act_grad_call(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim: int, act: int, alpha: float,
                        gain: float, clamp: float, impl: str, compiling: bool) -> tuple[Tensor, Tensor]:
     """The bias_act_grad op as a custom op (under torch.compile) or an autograd.Function (eager)."""
-    fn = _bias_act_grad_op if compiling else _BiasActGradFunction.apply
+    if compiling:
+        fn = _bias_act_grad_op
+    else:  # create_graph (grad mode on): the differentiable Function; otherwise the kernel directly
+        fn = _BiasActGradFunction.apply if torch.is_grad_enabled() else _bias_act_grad_impl
     return fn(grad_out, out, need_bias_grad, dim, act, alpha, gain, clamp, impl)
 
 
@@ -303,5 +311,28 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
         return bias_act_reference(x, bias, dim, spec.name, alpha, gain_f, clamp)
     if bias is not None:
         bias = bias.contiguous()
-    fn = _bias_act_op if torch.compiler.is_compiling() else _BiasActFunction.apply
-    return fn(_dense(x), bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+    x = _dense(x)
+    if torch.compiler.is_compiling():
+        return _bias_act_op(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+    if impl == "cpu" and x.numel() > 0:
+        return _bias_act_cpu_eager(x, bias, dim, spec.index, alpha, gain_f, clamp_f)
+    return _BiasActFunction.apply(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+
+
+def _bias_act_cpu_eager(x: Tensor, bias: Tensor | None, dim: int, act: int, alpha: float, gain: float,
+                        clamp: float) -> Tensor:
+    """The C++ kernels with the autograd node in C++ (same backward as the custom op: the fused
+    gradient kernel, whose own backward is differentiable); x is dense. Output in x's layout."""
+    order = None if x.is_contiguous() else _dense_order(x)
+    xp = x if order is None else x.permute(order)
+    d = dim if order is None else order.index(dim)
+    shape = xp.shape
+    x3 = xp.view(math.prod(shape[:d]), shape[d], math.prod(shape[d + 1:]))
+    y3 = extension().bias_act_autograd(x3, bias, act, alpha, gain, clamp, _saturation_threshold(clamp, x.dtype))
+    y = y3.view(shape)
+    if order is not None:
+        inverse = [0] * len(order)
+        for i, o in enumerate(order):
+            inverse[o] = i
+        y = y.permute(inverse)
+    return y

@@ -89,6 +89,10 @@ class _LinearActFunction(torch.autograd.Function):
         return _linear_act_backward(ctx, grad_out, compiling=False)
 
 
+def _linear_act_cpu_eager(x, weight, bias, act, alpha, gain, impl):
+    return extension().linear_act_autograd(x, weight, bias, act, alpha, gain)
+
+
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "linear",
                alpha: float | None = None, gain: float = 1.0, impl: str = "auto") -> Tensor:
     """``act(x @ weight.T + bias) * gain``: a linear layer and its activation in one op.
@@ -110,12 +114,21 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
         raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must share a dtype")
     check_bias(bias, x, weight.shape[0], "out_features")
     gain_f = _check_gain(gain)
-    device = same_device(x=x, weight=weight, bias=bias)
+    device = x.device
+    if weight.device != device or (bias is not None and bias.device != device):
+        same_device(x=x, weight=weight, bias=bias)  # raises, naming the argument
     impl = resolve_impl("linear_act", impl, device)
     if impl == "ref":
         return linear_act_reference(x, weight, bias, spec.name, alpha, gain_f)
     if bias is not None:
         bias = bias.contiguous()
-    fn = _linear_act_op if torch.compiler.is_compiling() else _LinearActFunction.apply
+    if torch.compiler.is_compiling():
+        fn = _linear_act_op
+    elif impl == "cpu":  # the same kernels and backward with the autograd node in C++ (no Python per-call cost)
+        fn = _linear_act_cpu_eager
+    else:
+        fn = _LinearActFunction.apply
+    if x.dim() == 2:
+        return fn(x, weight, bias, spec.index, alpha, gain_f, impl)
     out = fn(x.reshape(-1, x.shape[-1]), weight, bias, spec.index, alpha, gain_f, impl)
     return out.reshape(*x.shape[:-1], weight.shape[0])
