@@ -10,6 +10,10 @@
 # seconds, default 470), so the folder is complete enough to commit even when something breaks;
 # the exit status is non-zero when any phase failed.
 #
+# On a lent GPU machine only a few files come back from $OUT, so write the folder elsewhere and pack it:
+#   benchmarks/gpu_check.sh /tmp/gc; tar -czf "$OUT/gpu_check.tar.gz" -C /tmp gc
+# then unpack it under benchmarks/results/<date>-<gpu>/ and commit.
+#
 # Dry run: no extension build (the CPU build is CI's own step), tests/gpu collected and skipped as on any
 # CPU machine, the step benchmark on its small problem only (-k "$FASTGAN_GPU_CHECK_DRY_K", default
 # toy2d) with few rounds, the other suites collected only; then the report, exactly as on the GPU.
