@@ -219,6 +219,42 @@ def test_fit_with_two_d_steps_matches_eager_algorithm_1(model):
     assert trainer.step_count == iters and trainer.d_step_count == 2 * iters
 
 
+EAGER_LOSSES = {  # (D loss, G loss) on real logits r and fake logits f, written out from the papers
+    "minimax": (lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean(), lambda f: -F.softplus(f).mean()),
+    "nonsaturating": (lambda r, f: F.softplus(-r).mean() + F.softplus(f).mean(), lambda f: F.softplus(-f).mean()),
+    "hinge": (lambda r, f: F.relu(1 - r).mean() + F.relu(1 + f).mean(), lambda f: -f.mean()),
+    "wasserstein": (lambda r, f: f.mean() - r.mean(), lambda f: -f.mean()),
+    "least_squares": (lambda r, f: 0.5 * ((r - 1) ** 2).mean() + 0.5 * (f ** 2).mean(),
+                      lambda f: 0.5 * ((f - 1) ** 2).mean()),
+}
+
+
+@pytest.mark.parametrize("loss", list(EAGER_LOSSES))
+def test_every_loss_kind_matches_its_eager_loop(loss):
+    d_loss_fn, g_loss_fn = EAGER_LOSSES[loss]
+    g, d = mlp_pair(8)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    trainer = Trainer(g, d, latent_dim=NZ, loss=loss, fuse=False, seed=0)
+    opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(4):
+        real, z = torch.randn(8, 6, generator=gen), torch.randn(8, NZ, generator=gen)
+        stats = trainer.step(real, z)
+        fake = g_ref(z)
+        opt_d.zero_grad()
+        d_value = d_loss_fn(d_ref(real).view(-1), d_ref(fake.detach()).view(-1))
+        d_value.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        g_value = g_loss_fn(d_ref(fake).view(-1))
+        g_value.backward()
+        opt_g.step()
+        torch.testing.assert_close(stats["d_loss"], d_value.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats["g_loss"], g_value.detach(), rtol=1e-5, atol=1e-6)
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+
+
 def test_step_reuses_g_forward_and_equals_d_step_then_g_step():
     g1, d1 = mlp_pair(5)
     g2, d2 = copy.deepcopy(g1), copy.deepcopy(d1)
