@@ -87,6 +87,7 @@ _BACKOFF_FACTOR = 0.5
 _GROWTH_INTERVAL = 2000
 
 _GRAPH_WARMUP = 2  # eager runs of each kind of call before it is captured
+_DATA_ON_DEVICE_BYTES = 2 << 30  # fit moves CPU tensor data up to this size onto the GPU once
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,13 +184,22 @@ class _IndexCursor:
         self.perm: torch.Tensor | None = None
         self.epoch_state: torch.Tensor | None = None
         self.position = 0
+        self._perm_on: dict[torch.device, torch.Tensor] = {}  # the epoch's permutation, copied per device
 
-    def next_indices(self) -> torch.Tensor:
+    def next_indices(self, device: torch.device | None = None) -> torch.Tensor:
+        """The next batch's sample indices (on ``device``: one copy of the permutation per epoch, so
+        indexing data that lives on a GPU costs no host-to-device copy per batch)."""
         if self.perm is None or self.position + self.batch_size > self.n:
             self.epoch_state = self.generator.get_state()
             self.perm = torch.randperm(self.n, generator=self.generator)
+            self._perm_on = {}
             self.position = 0
-        idx = self.perm[self.position:self.position + self.batch_size]
+        perm = self.perm
+        if device is not None and device.type != "cpu":
+            perm = self._perm_on.get(device)
+            if perm is None:
+                perm = self._perm_on[device] = self.perm.to(device)
+        idx = perm[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return idx
 
@@ -204,6 +214,7 @@ class _IndexCursor:
         replay.set_state(state["epoch_state"])
         self.epoch_state = state["epoch_state"]
         self.perm = torch.randperm(self.n, generator=replay)
+        self._perm_on = {}
         self.position = int(state["position"])
 
 
@@ -944,7 +955,9 @@ class Trainer:
         ``batch_size``, incomplete last batch dropped), a ``Dataset`` (same, items or first item of
         tuple items are samples), or a ``DataLoader`` / any iterable of batches (tensors, or tuples /
         lists whose first item is the batch), re-iterated for each epoch; a batch smaller than the
-        first one (an incomplete last batch) is skipped. Batches are moved to the trainer's device.
+        first one (an incomplete last batch) is skipped. Batches are moved to the trainer's device:
+        on a GPU, tensor data (up to 2 GiB) is copied there once and batches are gathered on the GPU;
+        give a DataLoader ``pin_memory=True`` so that its batches are copied without waiting.
         A tensor or Dataset of the same length resumes where the previous ``fit`` (or the loaded
         checkpoint) stopped in its epoch.
 
@@ -1071,9 +1084,18 @@ class Trainer:
         if not data.is_floating_point():
             raise ValueError(f"data has dtype {data.dtype}; the networks' parameters are {self.param_dtype} "
                              "(convert the data to floating point)")
+        if data.device != self.device and self.device.type == "cuda":
+            nbytes = data.numel() * torch.finfo(self.param_dtype).bits // 8
+            if nbytes <= _DATA_ON_DEVICE_BYTES:
+                # Batches gathered on the GPU: a pageable host-to-device copy per step would wait for
+                # the GPU (and stall CUDA-graph replays); the whole tensor goes over once per fit.
+                data = data.to(self.device, self.param_dtype)
+        pin = data.device.type == "cpu" and self.device.type == "cuda"
         while True:
-            idx = cursor.next_indices()
-            yield self._to_device(data[idx.to(data.device)], "data")
+            batch = data[cursor.next_indices(data.device)]
+            if pin:  # page-locked, so the copy below is asynchronous
+                batch = batch.pin_memory()
+            yield self._to_device(batch, "data")
 
     def _dataset_batches(self, data, cursor: _IndexCursor) -> Iterator[torch.Tensor]:
         from torch.utils.data import default_collate
