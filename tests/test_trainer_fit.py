@@ -283,6 +283,22 @@ def test_checkpoint_is_complete_and_loads_weights_only(tmp_path):
     assert state["g_optimizer"]["state"] and state["d_optimizer"]["state"]
 
 
+def test_load_restores_every_global_rng(tmp_path):
+    import random
+
+    import numpy as np
+    trainer = make_trainer()
+    trainer.step(torch.randn(8, DIM))
+    trainer.save(tmp_path / "c.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    Trainer.load(tmp_path / "c.pt", *mlp_pair(3))
+    got_torch, got_python, got_numpy = torch.rand(3), random.random(), np.random.rand()
+    assert torch.equal(got_torch, expected[0]) and got_python == expected[1] and got_numpy == expected[2]
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     trainer = make_trainer()
     trainer.step(torch.randn(8, DIM))
