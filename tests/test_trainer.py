@@ -7,6 +7,7 @@ must produce the same parameters.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -564,3 +565,80 @@ def test_sample_shapes_and_noise():
     assert out.shape == (5, 6) and not out.requires_grad
     z = torch.randn(3, NZ)
     torch.testing.assert_close(trainer.sample(3, z=z), g(z).detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA-graph bookkeeping, on CPU with a stand-in for torch.cuda's graph API
+# (the real capture is tested in tests/gpu/test_trainer_gpu.py)
+# ---------------------------------------------------------------------------------------------
+
+class _StandInGraph:
+    """Capture runs the body once (that is the step of the capturing call); the replay right after
+    capture then has nothing left to do. Enough to check the Python side of the graph path."""
+
+    def register_generator_state(self, generator):
+        self.generator = generator
+
+    def replay(self):
+        pass
+
+
+class _StandInStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+def _stand_in_cuda(monkeypatch, fail=False):
+    import contextlib as _contextlib
+
+    @_contextlib.contextmanager
+    def graph(g, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"
+        if fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", _StandInStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: _contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StandInStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graph_path_warms_up_captures_and_falls_back(monkeypatch, fail):
+    _stand_in_cuda(monkeypatch, fail=fail)
+    g, d = mlp_pair(10)
+    eager = Trainer(copy.deepcopy(g), copy.deepcopy(d), latent_dim=NZ, fuse=False, seed=0, r1_gamma=1.0, r1_every=2)
+    graphed = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, r1_gamma=1.0, r1_every=2)
+    graphed._graphs_on = True  # what cuda_graphs="auto" sets on a CUDA device
+    graphed._grads_to_none = False
+    gen = torch.Generator().manual_seed(0)
+    calls = 3 if not fail else 5  # warm-up, warm-up, capture (+ eager steps after a failed capture)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            real = torch.randn(8, 6, generator=gen)
+            for t in (eager, graphed):
+                t.d_step(real)  # D updates 0, 2, 4 (d_step) are R1 steps; 1, 3, 5 (step) are not
+            s_eager, s_graph = eager.step(real), graphed.step(real)
+            assert list(s_graph) == list(s_eager)
+            for key in s_eager:
+                torch.testing.assert_close(s_graph[key], s_eager[key], rtol=1e-6, atol=1e-7)
+                assert s_graph[key].dim() == 0
+    failures = [w for w in caught if "CUDA graph capture" in str(w.message)]
+    if fail:
+        assert len(failures) == 1 and "d_step()" in str(failures[0].message)
+        assert not graphed._graphs_on and not graphed._graphs
+    else:
+        assert not failures
+        assert {key[0]: entry.graph is not None for key, entry in graphed._graphs.items()} == {
+            "d_step": True, "step": True}
+        assert all(key[3] == (key[0] == "d_step") for key in graphed._graphs)  # R1 variant keys
+    for p, q in zip(list(g.parameters()) + list(d.parameters()),
+                    list(eager.generator.parameters()) + list(eager.discriminator.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
