@@ -1105,7 +1105,10 @@ class Trainer:
             first = items[0]
             if isinstance(first, (tuple, list)):
                 items = [it[0] for it in items]
-            yield self._to_device(default_collate(items), "data")
+            batch = default_collate(items)
+            if self.device.type == "cuda" and isinstance(batch, torch.Tensor) and batch.device.type == "cpu":
+                batch = batch.pin_memory()  # asynchronous copy to the GPU
+            yield self._to_device(batch, "data")
 
     def _iterable_batches(self, data) -> Iterator[torch.Tensor]:
         full = None
