@@ -1,0 +1,428 @@
+"""Never losing a run: rotating checkpoints with integrity checks, resume from the last good one,
+a guard against runs of non-finite steps, and a clean stop on SIGINT / SIGTERM.
+
+Builds on :mod:`fastgan._checkpoint` (the Trainer's atomic write and RNG-state plumbing).
+
+* :func:`save_checkpoint` writes ``run_dir/checkpoint-<step>.pt`` atomically (temporary file,
+  fsync, rename) with a SHA-256 digest beside it (``.sha256``), and only then deletes checkpoints
+  older than the newest ``keep``: the previous checkpoint stays until the new one is complete.
+* :func:`load_checkpoint` loads one file with ``torch.load(weights_only=True)``: a pickle that asks
+  for anything but tensors and plain containers is refused (nothing in it runs), a truncated or
+  corrupted file (digest mismatch, unreadable archive) raises :class:`CheckpointError` naming it.
+* :func:`load_latest_good` walks a run folder from the newest checkpoint back, warns about each bad
+  one by name, and returns the newest that loads.
+* :class:`NonFiniteGuard` counts steps skipped for non-finite losses / gradients per network on the
+  device (no host sync per step), logs them, and stops training with :class:`NonFiniteTrainingError`
+  naming the step and the network after ``max_consecutive`` skipped steps in a row.
+* :class:`CheckpointEvery` and :class:`StopOnSignal` are ``Trainer.fit`` callbacks built on the
+  above (``callback(trainer, step, stats)``), so they work with any Trainer without changes to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import re
+import signal
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["CheckpointError", "NonFiniteTrainingError", "TrainingInterrupted", "save_checkpoint",
+           "load_checkpoint", "load_latest_good", "list_checkpoints", "NonFiniteGuard", "CheckpointEvery",
+           "StopOnSignal"]
+
+log = logging.getLogger("fastgan")
+
+CHECKPOINT_GLOB = "checkpoint-*.pt"
+_STEP_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+LEGACY_NAME = "checkpoint.pt"     # what Trainer.fit / Trainer.save write (no digest, no rotation)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (corrupted, truncated, not a checkpoint, unsafe)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"checkpoint {self.path!r}: {reason}")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped: a network skipped too many consecutive steps for non-finite values."""
+
+    def __init__(self, network: str, step: int, consecutive: int, total: int):
+        self.network, self.step, self.consecutive, self.total = network, step, consecutive, total
+        super().__init__(
+            f"training stopped at step {step}: the {network} had {consecutive} consecutive steps with a "
+            f"non-finite loss or gradients (all skipped; {total} skipped in all). The last checkpoint "
+            "written before this stays; lower the learning rate or check the data/model for the cause.")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after writing a checkpoint (``StopOnSignal``)."""
+
+    def __init__(self, signum: int, step: int, path: str | None):
+        self.signum, self.step, self.path = signum, step, path
+        name = signal.Signals(signum).name
+        where = f"; checkpoint written to {path}" if path else ""
+        super().__init__(f"{name} received: stopped after step {step}{where}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` the way :func:`fastgan._checkpoint.atomic_save` writes a checkpoint:
+    a temporary file beside it, flushed and fsynced, renamed over ``path``, folder fsynced."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{int(step):09d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of a run folder, newest first: ``checkpoint-<step>.pt`` by step, then the
+    Trainer's plain ``checkpoint.pt`` (if any) as the oldest candidate."""
+    run_dir = Path(run_dir)
+    found = []
+    for p in run_dir.glob(CHECKPOINT_GLOB):
+        m = _STEP_NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    ordered = [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+    legacy = run_dir / LEGACY_NAME
+    if legacy.is_file():
+        ordered.append(legacy)
+    return ordered
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
+    """Write ``state`` as ``run_dir/checkpoint-<step>.pt`` atomically, then delete all but the newest
+    ``keep`` checkpoints of the folder. Returns the path written.
+
+    The digest file is written first and the checkpoint second, each atomically: a crash at any point
+    leaves every earlier checkpoint intact, and at worst a stray digest without its checkpoint
+    (ignored, removed by the next save). Call it on one process only (rank 0 under torch.distributed).
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    import io
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path = checkpoint_path(run_dir, step)
+    _atomic_write_bytes((hashlib.sha256(data).hexdigest() + "\n").encode(), str(path) + ".sha256")
+    _atomic_write_bytes(data, str(path))
+    # Only now that the new checkpoint is complete: drop the old ones.
+    named = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME]
+    for old in named[keep:]:
+        for f in (old, Path(str(old) + ".sha256")):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+    for digest in run_dir.glob(CHECKPOINT_GLOB + ".sha256"):   # digests whose checkpoint never landed
+        if not Path(str(digest)[: -len(".sha256")]).exists():
+            try:
+                digest.unlink()
+            except FileNotFoundError:
+                pass
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+def _default_validate(state: Any) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a checkpoint dict")
+    fmt = state.get("format")
+    if not (isinstance(fmt, str) and fmt.startswith("fastgan.")):
+        raise ValueError(f"is not a fastgan checkpoint (format {fmt!r})")
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
+                    validate: Callable[[Any], None] | None = _default_validate) -> Any:
+    """Load one checkpoint safely: digest checked when a ``.sha256`` sits beside it, then
+    ``torch.load(weights_only=True)`` (refuses pickles that reference anything but tensors and plain
+    containers, so a malicious payload never runs), then ``validate(state)`` (a ValueError from it
+    marks the file bad). Every failure is a :class:`CheckpointError` naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "no such file")
+    digest_file = path + ".sha256"
+    if os.path.isfile(digest_file):
+        with open(digest_file, "rb") as f:
+            expected = f.read().decode("ascii", "replace").strip()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != expected:
+            raise CheckpointError(path, "corrupted or truncated: its SHA-256 digest does not match the one "
+                                        f"written with it ({os.path.basename(digest_file)})")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused a global (a class or function to call): never execute such a file.
+        raise CheckpointError(path, "refused: it asks to unpickle objects other than tensors and plain "
+                                    "values (weights_only=True loading), so it was not loaded; a fastgan "
+                                    f"checkpoint never does this and the file may be malicious ({exc})") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
+            UnicodeDecodeError, AttributeError, TypeError) as exc:
+        raise CheckpointError(path, f"corrupted or truncated: torch.load failed ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if validate is not None:
+        try:
+            validate(state)
+        except ValueError as exc:
+            raise CheckpointError(path, str(exc)) from None
+    return state
+
+
+def load_latest_good(run_dir: str | os.PathLike, *, map_location: Any = "cpu",
+                     validate: Callable[[Any], None] | None = _default_validate) -> tuple[Any, Path]:
+    """The newest checkpoint of ``run_dir`` that loads: ``(state, path)``. Each bad one met on the
+    way is reported by name (a ``RuntimeWarning`` and the ``fastgan`` logger) and skipped.
+    Raises FileNotFoundError when the folder has no checkpoint, CheckpointError when none is good."""
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {os.fspath(run_dir)!r} (looked for {CHECKPOINT_GLOB} "
+                                f"and {LEGACY_NAME})")
+    errors = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, map_location=map_location, validate=validate)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            message = f"fastgan: skipping bad {exc} — trying an older checkpoint"
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            continue
+        if errors:
+            log.warning("fastgan: resuming from %s (the newer checkpoint(s) were bad)", path)
+        return state, path
+    raise CheckpointError(os.fspath(run_dir), "no good checkpoint in the folder:\n  " + "\n  ".join(errors))
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite steps
+# ------------------------------------------------------------------------------------------------
+
+class NonFiniteGuard:
+    """Counts skipped (non-finite) steps per network and stops training after ``max_consecutive``
+    in a row, with an error naming the step and the network.
+
+    A step of a network counts as skipped when its loss is not finite or its fused optimizer's
+    ``found_inf`` is set (the fused optimizers skip such a step themselves). Counting happens on the
+    device; the host reads the counters only every ``check_every`` steps (default: every
+    ``max_consecutive`` steps), and the step reported is the one at which the limit was reached.
+
+    Use as a ``Trainer.fit`` callback (``fit(..., callbacks=[guard])``) or call :meth:`observe` and
+    :meth:`check` from a loop of your own.
+    """
+
+    NETWORKS = {"d": "discriminator", "g": "generator"}
+
+    def __init__(self, max_consecutive: int = 100, check_every: int | None = None):
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be an int >= 1, got {max_consecutive!r}")
+        if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int)
+                                        or check_every < 1):
+            raise ValueError(f"check_every must be an int >= 1 or None, got {check_every!r}")
+        self.max_consecutive = max_consecutive
+        self.check_every = check_every if check_every is not None else max_consecutive
+        self._consecutive: dict[str, torch.Tensor] = {}
+        self._total: dict[str, torch.Tensor] = {}
+        self._hit_step: dict[str, torch.Tensor] = {}
+        self._logged_total: dict[str, int] = {}
+        self._observed = 0
+
+    def _counters(self, key: str, device: torch.device):
+        if key not in self._consecutive:
+            self._consecutive[key] = torch.zeros((), dtype=torch.int64, device=device)
+            self._total[key] = torch.zeros((), dtype=torch.int64, device=device)
+            self._hit_step[key] = torch.full((), -1, dtype=torch.int64, device=device)
+            self._logged_total[key] = 0
+        return self._consecutive[key], self._total[key], self._hit_step[key]
+
+    def observe(self, step: int, network: str, loss: torch.Tensor | None = None,
+                found_inf: torch.Tensor | None = None) -> None:
+        """Record one step of ``network`` ("d" or "g"): skipped if ``loss`` is not finite or
+        ``found_inf`` is non-zero. Device ops only."""
+        if network not in self.NETWORKS:
+            raise ValueError(f"network must be one of {tuple(self.NETWORKS)}, got {network!r}")
+        signals = [t for t in (loss, found_inf) if t is not None]
+        if not signals:
+            raise ValueError("observe needs loss= and/or found_inf=")
+        device = signals[0].device
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        if loss is not None:
+            bad = bad | ~torch.isfinite(loss.detach()).all()
+        if found_inf is not None:
+            bad = bad | (found_inf.detach().to(device) != 0).any()
+        consecutive, total, hit = self._counters(network, device)
+        bad_i = bad.to(torch.int64)
+        consecutive.add_(1).mul_(bad_i)          # +1 on a skipped step, back to 0 on a good one
+        total.add_(bad_i)
+        reached = (consecutive >= self.max_consecutive) & (hit < 0)
+        torch.where(reached, torch.full_like(hit, int(step)), hit, out=hit)
+
+    def __call__(self, trainer, step: int, stats: dict[str, torch.Tensor]) -> None:
+        """``Trainer.fit`` callback: observe D and G of the step just done, check every few steps."""
+        for key, loss_name, opt_name in (("d", "d_loss", "d_optimizer"), ("g", "g_loss", "g_optimizer")):
+            found_inf = getattr(getattr(trainer, opt_name, None), "found_inf", None)
+            loss = stats.get(loss_name)
+            if loss is not None or isinstance(found_inf, torch.Tensor):
+                self.observe(step, key, loss=loss, found_inf=found_inf if isinstance(found_inf, torch.Tensor) else None)
+        self._observed += 1
+        if self._observed % self.check_every == 0:
+            self.check(step)
+
+    def check(self, step: int | None = None) -> None:
+        """Read the counters (one host sync): log newly skipped steps, raise NonFiniteTrainingError
+        if a network reached ``max_consecutive`` skipped steps in a row."""
+        if not self._consecutive:
+            return
+        keys = list(self._consecutive)
+        values = torch.stack([torch.stack([self._consecutive[k].cpu(), self._total[k].cpu(),
+                                           self._hit_step[k].cpu()]) for k in keys]).tolist()
+        for key, (consecutive, total, hit) in zip(keys, values):
+            new = total - self._logged_total[key]
+            if new > 0:
+                self._logged_total[key] = total
+                log.warning("fastgan: %d %s step(s) skipped for a non-finite loss or gradients%s "
+                            "(%d in all)", new, self.NETWORKS[key], f" up to step {step}" if step is not None else "",
+                            total)
+            if hit >= 0:
+                raise NonFiniteTrainingError(self.NETWORKS[key], hit, self.max_consecutive, total)
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped steps so far per network (a host sync)."""
+        return {self.NETWORKS[k]: int(v) for k, v in self._total.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: {"consecutive": self._consecutive[k].cpu(), "total": self._total[k].cpu()}
+                for k in self._consecutive}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            consecutive, total, _ = self._counters(k, v["consecutive"].device)
+            consecutive.copy_(v["consecutive"])
+            total.copy_(v["total"])
+            self._logged_total[k] = int(v["total"])
+
+
+# ------------------------------------------------------------------------------------------------
+# fit callbacks: periodic checkpoints, stop on a signal
+# ------------------------------------------------------------------------------------------------
+
+def _is_writer() -> bool:
+    """Rank 0 writes checkpoints (every process when torch.distributed is not initialised)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class CheckpointEvery:
+    """``Trainer.fit`` callback: ``save_checkpoint(trainer.state_dict(), run_dir, step, keep)`` every
+    ``every`` steps (rank 0 only under torch.distributed). ``extra()`` may add entries (e.g. a
+    NonFiniteGuard's state) to the saved dict under the key ``"extra"``."""
+
+    def __init__(self, run_dir: str | os.PathLike, every: int, keep: int = 2,
+                 extra: Callable[[], dict[str, Any]] | None = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.run_dir, self.every, self.keep, self.extra = Path(run_dir), every, keep, extra
+        self.last_path: Path | None = None
+
+    def save(self, trainer, step: int) -> Path | None:
+        if not _is_writer():
+            return None
+        state = trainer.state_dict()
+        if self.extra is not None:
+            state["extra"] = self.extra()
+        self.last_path = save_checkpoint(state, self.run_dir, int(step), keep=self.keep)
+        return self.last_path
+
+    def __call__(self, trainer, step: int, stats) -> None:
+        if step % self.every == 0:
+            self.save(trainer, step)
+
+
+class StopOnSignal:
+    """``Trainer.fit`` callback and context manager: on SIGINT (Ctrl-C) or SIGTERM, finish the step
+    in progress, write a checkpoint through ``checkpointer`` and raise :class:`TrainingInterrupted`
+    (a KeyboardInterrupt) carrying the step and the path. A second Ctrl-C interrupts at once.
+
+        with StopOnSignal(CheckpointEvery(run_dir, 100)) as stop:
+            trainer.fit(data, steps, callbacks=[stop, ...])
+    """
+
+    def __init__(self, checkpointer: CheckpointEvery | None, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.checkpointer = checkpointer
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.received = signum
+        log.warning("fastgan: %s received; stopping after the current step (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopOnSignal":
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+    def __call__(self, trainer, step: int, stats) -> None:
+        if self.received is None:
+            return
+        path = self.checkpointer.save(trainer, step) if self.checkpointer is not None else None
+        raise TrainingInterrupted(self.received, step, None if path is None else os.fspath(path))
