@@ -181,39 +181,55 @@ struct AdamScalars {
   bool w1_small, ema_small_w;
 };
 
-// torch's lerp: self + w * (end - self) for |w| < 0.5, else end - (end - self) * (1 - w); its
-// vectorised kernel computes both forms with one FMA, and so do we.
-inline float lerp_f(float self, float end, float w, bool small_w) {
-  return small_w ? std::fma(w, end - self, self) : std::fma(w - 1.f, end - self, end);
+
+// torch's lerp as one FMA: coeff * (end - self) + base with (coeff, base) = (w, self) for |w| < 0.5,
+// (w - 1, end) otherwise. kSmall is a template parameter: a loop-invariant bool read inside the
+// loop keeps GCC from vectorising it ("no vectype" for the bool load).
+template <bool kSmall>
+inline float lerp_t(float self, float end, float w) {
+  return kSmall ? std::fma(w, end - self, self) : std::fma(w - 1.f, end - self, end);
 }
 
-template <typename param_t, bool kScale, bool kDecoupled, bool kEma>
+template <typename param_t, bool kScale, bool kDecoupled, bool kSmallW1, int kEma>
 void adam_slice(param_t* __restrict p, const param_t* __restrict g, float* __restrict m, float* __restrict v,
-                float* __restrict shadow, int64_t lo, int64_t hi, const AdamScalars s) {
+                float* __restrict shadow, int64_t lo, int64_t hi, const AdamScalars& s) {
+  // Scalars as locals: the vectoriser wants registers, not loads from the struct.
+  const float inv = s.inv, keep = s.lr_wd_keep, wd = s.wd, w1 = s.w1, beta2 = s.beta2, omb2 = s.one_minus_beta2;
+  const float neg_step = s.neg_step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps, ema_w = s.ema_w;
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
     float gi = load_f(g, i);
-    if (kScale) gi *= s.inv;
+    if (kScale) gi *= inv;
     float pi = load_f(p, i);
-    if (kDecoupled) pi = pi * s.lr_wd_keep;   // param.mul_(1 - lr * wd)
-    else gi = gi + s.wd * pi;                  // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
-    const float mi = lerp_f(m[i], gi, s.w1, s.w1_small);  // exp_avg.lerp_(grad, 1 - beta1)
-    const float vi = v[i] * s.beta2 + s.one_minus_beta2 * gi * gi;  // mul_(beta2).addcmul_(g, g, 1 - beta2)
-    const float denom = std::sqrt(vi) / s.bc2_sqrt + s.eps;        // (v.sqrt() / bc2_sqrt).add_(eps)
-    pi = pi + s.neg_step_size * mi / denom;                         // addcdiv_(m, denom, -step_size)
+    if (kDecoupled) pi = pi * keep;  // param.mul_(1 - lr * wd)
+    else gi = gi + wd * pi;          // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
+    const float mi = lerp_t<kSmallW1>(m[i], gi, w1);  // exp_avg.lerp_(grad, 1 - beta1)
+    const float vi = v[i] * beta2 + omb2 * gi * gi;   // mul_(beta2).addcmul_(g, g, 1 - beta2)
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;  // (v.sqrt() / bc2_sqrt).add_(eps)
+    pi = pi + neg_step * mi / denom;                     // addcdiv_(m, denom, -step_size)
     m[i] = mi;
     v[i] = vi;
     store_f(p, i, pi);
-    if (kEma) shadow[i] = lerp_f(shadow[i], load_f(p, i), s.ema_w, s.ema_small_w);
+    // kEma: 0 none, 1 lerp weight < 0.5 (every useful beta), 2 weight >= 0.5
+    if (kEma == 1) shadow[i] = lerp_t<true>(shadow[i], load_f(p, i), ema_w);
+    if (kEma == 2) shadow[i] = lerp_t<false>(shadow[i], load_f(p, i), ema_w);
   }
 }
 
 template <typename param_t, bool kScale, bool kDecoupled>
 void adam_dispatch_ema(param_t* p, const param_t* g, float* m, float* v, float* shadow, int64_t n,
                        const AdamScalars& s) {
+  const int ema = shadow == nullptr ? 0 : (s.ema_small_w ? 1 : 2);
   parallel_slices(n, [&](int64_t lo, int64_t hi, int) {
-    if (shadow) adam_slice<param_t, kScale, kDecoupled, true>(p, g, m, v, shadow, lo, hi, s);
-    else adam_slice<param_t, kScale, kDecoupled, false>(p, g, m, v, shadow, lo, hi, s);
+    if (s.w1_small) {
+      if (ema == 0) adam_slice<param_t, kScale, kDecoupled, true, 0>(p, g, m, v, shadow, lo, hi, s);
+      else if (ema == 1) adam_slice<param_t, kScale, kDecoupled, true, 1>(p, g, m, v, shadow, lo, hi, s);
+      else adam_slice<param_t, kScale, kDecoupled, true, 2>(p, g, m, v, shadow, lo, hi, s);
+    } else {
+      if (ema == 0) adam_slice<param_t, kScale, kDecoupled, false, 0>(p, g, m, v, shadow, lo, hi, s);
+      else if (ema == 1) adam_slice<param_t, kScale, kDecoupled, false, 1>(p, g, m, v, shadow, lo, hi, s);
+      else adam_slice<param_t, kScale, kDecoupled, false, 2>(p, g, m, v, shadow, lo, hi, s);
+    }
   });
 }
 
@@ -303,30 +319,35 @@ struct SgdScalars {
 };
 
 // kMomentum: 0 = no momentum, 1 = first step (buf = grad), 2 = later steps (buf = mu * buf + (1 - d) * g).
-template <typename param_t, bool kScale, int kMomentum, bool kNesterov, bool kEma>
+template <typename param_t, bool kScale, int kMomentum, bool kNesterov, int kEma>
 void sgd_slice(param_t* __restrict p, const param_t* __restrict g, float* __restrict buf, float* __restrict shadow,
-               int64_t lo, int64_t hi, const SgdScalars s) {
+               int64_t lo, int64_t hi, const SgdScalars& s) {
+  const float inv = s.inv, wd = s.wd, mu = s.momentum, omd = s.one_minus_dampening, neg_lr = s.neg_lr;
+  const float ema_w = s.ema_w;
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
     float gi = load_f(g, i);
-    if (kScale) gi *= s.inv;
+    if (kScale) gi *= inv;
     const float pi = load_f(p, i);
-    gi = gi + s.wd * pi;  // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
+    gi = gi + wd * pi;  // grad.add(param, alpha=wd)  (wd = 0: exact no-op)
     if (kMomentum != 0) {
-      const float bi = kMomentum == 1 ? gi : buf[i] * s.momentum + s.one_minus_dampening * gi;
+      const float bi = kMomentum == 1 ? gi : buf[i] * mu + omd * gi;  // buf.mul_(mu).add_(g, alpha=1-d)
       buf[i] = bi;
-      gi = kNesterov ? gi + s.momentum * bi : bi;
+      gi = kNesterov ? gi + mu * bi : bi;
     }
-    store_f(p, i, pi + s.neg_lr * gi);  // param.add_(grad, alpha=-lr)
-    if (kEma) shadow[i] = lerp_f(shadow[i], load_f(p, i), s.ema_w, s.ema_small_w);
+    store_f(p, i, pi + neg_lr * gi);  // param.add_(grad, alpha=-lr)
+    if (kEma == 1) shadow[i] = lerp_t<true>(shadow[i], load_f(p, i), ema_w);
+    if (kEma == 2) shadow[i] = lerp_t<false>(shadow[i], load_f(p, i), ema_w);
   }
 }
 
 template <typename param_t, bool kScale, int kMomentum, bool kNesterov>
 void sgd_dispatch_ema(param_t* p, const param_t* g, float* buf, float* shadow, int64_t n, const SgdScalars& s) {
+  const int ema = shadow == nullptr ? 0 : (s.ema_small_w ? 1 : 2);
   parallel_slices(n, [&](int64_t lo, int64_t hi, int) {
-    if (shadow) sgd_slice<param_t, kScale, kMomentum, kNesterov, true>(p, g, buf, shadow, lo, hi, s);
-    else sgd_slice<param_t, kScale, kMomentum, kNesterov, false>(p, g, buf, shadow, lo, hi, s);
+    if (ema == 0) sgd_slice<param_t, kScale, kMomentum, kNesterov, 0>(p, g, buf, shadow, lo, hi, s);
+    else if (ema == 1) sgd_slice<param_t, kScale, kMomentum, kNesterov, 1>(p, g, buf, shadow, lo, hi, s);
+    else sgd_slice<param_t, kScale, kMomentum, kNesterov, 2>(p, g, buf, shadow, lo, hi, s);
   });
 }
 
