@@ -18,6 +18,7 @@ import statistics
 
 import pytest
 import torch
+import torch._dynamo
 
 import common
 
@@ -59,6 +60,7 @@ def problem_run(problem: common.Problem) -> ProblemRun:
     """The prepared run of ``problem``, built on first use; the previous problem's is dropped."""
     if problem.name not in _current:
         _current.clear()
+        torch._dynamo.reset()  # the previous problem's compiled graphs would count against recompile limits
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
         _current[problem.name] = ProblemRun(problem)
@@ -71,7 +73,7 @@ CASES = [(p.name, c) for p in PROBLEMS for c in common.CONTENDERS]  # problem-ma
 
 @pytest.mark.filterwarnings("ignore:fastgan.Trainer. the discriminator ends in nn.Sigmoid")
 @pytest.mark.parametrize("problem_name,contender", CASES, ids=[f"{p}-{c}" for p, c in CASES])
-def bench_step(benchmark, problem_name, contender, matmul_rate):
+def bench_step(benchmark, problem_name, contender, matmul_rate, matmul_rates):
     problem = PROBLEMS_BY_NAME[problem_name]
     run = problem_run(problem)
     prepared = run.prepared[contender]
@@ -103,7 +105,9 @@ def bench_step(benchmark, problem_name, contender, matmul_rate):
         peak_memory_bytes=prepared.peak_memory_bytes, memory_method=prepared.memory_method,
         compile_time_s=compile_time, first_losses=prepared.losses,
         fastgan_fuse=getattr(prepared.contender, "fuse", None),
-        step_flops=run.flops, matmul_rate_flops=matmul_rate, limit_s=run.flops / matmul_rate,
+        graphs_compiled=prepared.graphs_compiled,
+        step_flops=run.flops, matmul_rate_flops=matmul_rate, matmul_rates=matmul_rates,
+        limit_s=run.flops / matmul_rate,
     )
     benchmark(one_round)
 

@@ -299,6 +299,10 @@ class CompiledEager(TunedEager):
 
     def __init__(self, generator, discriminator, device, batch: int):
         super().__init__(generator, discriminator, device, batch)
+        import torch._dynamo
+        for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+            if hasattr(torch._dynamo.config, flag):  # silently falling back to eager would time eager
+                setattr(torch._dynamo.config, flag, True)
         self._fn = torch.compile(_tuned_step)
 
 
@@ -448,6 +452,7 @@ class Prepared:
     memory_method: str
     first_steps_s: float                # wall time of construction + the first steps (compiles, if any)
     updates: tuple[torch.Tensor, torch.Tensor] | None = None   # (G, D) parameters after - before
+    graphs_compiled: int = 0            # torch.compile (dynamo) graphs made during those steps
 
 
 def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3,
@@ -465,6 +470,8 @@ def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3,
     """
     device = inputs[0][0].device
     gc.collect()
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
 
     def run() -> tuple[Contender, list[tuple[float, float]], float]:
         start = time.perf_counter()
@@ -497,7 +504,8 @@ def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3,
             flat_parameters(now, names) - flat_parameters(before, names)
             for now, before in zip(contender.networks(), initial)
             for names in [[n for n, _ in before.named_parameters()]])
-    return Prepared(contender, losses, peak, method, elapsed, updates)
+    return Prepared(contender, losses, peak, method, elapsed, updates,
+                    counters["stats"]["unique_graphs"] - graphs_before)
 
 
 def median_step_time(contender: Contender, inputs: InputSets, steps: int = 5) -> float:
@@ -524,10 +532,25 @@ def step_flops(problem: Problem, device, initial: tuple[nn.Module, nn.Module]) -
     return int(counter.get_total_flops())
 
 
+def measure_matmul_rates(device) -> dict[str, float]:
+    """The rates the "limit" line may assume, in FLOP/s: fp32 everywhere, and on CUDA also fp32 with
+    TF32 tensor cores (cuDNN convolutions use TF32 by default, and so may Triton's tl.dot)."""
+    rates = {"fp32": measure_matmul_rate(device)}
+    if torch.device(device).type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            rates["tf32"] = measure_matmul_rate(device)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+    return rates
+
+
 def measure_matmul_rate(device, size: int | None = None, repeats: int = 5,
                         dtype: torch.dtype = torch.float32) -> float:
-    """The device's fp32 matmul rate in FLOP/s: the best of ``repeats`` timings of a square matmul
-    (1024 on CPU, 8192 on CUDA), after one warm-up. TF32 stays as torch's default (off for matmul)."""
+    """The device's matmul rate in FLOP/s: the best of ``repeats`` timings of a square matmul
+    (1024 on CPU, 8192 on CUDA), after one warm-up, under the current TF32 setting (torch's default:
+    off for matmuls)."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     gen = torch.Generator().manual_seed(0)

@@ -18,10 +18,17 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
-def matmul_rate(device) -> float:
-    """The device's fp32 matmul rate (FLOP/s), measured once in this run (see common.measure_matmul_rate);
-    the step benchmarks divide their matmul + convolution FLOPs by it to get a 'limit' time."""
-    return common.measure_matmul_rate(device)
+def matmul_rates(device) -> dict[str, float]:
+    """The device's matmul rates (FLOP/s), measured once in this run: {"fp32": ...} plus {"tf32": ...}
+    on CUDA (see common.measure_matmul_rates)."""
+    return common.measure_matmul_rates(device)
+
+
+@pytest.fixture(scope="session")
+def matmul_rate(matmul_rates) -> float:
+    """The fastest of the measured rates; the step benchmarks divide their matmul + convolution FLOPs
+    by it to get a 'limit' time (a contender can't beat it without skipping work or lowering precision)."""
+    return max(matmul_rates.values())
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -134,8 +134,9 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
     if machine:
         lines += [f"Machine: {machine}", ""]
     lines += [f"Speed-up of **{ours}** = contender's median time / {ours}'s median time (> 1: {ours} is "
-              "faster). \"limit\" = the step's matmul + convolution FLOPs / the device's fp32 matmul rate "
-              "measured in the same run; \"% of limit\" = limit / time.", ""]
+              "faster). \"limit\" = the step's matmul + convolution FLOPs / the device's fastest matmul rate "
+              "measured in the same run (fp32; on CUDA fp32 or TF32, whichever is faster); \"% of limit\" = "
+              "limit / time. Peak memory: see each benchmark's memory_method in the JSON.", ""]
     if chart:
         lines += [f"![speed-ups]({chart})", ""]
     others: list[str] = []
