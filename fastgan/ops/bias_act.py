@@ -10,6 +10,11 @@ recompute the activation's derivative from it; the backward (d x and the bias gr
 one pass) is a second op, ``fastgan::bias_act_grad``, whose own backward is written with
 differentiable torch ops, so the op is twice differentiable (R1 / gradient penalties).
 ``linear_act`` reuses ``bias_act_grad`` for its backward.
+
+Dispatch of a call: under ``torch.compile`` the torch.library custom ops (one opaque node each, no
+graph break); eager ``impl="cpu"`` calls the same C++ kernels through autograd nodes written in C++
+(csrc/cpu/layers.cpp: same backward structure, no Python per-call cost); eager ``impl="triton"``
+through ``torch.autograd.Function``s around the same kernels.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ ATen's GEMM, then bias, activation and gain in one OpenMP pass) and ``triton``
 epilogue). Backward: the gradient through the activation, recomputed from the saved output and fused
 with the bias gradient's reduction (``fastgan::bias_act_grad``, shared with bias_act, differentiable
 again), then the two matmuls with torch's GEMM. So linear_act is twice differentiable.
+Under torch.compile the call is the custom op ``fastgan::linear_act``; eager CPU calls use a C++
+autograd node around the same kernels, eager Triton calls a ``torch.autograd.Function``.
 """
 from __future__ import annotations
 
