@@ -97,14 +97,24 @@ def load_groups(paths: list[str | Path]) -> list[Group]:
     return list(groups.values())
 
 
+def our_entry(group: Group, ours: str = DEFAULT_OURS) -> Entry | None:
+    """Our contender in ``group``: the one named ``ours``, else the only one whose name starts with it
+    (e.g. "fastgan+ema" in a group comparing EMA updates)."""
+    exact = group.entry(ours)
+    if exact is not None:
+        return exact
+    prefixed = [e for e in group.entries if e.contender.startswith(ours)]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
 def speedups(groups: list[Group], ours: str = DEFAULT_OURS) -> dict[str, dict[str, float]]:
     """{group: {contender: contender's median / our median}} for groups where ``ours`` ran."""
     out = {}
     for group in groups:
-        mine = group.entry(ours)
+        mine = our_entry(group, ours)
         if mine is None or mine.median_s <= 0:
             continue
-        out[group.name] = {e.contender: e.median_s / mine.median_s for e in group.entries if e.contender != ours}
+        out[group.name] = {e.contender: e.median_s / mine.median_s for e in group.entries if e is not mine}
     return out
 
 
@@ -141,8 +151,9 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
         lines += [f"![speed-ups]({chart})", ""]
     others: list[str] = []
     for group in groups:
+        mine = our_entry(group, ours)
         for e in group.entries:
-            if e.contender != ours and e.contender not in others:
+            if e is not mine and e.contender not in others:
                 others.append(e.contender)
     if ratios:
         has_limit = any(g.limit_s for g in groups if g.name in ratios)
@@ -151,7 +162,7 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
         for group in groups:
             if group.name not in ratios:
                 continue
-            mine = group.entry(ours)
+            mine = our_entry(group, ours)
             row = [group.name, _time(mine.median_s)] + [_ratio(ratios[group.name].get(o)) for o in others]
             if has_limit:
                 row.append(f"{100 * group.limit_s / mine.median_s:.1f}%" if group.limit_s else "–")
@@ -159,12 +170,12 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
         lines.append("")
     lines += ["## Details", ""]
     for group in groups:
-        mine = group.entry(ours)
+        mine = our_entry(group, ours)
         lines += [f"### {group.name}", "",
                   f"| contender | median | IQR | rounds | peak memory (MiB) | compile | {ours} speed-up | % of limit |",
                   "|---|---|---|---|---|---|---|---|"]
         for e in group.entries:
-            speed = "1.00× (ours)" if e.contender == ours else _ratio(ratios.get(group.name, {}).get(e.contender))
+            speed = "1.00× (ours)" if e is mine else _ratio(ratios.get(group.name, {}).get(e.contender))
             of_limit = f"{100 * group.limit_s / e.median_s:.1f}%" if group.limit_s else "–"
             timer = " (CUDA events)" if e.timer == "cuda events" else ""
             lines.append(f"| {e.contender} | {_time(e.median_s)}{timer} | {_time(e.iqr_s)} | {e.rounds} | "
@@ -182,7 +193,7 @@ def bar_chart(groups: list[Group], path: str | Path, ours: str = DEFAULT_OURS, t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [g for g in groups if g.entry(ours) is not None]
+    shown = [g for g in groups if our_entry(g, ours) is not None]
     if not shown:
         return False
     names: list[str] = []
@@ -198,7 +209,7 @@ def bar_chart(groups: list[Group], path: str | Path, ours: str = DEFAULT_OURS, t
     for j, name in enumerate(series):
         ys, xs = [], []
         for i, g in enumerate(shown):
-            mine = g.entry(ours).median_s
+            mine = our_entry(g, ours).median_s
             t = g.limit_s if name == "limit" else (g.entry(name).median_s if g.entry(name) else None)
             if t:
                 ys.append(i + (j - (len(series) - 1) / 2) * height)

@@ -92,6 +92,13 @@ def test_report_prefers_cuda_event_times_and_names_contenders(tmp_path):
     assert "### h" in report.markdown(groups)
 
 
+def test_report_finds_ours_by_prefix_when_unique(tmp_path):
+    groups = report.load_groups([_synthetic(tmp_path, [
+        _bench("ema", "fastgan+ema", 0.002), _bench("ema", "torch-fused+lerp", 0.005),
+        _bench("two", "fastgan-a", 1.0), _bench("two", "fastgan-b", 2.0), _bench("two", "torch", 3.0)])])
+    assert report.speedups(groups) == {"ema": {"torch-fused+lerp": pytest.approx(2.5, rel=1e-12)}}
+
+
 def test_report_rejects_duplicate_contenders_and_empty_input(tmp_path):
     dup = _synthetic(tmp_path, [_bench("g", "naive", 1.0), _bench("g", "naive", 2.0)])
     with pytest.raises(ValueError, match="contender 'naive' twice"):
