@@ -1,0 +1,251 @@
+"""Data-parallel training of a :class:`fastgan.Trainer` under ``torchrun`` (gloo on CPU, NCCL on CUDA).
+
+    # torchrun --nproc_per_node=N train.py
+    info = fastgan.distributed.init_from_env()          # process group from torchrun's variables
+    trainer = fastgan.Trainer(G, D, ..., device=info.device, seed=0)
+    fastgan.distributed.data_parallel(trainer)          # same start on all ranks, grads averaged
+    trainer.fit(fastgan.distributed.shard(data), steps, batch_size=per_rank_batch,
+                callbacks=[CheckpointEvery(run_dir, 1000)])   # rank 0 writes
+
+What ``data_parallel`` does, and why:
+
+* **Same start.** G's and D's parameters and buffers, the EMA and the optimizer state are
+  broadcast from rank 0, so every rank starts from one model whatever its local initialisation.
+* **Gradients: the fused optimizer's flat buffer is the bucket.** fastgan's fused optimizers keep
+  each network's gradients in one flat buffer per (dtype, device) (``fastgan.optim.fused``). Right
+  before the optimizer steps, that buffer is averaged across ranks with one ``all_reduce`` in place
+  -- no copy into a separate bucket and back, one collective per network per step. (DDP cannot
+  adopt an existing buffer as its bucket: its reducer allocates its own buckets, in reverse
+  parameter order, and ``gradient_as_bucket_view=True`` re-points ``.grad`` at *those*, which the
+  fused optimizer would then copy into its buffer at every step. See :func:`ddp_wrap` for the DDP
+  route.) Optimizers without flat buffers get their gradients averaged through one flattened
+  all-reduce per step. Because the average happens before the step, the fused optimizer's
+  non-finite check sees the global gradient: all ranks skip a step together.
+* **R1 / gradient penalties** need nothing special here: the Trainer computes them with
+  ``autograd.grad(create_graph=True)`` followed by one ordinary backward, and the average is taken
+  on the final gradients.
+* **BatchNorm.** Each rank normalises with its own batch statistics and keeps its own running
+  statistics (what DDP does with ``broadcast_buffers=False``); nothing is broadcast during a step,
+  so D's several forwards per step (real, fake, penalty) never meet the in-place buffer update that
+  breaks ``broadcast_buffers=True``. :func:`average_buffers` averages the running statistics across
+  ranks (call it before evaluating or saving, ``CheckpointEvery(extra=...)``-style); convert BatchNorm
+  to ``nn.SyncBatchNorm`` yourself before building the Trainer if you need global batch statistics
+  (CUDA only in torch).
+* **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset; the
+  trainer's noise generator is re-seeded with ``seed + rank`` so ranks draw different noise.
+* **Checkpoints** are written by rank 0 only (``fastgan.checkpoint.CheckpointEvery`` checks the
+  rank); they hold ordinary, un-prefixed state dicts and load at any world size (also 1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "init_from_env", "is_initialized", "rank", "world_size", "is_main_process",
+           "data_parallel", "all_reduce_gradients", "broadcast_module", "average_buffers", "shard", "ddp_wrap"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_from_env(backend: str | None = None, device: str | torch.device | None = None) -> DistInfo:
+    """Initialise the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) when it is set; a single process otherwise.
+    The backend defaults to NCCL when training on CUDA, gloo on CPU; on CUDA the device is
+    ``cuda:LOCAL_RANK``."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not is_initialized():
+        if "WORLD_SIZE" not in os.environ:   # not under torchrun: one process
+            return DistInfo(0, 1, local_rank, device, None)
+        if backend is None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+
+
+# ------------------------------------------------------------------------------------------------
+# Synchronising state
+# ------------------------------------------------------------------------------------------------
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (in place)."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def _broadcast_optimizer_state(opt: torch.optim.Optimizer, src: int = 0) -> None:
+    with torch.no_grad():
+        for b in _flat_buckets(opt) or []:
+            for buf in list(b.state.values()) + [b.steps] + ([b.shadow] if b.shadow is not None else []):
+                if isinstance(buf, torch.Tensor):
+                    dist.broadcast(buf, src)
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    dist.broadcast(v, src)
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) across ranks, in place."""
+    if not is_initialized():
+        return
+    n = world_size()
+    with torch.no_grad():
+        for b in module.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b.div_(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+# ------------------------------------------------------------------------------------------------
+
+def _flat_buckets(opt) -> list | None:
+    """The flat buckets of a fastgan fused optimizer, or None for another optimizer."""
+    buckets = getattr(opt, "_buckets", None)
+    if buckets is None:
+        return None
+    return [b for group_buckets in buckets for b in group_buckets]
+
+
+def all_reduce_gradients(opt: torch.optim.Optimizer) -> None:
+    """Average the gradients ``opt`` is about to apply across ranks, in place.
+
+    Fused optimizers: their flat gradient buffers are gathered (every present ``.grad`` made a view
+    of the buffer, a no-op when autograd already wrote there) and all-reduced as they are.
+    Other optimizers: the present gradients are flattened into one buffer, all-reduced, copied back.
+    Every rank must have gradients for the same parameters (as DDP without find_unused_parameters).
+    """
+    if not is_initialized() or world_size() == 1:
+        return
+    n = world_size()
+    buckets = _flat_buckets(opt)
+    with torch.no_grad():
+        if buckets is not None:
+            for b in buckets:
+                b.gather_grads()
+                dist.all_reduce(b.flat_grad)
+                b.flat_grad.div_(n)
+            return
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat.div_(n)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def _averaging_step(opt: torch.optim.Optimizer) -> None:
+    if getattr(opt, "_fastgan_dp", False):
+        return
+    original = opt.step
+
+    def step(*args, **kwargs):
+        all_reduce_gradients(opt)
+        return original(*args, **kwargs)
+
+    opt.step = step
+    opt._fastgan_dp = True
+
+
+# ------------------------------------------------------------------------------------------------
+# The Trainer
+# ------------------------------------------------------------------------------------------------
+
+def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
+    """Make ``trainer`` train data-parallel across the ranks of the default process group (a no-op
+    in a single process). Call it once, after building the Trainer and before the first step (or
+    after ``load_state_dict`` when resuming: rank 0's state is broadcast). See the module docstring."""
+    if not is_initialized():
+        return trainer
+    r = rank()
+    broadcast_module(trainer.generator)
+    broadcast_module(trainer.discriminator)
+    ema = getattr(trainer, "ema", None)
+    for opt in (trainer.g_optimizer, trainer.d_optimizer):
+        _broadcast_optimizer_state(opt)
+        _averaging_step(opt)
+    if ema is not None:   # an EMA outside the fused optimizer (its fused shadow was broadcast above)
+        with torch.no_grad():
+            for t in list(getattr(ema, "shadow_params", [])) + list(getattr(ema, "shadow_buffers", [])):
+                dist.broadcast(t, 0)
+    if seed_offset_per_rank:
+        # Every rank draws its own noise (and its own order of its data shard). A fresh trainer
+        # starts from seed + rank offset; a resumed one (all ranks loaded rank 0's generator states)
+        # from one draw of its restored generator + rank offset.
+        fresh = trainer.step_count == 0 and trainer.d_step_count == 0
+        base = int(trainer.seed) if fresh else int(torch.randint(2 ** 62, (1,), generator=trainer._data_gen))
+        trainer._gen.manual_seed((base + 1_000_003 * r) % (2 ** 63))
+        trainer._data_gen.manual_seed((base + 2 + 1_000_003 * r) % (2 ** 63))
+    return trainer
+
+
+def shard(data, rank_: int | None = None, world_size_: int | None = None):
+    """This rank's disjoint share of ``data`` (a tensor or a map-style Dataset): items
+    ``rank, rank + world, rank + 2 world, ...``. Other iterables (DataLoaders) should use
+    ``torch.utils.data.DistributedSampler`` instead."""
+    r = rank() if rank_ is None else rank_
+    n = world_size() if world_size_ is None else world_size_
+    if n == 1:
+        return data
+    if isinstance(data, torch.Tensor):
+        return data[r::n]
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        return torch.utils.data.Subset(data, range(r, len(data), n))
+    raise TypeError(f"shard takes a tensor or a map-style Dataset, got {type(data).__name__}; "
+                    "use torch.utils.data.DistributedSampler for a DataLoader")
+
+
+def ddp_wrap(module: nn.Module, device: torch.device | None = None) -> nn.parallel.DistributedDataParallel:
+    """A DDP wrapper configured for GAN training, for loops of your own:
+
+    * ``find_unused_parameters=False``: every step uses every parameter (no extra graph traversal);
+    * ``broadcast_buffers=False``: BatchNorm buffers are not re-broadcast at each forward (the
+      in-place broadcast breaks D's second forward before backward);
+    * ``gradient_as_bucket_view=True``: ``.grad`` are views of DDP's buckets (no copy after the
+      all-reduce).
+
+    Run a *frozen* network's forward (D in the G step) on ``wrapper.module`` or under
+    ``wrapper.no_sync()``: DDP otherwise waits for gradients that never come.
+    """
+    device_ids = [device.index] if device is not None and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False,
+                                               broadcast_buffers=False, gradient_as_bucket_view=True)
