@@ -19,6 +19,7 @@ through ``torch.autograd.Function``s around the same kernels.
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
@@ -165,8 +166,19 @@ def _bias_act_setup(ctx, inputs, output):
 
 def _saturation_threshold(clamp: float, dtype: torch.dtype) -> float:
     """The clamp as the output dtype holds it: saturated outputs equal this value exactly (in bf16,
-    clamp=0.9 is stored as 0.8984...), so ``|out| >= threshold`` tells them apart from the rest."""
-    return clamp if clamp < 0 else float(torch.tensor(clamp, dtype=torch.float64).to(dtype))
+    clamp=0.9 is stored as 0.8984...), so ``|out| >= threshold`` tells them apart from the rest.
+    The kernels clamp in float32 (float64 for float64) and round the result once to the output dtype;
+    this rounds the same way, in plain Python (no tensor: it runs inside traced backward graphs)."""
+    if clamp < 0 or dtype == torch.float64:
+        return clamp
+    f32 = struct.unpack("<f", struct.pack("<f", clamp))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", f32))[0]
+    if dtype == torch.bfloat16:  # round to nearest even on the upper 16 bits of the float32
+        bits = struct.unpack("<I", struct.pack("<f", f32))[0]
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return f32
 
 
 def _bias_act_backward(ctx, grad_out, grad_op=None):
