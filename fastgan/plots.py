@@ -18,13 +18,14 @@ def _pyplot():
     return plt
 
 
-def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(rows·(H+pad), cols·(W+pad)[, 3])`` array in [0, 1]."""
+def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(rows·(H+pad), cols·(W+pad)[, 3])`` array in
+    [0, 1], separated by ``pad`` pixels of ``pad_value``."""
     images = images.detach().to("cpu", torch.float32).clamp(-1, 1)
     n, channels, height, width = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / columns))
-    grid = np.ones((channels, rows * (height + pad) + pad, columns * (width + pad) + pad), dtype=np.float32)
+    grid = np.full((channels, rows * (height + pad) + pad, columns * (width + pad) + pad), pad_value, dtype=np.float32)
     pixels = ((images + 1) / 2).numpy()
     for i in range(n):
         r, c = divmod(i, columns)
@@ -34,20 +35,23 @@ def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1) -
 
 
 def save_samples(path: str | os.PathLike, samples: torch.Tensor, *, modes: torch.Tensor | None = None,
-                 std: float | None = None, real: torch.Tensor | None = None, title: str = "") -> None:
+                 std: float | None = None, real: torch.Tensor | None = None, title: str = "",
+                 dark_on_light: bool = False) -> None:
     """Write a picture of generated samples.
 
-    Images ``(N, C, H, W)``: a grid (greyscale images drawn dark-on-light, like the digits).
+    Images ``(N, C, H, W)``: a grid on white; ``dark_on_light`` draws greyscale images with -1 as
+    white and 1 as black (ink on paper, as the digits are usually shown).
     2-D points: a scatter of the samples over the true ``modes`` (with their 3-std circles) or over
     ``real`` samples. Other vectors: a scatter of their first two coordinates beside ``real``'s.
     """
     plt = _pyplot()
     samples = samples.detach().to("cpu", torch.float32)
     if samples.dim() == 4:
-        grid = image_grid(samples)
+        greyscale = samples.shape[1] == 1
+        grid = image_grid(samples, pad_value=0.0 if greyscale and dark_on_light else 1.0)
         figure, axis = plt.subplots(figsize=(6, 6))
         if grid.ndim == 2:
-            axis.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            axis.imshow(grid, cmap="gray_r" if dark_on_light else "gray", vmin=0, vmax=1, interpolation="nearest")
         else:
             axis.imshow(grid, interpolation="nearest")
         axis.axis("off")

@@ -60,7 +60,7 @@ def _setup_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
 def train_digits_classifier(images: torch.Tensor, labels: torch.Tensor) -> DigitsClassifier:
     """Train the classifier deterministically (fixed seed, full-batch Adam, single thread)."""
     threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # callers may be under no_grad
         torch.manual_seed(_SETUP["seed"])
         torch.set_num_threads(1)  # a fixed reduction order: the same weights on every run
         try:

@@ -1,0 +1,219 @@
+"""`fastgan train | bench | info` end to end on short runs with small models."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastgan import cli
+
+RUN_FILES = ("samples.png", "training.png", "metrics.json", "history.csv", "config.json", "checkpoint.pt")
+FAST = ["--no-progress", "--width", "16"]
+
+
+@pytest.fixture(autouse=True)
+def _classifier_cache(tmp_path_factory, monkeypatch):
+    # One digits classifier for the whole module, outside the user's ~/.cache.
+    monkeypatch.setenv("FASTGAN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fastgan-cache"))
+
+
+def _train(*args: str) -> int:
+    return cli.main(["train", *args])
+
+
+def _history(path):
+    with open(path / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_image(path):
+    with Image.open(path) as image:
+        image.load()
+        assert image.size[0] > 100 and image.size[1] > 100
+        # not a blank canvas
+        assert len(np.unique(np.asarray(image.convert("L")))) > 5
+
+
+def test_train_ring8_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--data", "ring8", "--steps", "20", "--batch-size", "32", "--log-every", "5",
+                  "--checkpoint-every", "10", "--out", str(out), *FAST) == 0
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    _assert_image(out / "samples.png")
+    _assert_image(out / "training.png")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and metrics["modes"]["num_samples"] == 2500
+    assert metrics["modes"]["num_modes"] == 8 and 0 <= metrics["modes"]["modes_captured"] <= 8
+    for key in ("d_loss", "g_loss", "value", "jsd", "d_real", "d_fake"):
+        assert key in metrics["final_stats"]
+    rows = _history(out)
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
+    assert {"d_loss", "g_loss", "value", "jsd", "d_real", "d_fake"} <= set(rows[0])
+    config = json.loads((out / "config.json").read_text())
+    for key in ("data", "model", "steps", "batch_size", "loss", "d_steps", "lr", "ema_beta", "pack", "precision",
+                "device", "seed", "log_every", "checkpoint_every", "latent_dim", "width", "prior"):
+        assert key in config, key
+    assert config["model"] == "mlp" and config["device"] == "cpu" and config["loss"] == "nonsaturating"
+    text = capsys.readouterr().out
+    assert "modes captured" in text and "samples.png" in text and str(out) in text
+
+
+def test_train_digits_reports_classifier_metrics(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert _train("--steps", "6", "--batch-size", "16", "--eval-samples", "64", "--out", str(out), *FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    digits = metrics["digits"]
+    assert digits["num_samples"] == 64 and 0 <= digits["classes_covered"] <= 10
+    assert digits["frechet_distance"] > 0 and digits["frechet_floor"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"] == "digits" and config["model"] == "dcgan"
+    _assert_image(out / "samples.png")
+    assert "classes covered" in capsys.readouterr().out
+
+
+def _params(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return state["step"], state["generator"], state["discriminator"]
+
+
+@pytest.mark.parametrize("data", ["ring8", "digits"])
+def test_resume_continues_exactly(tmp_path, data):
+    common = ["--data", data, "--batch-size", "16", "--log-every", "2", "--eval-samples", "50", *FAST]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(*common, "--steps", "8", "--out", str(straight)) == 0
+    assert _train(*common, "--steps", "4", "--out", str(split)) == 0
+    assert _train("--resume", "--out", str(split), "--steps", "8", "--no-progress") == 0
+    step_a, g_a, d_a = _params(straight / "checkpoint.pt")
+    step_b, g_b, d_b = _params(split / "checkpoint.pt")
+    assert step_a == step_b == 8
+    for key in g_a:
+        assert torch.equal(g_a[key], g_b[key]), key
+    for key in d_a:
+        assert torch.equal(d_a[key], d_b[key]), key
+    assert [int(r["step"]) for r in _history(split)] == [2, 4, 6, 8]  # the history continues
+    assert json.loads((split / "metrics.json").read_text())["steps"] == 8
+
+
+def test_resume_errors(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--data", "ring8", "--steps", "4", "--batch-size", "16", "--out", str(out), *FAST) == 0
+    before = {name: (out / name).read_bytes() for name in RUN_FILES}
+
+    assert _train("--resume", "--out", str(out), "--loss", "hinge", "--steps", "8") == 2
+    assert "--loss 'nonsaturating'" in capsys.readouterr().err
+    assert _train("--resume", "--out", str(out)) == 2  # already done all 4 steps
+    assert "already done 4 of 4 steps" in capsys.readouterr().err
+    assert _train("--resume") == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    assert _train("--resume", "--out", str(tmp_path / "other")) == 2
+    assert "not a resumable run" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in RUN_FILES} == before  # nothing written over
+
+
+def test_existing_out_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert _train("--data", "ring8", "--steps", "2", "--out", str(out), *FAST) == 2
+    err = capsys.readouterr().err
+    assert "already exists and is not empty" in err and "--resume" in err
+    assert os.listdir(out) == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    assert _train("--data", "ring8", "--steps", "2", "--out", str(tmp_path / "file"), *FAST) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_default_out_dirs_are_new(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert _train("--data", "ring8", "--steps", "2", "--batch-size", "8", "--eval-samples", "10", *FAST) == 0
+    runs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(runs) == 2 and all(name.startswith("ring8-") for name in runs)
+    for name in runs:
+        assert (tmp_path / "runs" / name / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "no/such/path.npy"], "neither a built-in dataset"),
+    (["--data", "ring8", "--batch-size", "10", "--pack", "3"], "divisible by --pack 3"),
+    (["--data", "ring8", "--model", "dcgan"], "--model dcgan needs square images"),
+    (["--data", "ring8", "--device", "cuda"] if not torch.cuda.is_available() else
+     ["--data", "ring8", "--device", "cuda:99"], "--device"),
+    (["--data", "ring8", "--device", "toaster"], "is not a device"),
+    (["--data", "digits", "--batch-size", "5000"], "larger than the 1442 samples"),
+])
+def test_bad_options_exit_nonzero_and_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert _train(*args, "--steps", "2", "--out", str(out), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastgan train: error:") and message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--lr", "-1"], ["--loss", "nope"], ["--ema-beta", "1.5"],
+                                  ["--model", "resnet"], ["--batch-size", "many"]])
+def test_bad_values_are_rejected_by_the_parser(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as info:
+        _train(*args, "--out", str(tmp_path / "out"))
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_user_data_names_the_file(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    assert _train("--data", str(folder), "--out", str(tmp_path / "o1"), "--no-progress") == 2
+    assert "contains no image files" in capsys.readouterr().err
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert _train("--data", str(folder), "--out", str(tmp_path / "o2"), "--no-progress") == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_train_on_an_image_folder_and_a_tensor_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "img-run"
+    assert _train("--data", str(folder), "--image-size", "8", "--steps", "3", "--batch-size", "4",
+                  "--out", str(out), *FAST) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "dcgan" and config["sample_shape"] == [3, 8, 8]
+    _assert_image(out / "samples.png")
+
+    np.save(tmp_path / "points.npy", rng.normal(size=(64, 5)).astype(np.float32))
+    out = tmp_path / "vec-run"
+    assert _train("--data", str(tmp_path / "points.npy"), "--steps", "3", "--batch-size", "8",
+                  "--out", str(out), *FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "sample_stats" in metrics and json.loads((out / "config.json").read_text())["model"] == "mlp"
+    _assert_image(out / "samples.png")
+
+
+def test_python_dash_m_entry_and_info():
+    result = subprocess.run([sys.executable, "-m", "fastgan", "train", "--data", "nowhere", "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "fastgan train: error:" in result.stderr
+    assert cli.main(["info"]) == 0
+
+
+def test_bench_quick_table(capsys):
+    assert cli.main(["bench", "--problem", "toy2d", "--steps", "2", "--warmup", "1", "--no-compile",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("naive", "tuned", "fastgan", "bench_step.py"):
+        assert name in out
+    assert cli.main(["bench", "--problem", "nope"]) == 2
+    assert "unknown" in capsys.readouterr().err
