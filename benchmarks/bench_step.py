@@ -6,14 +6,18 @@ fastgan.Trainer.step. Problems, contenders and hyperparameters: benchmarks/commo
     python benchmarks/report.py out.json --out-dir results/
 
 Before any timing, every contender of a problem runs its first steps from the same weights on the same
-inputs and the losses must agree (common.check_equivalent); the first steps also give each contender's
-peak memory and, for torch.compile, the compile time (reported apart from step time). Each benchmark
+inputs and the losses and parameter updates must agree (common.check_equivalent); the first steps also
+give each contender's peak memory and, for torch.compile, the compile time (reported apart from step
+time). Two timings per contender: pytest-benchmark's own (contenders one after another), and paired
+rounds that interleave all contenders of a problem (common.paired_step_times; extra_info
+"paired_median_s"), which report.py prefers because load drift on a shared machine cancels out. Each benchmark
 records in extra_info: the contender, peak memory, compile time, the step's matmul + conv FLOPs, the
 device's matmul rate measured in this run and the resulting limit time, and (on the last contender of a
 problem) fastgan's speed-up over each other contender.
 """
 from __future__ import annotations
 
+import os
 import statistics
 
 import pytest
@@ -27,6 +31,7 @@ PROBLEMS = common.problems(DEVICE)
 # One timed call runs this many steps, then synchronises: on CUDA a sync per step would stall the
 # host-side launch pipeline that eager PyTorch relies on; CUDA events time the same calls.
 STEPS_PER_ROUND = 10 if DEVICE.type == "cuda" else 1
+PAIRED_BUDGET_S = 30.0 if DEVICE.type == "cpu" else 10.0   # time for the interleaved rounds per problem
 CHECK_STEPS = 3
 
 
@@ -51,6 +56,21 @@ class ProblemRun:
             p.updates = None  # only needed for the check
         self.flops = common.step_flops(problem, DEVICE, initial)
         self.medians: dict[str, float] = {}
+        self.paired: dict[str, float] | None = None
+
+    def measure_paired(self, enabled: bool) -> None:
+        """Interleaved timing of all contenders (common.paired_step_times), once per problem; a single
+        round when benchmarks are disabled (the code path still runs)."""
+        contenders = {n: p.contender for n, p in self.prepared.items()}
+        if enabled:
+            per_round = sum(common.median_step_time(c, self.inputs, steps=2) for c in contenders.values())
+            rounds = int(os.environ.get("FASTGAN_BENCH_PAIRED_ROUNDS", 0)) or \
+                max(7, min(51, int(PAIRED_BUDGET_S / max(per_round * STEPS_PER_ROUND, 1e-9))))
+        else:
+            rounds = 1
+        times = common.paired_step_times(contenders, self.inputs, rounds, STEPS_PER_ROUND)
+        self.paired = {n: statistics.median(t) for n, t in times.items()}
+        self.paired_rounds = rounds
 
 
 _current: dict[str, ProblemRun] = {}
@@ -76,6 +96,8 @@ CASES = [(p.name, c) for p in PROBLEMS for c in common.CONTENDERS]  # problem-ma
 def bench_step(benchmark, problem_name, contender, matmul_rate, matmul_rates):
     problem = PROBLEMS_BY_NAME[problem_name]
     run = problem_run(problem)
+    if run.paired is None:
+        run.measure_paired(enabled=not benchmark.disabled)
     prepared = run.prepared[contender]
     step, inputs = prepared.contender.step, run.inputs
 
@@ -108,6 +130,7 @@ def bench_step(benchmark, problem_name, contender, matmul_rate, matmul_rates):
         graphs_compiled=prepared.graphs_compiled,
         step_flops=run.flops, matmul_rate_flops=matmul_rate, matmul_rates=matmul_rates,
         limit_s=run.flops / matmul_rate,
+        paired_median_s=run.paired[contender], paired_rounds=run.paired_rounds,
     )
     benchmark(one_round)
 
@@ -124,3 +147,5 @@ def bench_step(benchmark, problem_name, contender, matmul_rate, matmul_rates):
         ours = run.medians["fastgan"]
         benchmark.extra_info["fastgan_speedup_vs"] = {
             name: t / ours for name, t in run.medians.items() if name != "fastgan"}
+        benchmark.extra_info["fastgan_paired_speedup_vs"] = {
+            name: t / run.paired["fastgan"] for name, t in run.paired.items() if name != "fastgan"}

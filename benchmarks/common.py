@@ -508,6 +508,30 @@ def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3,
                     counters["stats"]["unique_graphs"] - graphs_before)
 
 
+def paired_step_times(contenders: dict[str, Contender], inputs: InputSets, rounds: int,
+                      steps_per_round: int = 1) -> dict[str, list[float]]:
+    """Per-step wall times of every contender, measured interleaved: each round runs every contender
+    once (``steps_per_round`` steps, then a device sync), in an order rotated from round to round.
+
+    On a shared or throttling machine, load drifts over the minutes a benchmark file takes; timing
+    contenders one after another lets that drift decide their ratio. Interleaved rounds expose all of
+    them to the same conditions, so the ratio of their medians is a paired comparison.
+    """
+    device = inputs[0][0].device
+    names = list(contenders)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step = contenders[name].step
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(steps_per_round):
+                step(*inputs.next())
+            synchronize(device)
+            times[name].append((time.perf_counter() - t0) / steps_per_round)
+    return times
+
+
 def median_step_time(contender: Contender, inputs: InputSets, steps: int = 5) -> float:
     """Median wall time of ``steps`` synchronised steps (a quick estimate, e.g. to subtract from the
     first steps' time to get a compile time)."""

@@ -37,6 +37,7 @@ class Entry:
     compile_time_s: float | None = None
     limit_s: float | None = None
     timer: str = "wall"        # "wall" (pytest-benchmark) or "cuda events"
+    paired_median_s: float | None = None   # from interleaved rounds with the group's other contenders
 
 
 @dataclass
@@ -46,6 +47,15 @@ class Group:
 
     def entry(self, contender: str) -> Entry | None:
         return next((e for e in self.entries if e.contender == contender), None)
+
+    @property
+    def paired(self) -> bool:
+        """Whether every contender has a paired (interleaved) time: ratios then use those."""
+        return bool(self.entries) and all(e.paired_median_s is not None for e in self.entries)
+
+    def time(self, entry: Entry) -> float:
+        """The time ratios are computed from: the paired median when the whole group has one."""
+        return entry.paired_median_s if self.paired else entry.median_s
 
     @property
     def limit_s(self) -> float | None:
@@ -87,6 +97,7 @@ def load_groups(paths: list[str | Path]) -> list[Group]:
                 compile_time_s=extra.get("compile_time_s"),
                 limit_s=extra.get("limit_s"),
                 timer=timer,
+                paired_median_s=extra.get("paired_median_s"),
             )
             group = groups.setdefault(bench.get("group") or bench.get("name", "?"),
                                       Group(bench.get("group") or bench.get("name", "?")))
@@ -112,9 +123,9 @@ def speedups(groups: list[Group], ours: str = DEFAULT_OURS) -> dict[str, dict[st
     out = {}
     for group in groups:
         mine = our_entry(group, ours)
-        if mine is None or mine.median_s <= 0:
+        if mine is None or group.time(mine) <= 0:
             continue
-        out[group.name] = {e.contender: e.median_s / mine.median_s for e in group.entries if e is not mine}
+        out[group.name] = {e.contender: group.time(e) / group.time(mine) for e in group.entries if e is not mine}
     return out
 
 
@@ -144,7 +155,9 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
     if machine:
         lines += [f"Machine: {machine}", ""]
     lines += [f"Speed-up of **{ours}** = contender's median time / {ours}'s median time (> 1: {ours} is "
-              "faster). \"limit\" = the step's matmul + convolution FLOPs / the device's fastest matmul rate "
+              "faster), from paired medians where a group has them (all its contenders timed in interleaved "
+              "rounds, so load drift on a shared machine hits all alike), else from each benchmark's own "
+              "median (contenders timed one after another). \"limit\" = the step's matmul + convolution FLOPs / the device's fastest matmul rate "
               "measured in the same run (fp32; on CUDA fp32 or TF32, whichever is faster); \"% of limit\" = "
               "limit / time. Peak memory: see each benchmark's memory_method in the JSON.", ""]
     if chart:
@@ -163,25 +176,28 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
             if group.name not in ratios:
                 continue
             mine = our_entry(group, ours)
-            row = [group.name, _time(mine.median_s)] + [_ratio(ratios[group.name].get(o)) for o in others]
+            row = [group.name + (" (paired)" if group.paired else ""), _time(group.time(mine))] + \
+                [_ratio(ratios[group.name].get(o)) for o in others]
             if has_limit:
-                row.append(f"{100 * group.limit_s / mine.median_s:.1f}%" if group.limit_s else "–")
+                row.append(f"{100 * group.limit_s / group.time(mine):.1f}%" if group.limit_s else "–")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     lines += ["## Details", ""]
     for group in groups:
         mine = our_entry(group, ours)
         lines += [f"### {group.name}", "",
-                  f"| contender | median | IQR | rounds | peak memory (MiB) | compile | {ours} speed-up | % of limit |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| contender | median, paired | median, alone | IQR, alone | rounds | peak memory (MiB) | compile "
+                  f"| {ours} speed-up | % of limit |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for e in group.entries:
             speed = "1.00× (ours)" if e is mine else _ratio(ratios.get(group.name, {}).get(e.contender))
-            of_limit = f"{100 * group.limit_s / e.median_s:.1f}%" if group.limit_s else "–"
+            of_limit = f"{100 * group.limit_s / group.time(e):.1f}%" if group.limit_s else "–"
             timer = " (CUDA events)" if e.timer == "cuda events" else ""
-            lines.append(f"| {e.contender} | {_time(e.median_s)}{timer} | {_time(e.iqr_s)} | {e.rounds} | "
-                         f"{_mib(e.peak_memory_bytes)} | {_time(e.compile_time_s)} | {speed} | {of_limit} |")
+            lines.append(f"| {e.contender} | {_time(e.paired_median_s)} | {_time(e.median_s)}{timer} | "
+                         f"{_time(e.iqr_s)} | {e.rounds} | {_mib(e.peak_memory_bytes)} | {_time(e.compile_time_s)} | "
+                         f"{speed} | {of_limit} |")
         if group.limit_s:
-            lines.append(f"| limit (FLOPs / matmul rate) | {_time(group.limit_s)} | | | | | – | 100% |")
+            lines.append(f"| limit (FLOPs / matmul rate) | {_time(group.limit_s)} | | | | | | – | 100% |")
         lines.append("")
     return "\n".join(lines)
 
@@ -209,8 +225,8 @@ def bar_chart(groups: list[Group], path: str | Path, ours: str = DEFAULT_OURS, t
     for j, name in enumerate(series):
         ys, xs = [], []
         for i, g in enumerate(shown):
-            mine = our_entry(g, ours).median_s
-            t = g.limit_s if name == "limit" else (g.entry(name).median_s if g.entry(name) else None)
+            mine = g.time(our_entry(g, ours))
+            t = g.limit_s if name == "limit" else (g.time(g.entry(name)) if g.entry(name) else None)
             if t:
                 ys.append(i + (j - (len(series) - 1) / 2) * height)
                 xs.append(t / mine)

@@ -72,8 +72,8 @@ def test_report_ratios_are_exact(tmp_path):
     text = (out / "report.md").read_text()
     assert "| step A | 10.000 ms | 3.00× | 1.50× | 1.20× | 20.0% |" in text
     assert "| step B | 4.000 ms | 12.50× | – | – | – |" in text
-    assert "| naive | 30.000 ms | 1.000 ms | 10 | 3.0 | – | 3.00× | 6.7% |" in text
-    assert "| compile | 12.000 ms | 1.000 ms | 10 | – | 4.500 s | 1.20× | 16.7% |" in text
+    assert "| naive | – | 30.000 ms | 1.000 ms | 10 | 3.0 | – | 3.00× | 6.7% |" in text
+    assert "| compile | – | 12.000 ms | 1.000 ms | 10 | – | 4.500 s | 1.20× | 16.7% |" in text
     assert "| limit (FLOPs / matmul rate) | 2.000 ms |" in text
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -90,6 +90,20 @@ def test_report_prefers_cuda_event_times_and_names_contenders(tmp_path):
     assert groups[1].entries[0].contender == "64-ref"
     assert "h" not in report.speedups(groups)  # no fastgan in that group: times only, no ratio
     assert "### h" in report.markdown(groups)
+
+
+def test_report_prefers_paired_times_when_the_whole_group_has_them(tmp_path):
+    path = _synthetic(tmp_path, [
+        _bench("p", "naive", 0.9, paired_median_s=0.030),
+        _bench("p", "fastgan", 0.1, paired_median_s=0.012),
+        _bench("q", "naive", 0.9, paired_median_s=0.030),
+        _bench("q", "fastgan", 0.1)])  # one contender without: the group falls back to its own medians
+    groups = report.load_groups([path])
+    assert report.speedups(groups) == {"p": {"naive": pytest.approx(2.5, rel=1e-12)},
+                                       "q": {"naive": pytest.approx(9.0, rel=1e-12)}}
+    text = report.markdown(groups)
+    assert "| p (paired) | 12.000 ms | 2.50× |" in text and "| q | 100.000 ms | 9.00× |" in text
+    assert "| naive | 30.000 ms | 900.000 ms | 1.000 ms | 10 | – | – | 2.50× | – |" in text
 
 
 def test_report_finds_ours_by_prefix_when_unique(tmp_path):
