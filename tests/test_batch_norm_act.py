@@ -363,3 +363,28 @@ def test_argument_errors(impl):
     # ... but eval mode normalises a single sample with the running statistics.
     y = call(x=torch.randn(1, 3), training=False)
     assert y.shape == (1, 3)
+
+
+@pytest.mark.parametrize("impl", ["cpu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_custom_ops_opcheck_and_second_order(impl, training):
+    """The torch.library ops (what torch.compile traces; eager calls their autograd.Function twins):
+    opcheck (schema, fake tensors, autograd registration), and gradgradcheck through them."""
+    from fastgan.ops.batch_norm_act import _backward_op, _forward_op, _update_running_stats_op
+    x = make_x((3, 4, 2, 3), "channels_last", torch.float64).requires_grad_(True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(4, dtype=torch.float64).requires_grad_(True)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    stats = (None, None) if training else (rm, rv)
+    act = ACTIVATIONS["tanh"].index
+    torch.library.opcheck(_forward_op, (x, w, b, *stats, training, 1e-5, act, 0.0, impl))
+    y, mean, var = _forward_op(x, w, b, *stats, training, 1e-5, act, 0.0, impl)
+    g = torch.randn_like(y)
+    torch.library.opcheck(_backward_op, (g, x.detach(), w.detach(), b.detach(), mean, var, training, 1e-5, act, 0.0,
+                                         impl))
+    torch.library.opcheck(_update_running_stats_op, (rm.clone(), rv.clone(), mean, var, 18, 0.1, None))
+
+    def fn(x, w, b):
+        return _forward_op(x, w, b, *stats, training, 1e-5, act, 0.0, impl)[0]
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))

@@ -442,6 +442,38 @@ std::vector<Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor
   return {dx, dw, db};
 }
 
+
+// nn.BatchNorm's running-statistics update, in place: r = (1 - f) r + f s with the unbiased batch
+// variance var * n / (n - 1); f = momentum, or 1 / num_batches_tracked (the cumulative average) when
+// that tensor is given. Arithmetic in double, stored in the running statistics' dtype.
+void batch_norm_update_running_stats(Tensor running_mean, Tensor running_var, const Tensor& mean, const Tensor& var,
+                                     int64_t count, double momentum,
+                                     const std::optional<Tensor>& num_batches_tracked) {
+  TORCH_CHECK(running_mean.device().is_cpu() && running_var.device().is_cpu(),
+              "batch_norm_act: running statistics must be CPU tensors");
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "batch_norm_act: running statistics must be contiguous");
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+              "batch_norm_act: running_mean and running_var must share a dtype");
+  TORCH_CHECK(count > 1, "batch_norm_act: the unbiased variance needs more than one value per channel");
+  const int64_t C = running_mean.numel();
+  TORCH_CHECK(running_var.numel() == C && mean.numel() == C && var.numel() == C,
+              "batch_norm_act: statistics must have one value per channel");
+  const double f = num_batches_tracked.has_value() ? 1.0 / num_batches_tracked->item<double>() : momentum;
+  const double unbias = double(count) / double(count - 1);
+  const Tensor m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
+  const double* pm = m.data_ptr<double>();
+  const double* pv = v.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running_mean.scalar_type(), "batch_norm_update", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      rm[c] = static_cast<scalar_t>(f * pm[c] + (1.0 - f) * double(rm[c]));
+      rv[c] = static_cast<scalar_t>(f * pv[c] * unbias + (1.0 - f) * double(rv[c]));
+    }
+  });
+}
+
 }  // namespace
 
 void register_batch_norm_act(pybind11::module_& m) {
@@ -455,6 +487,10 @@ void register_batch_norm_act(pybind11::module_& m) {
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"),
         pybind11::arg("act"), pybind11::arg("alpha"));
+  m.def("batch_norm_update_running_stats", &batch_norm_update_running_stats,
+        "nn.BatchNorm's running-statistics update, in place (CPU)", pybind11::arg("running_mean"),
+        pybind11::arg("running_var"), pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("count"),
+        pybind11::arg("momentum"), pybind11::arg("num_batches_tracked"));
 }
 
 }  // namespace fastgan
