@@ -349,6 +349,17 @@ class _FusedOptimizer(Optimizer):
         return twin
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _slicer(lo: int, hi: int, total: int):
+    """t[lo:hi], without making views (microseconds each) in the common whole-buffer case."""
+    if lo == 0 and hi == total:
+        return _whole
+    return lambda t: t[lo:hi]
+
+
 def _nonfinite_check(b: _Bucket, grad: torch.Tensor, inv_scale, found_inf: torch.Tensor) -> None:
     if b.kernels is not None:
         b.kernels.optim_nonfinite_check(grad, inv_scale, found_inf)
@@ -418,8 +429,9 @@ class FusedAdam(_FusedOptimizer):
     def _update(self, group, b: _Bucket, lo: int, hi: int, steps, inv_scale, found_inf, check_inside) -> None:
         beta1, beta2 = (_as_float(x, "betas") for x in group["betas"])
         lr_tensor, lr = self._lr_args(group, b)
-        shadow = b.shadow[lo:hi] if b.shadow is not None else None
-        args = (b.flat_param[lo:hi], b.flat_grad[lo:hi], b.state["exp_avg"][lo:hi], b.state["exp_avg_sq"][lo:hi],
+        cut = _slicer(lo, hi, b.total)
+        shadow = cut(b.shadow) if b.shadow is not None else None
+        args = (cut(b.flat_param), cut(b.flat_grad), cut(b.state["exp_avg"]), cut(b.state["exp_avg_sq"]),
                 steps, found_inf, inv_scale)
         kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                   decoupled=bool(group["decoupled_weight_decay"]), ema_shadow=shadow, ema_beta=self._ema_beta(),
@@ -495,9 +507,10 @@ class FusedSGD(_FusedOptimizer):
         if momentum != 0 and b.state.get("momentum_buffer") is None:
             self._ensure_momentum_buffer(group, b)  # momentum switched on after the first step
         lr_tensor, lr = self._lr_args(group, b)
-        shadow = b.shadow[lo:hi] if b.shadow is not None else None
-        buf = b.state["momentum_buffer"][lo:hi] if momentum != 0 else None
-        args = (b.flat_param[lo:hi], b.flat_grad[lo:hi], buf, steps, found_inf, inv_scale)
+        cut = _slicer(lo, hi, b.total)
+        shadow = cut(b.shadow) if b.shadow is not None else None
+        buf = cut(b.state["momentum_buffer"]) if momentum != 0 else None
+        args = (cut(b.flat_param), cut(b.flat_grad), buf, steps, found_inf, inv_scale)
         kw = dict(momentum=momentum, dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
                   weight_decay=float(group["weight_decay"]), ema_shadow=shadow, ema_beta=self._ema_beta())
         if b.kernels is not None:
