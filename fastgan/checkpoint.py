@@ -391,14 +391,18 @@ class CheckpointEvery:
 
 class StopOnSignal:
     """``Trainer.fit`` callback and context manager: on SIGINT (Ctrl-C) or SIGTERM, finish the step
-    in progress, write a checkpoint through ``checkpointer`` and raise :class:`TrainingInterrupted`
-    (a KeyboardInterrupt) carrying the step and the path. A second Ctrl-C interrupts at once.
+    in progress, write a checkpoint through ``checkpointer`` (a :class:`CheckpointEvery`, or any
+    ``checkpointer(trainer, step) -> path``; None: write nothing) and raise
+    :class:`TrainingInterrupted` (a KeyboardInterrupt) carrying the step and the path. The signal is
+    only recorded by the handler, so the checkpoint is taken between two steps, never inside an
+    update. A second Ctrl-C interrupts at once.
 
         with StopOnSignal(CheckpointEvery(run_dir, 100)) as stop:
             trainer.fit(data, steps, callbacks=[stop, ...])
     """
 
-    def __init__(self, checkpointer: CheckpointEvery | None, signals=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, checkpointer: CheckpointEvery | Callable[[Any, int], Any] | None,
+                 signals=(signal.SIGINT, signal.SIGTERM)):
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
         self.received: int | None = None
@@ -424,5 +428,10 @@ class StopOnSignal:
     def __call__(self, trainer, step: int, stats) -> None:
         if self.received is None:
             return
-        path = self.checkpointer.save(trainer, step) if self.checkpointer is not None else None
+        if self.checkpointer is None:
+            path = None
+        elif isinstance(self.checkpointer, CheckpointEvery):
+            path = self.checkpointer.save(trainer, step)
+        else:
+            path = self.checkpointer(trainer, step)
         raise TrainingInterrupted(self.received, step, None if path is None else os.fspath(path))

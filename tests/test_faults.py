@@ -414,3 +414,95 @@ def test_sigint_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {step}" in result.stdout
     _assert_equal_runs(torch.load(out, weights_only=True), uninterrupted)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: `fastgan train` killed / interrupted, then `--resume`
+# ------------------------------------------------------------------------------------------------
+
+CLI_STEPS = 400
+_CLI_COMMON = ["--data", "ring8", "--batch-size", "16", "--eval-samples", "50", "--no-progress", "--width", "16",
+               "--log-every", "10", "--seed", "5"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fastgan", "train", *args]
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _final_params(run: Path):
+    state = load_checkpoint(run / "checkpoint.pt")
+    return state["step"], state["generator"], state["discriminator"]
+
+
+@pytest.fixture(scope="module")
+def cli_uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "straight"
+    subprocess.run(_cli(*_CLI_COMMON, "--steps", str(CLI_STEPS), "--checkpoint-every", "10", "--out", str(out)),
+                   check=True, capture_output=True, timeout=900, env=_cli_env())
+    return _final_params(out)
+
+
+def _assert_same_final(a, b):
+    assert a[0] == b[0] == CLI_STEPS
+    for net_a, net_b in ((a[1], b[1]), (a[2], b[2])):
+        for k in net_a:
+            assert torch.equal(net_a[k], net_b[k]), f"{k} differs from the uninterrupted run"
+
+
+def test_cli_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, cli_uninterrupted):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*_CLI_COMMON, "--steps", str(CLI_STEPS), "--checkpoint-every", "10",
+                                 "--out", str(out)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_cli_env())
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoint.pt").exists():       # the first checkpoint (step 10) is written
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert killed_at < CLI_STEPS
+    result = subprocess.run(_cli("--resume", "--out", str(out), "--steps", str(CLI_STEPS), "--no-progress"),
+                            capture_output=True, text=True, timeout=900, env=_cli_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_final(_final_params(out), cli_uninterrupted)
+
+
+def test_cli_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, cli_uninterrupted):
+    """Ctrl-C: the step in progress finishes, a checkpoint of that step is written, exit status 130
+    without a traceback; --resume then finishes the run exactly as if it had never stopped."""
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(_cli(*_CLI_COMMON, "--steps", str(CLI_STEPS), "--checkpoint-every", "100000",
+                                 "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env())
+    try:
+        for line in proc.stdout:                       # training starts after this line
+            if "steps ->" in line:
+                break
+        time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    written = ckpt.list_checkpoints(out)
+    assert written, f"no checkpoint was written on SIGINT; stderr: {stderr[-2000:]}"
+    step = load_checkpoint(written[0])["step"]
+    assert 0 < step < CLI_STEPS
+    result = subprocess.run(_cli("--resume", "--out", str(out), "--steps", str(CLI_STEPS), "--no-progress"),
+                            capture_output=True, text=True, timeout=900, env=_cli_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_final(_final_params(out), cli_uninterrupted)
