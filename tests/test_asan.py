@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "asan_check.sh"
 
 # Files whose tests reach fastgan._C; -k keeps their reference and C++ cases.
-EXTENSION_TESTS = ["tests/test_losses.py", "tests/test_properties.py", "tests/test_optim*.py",
+EXTENSION_TESTS = ["tests/test_losses.py", "tests/test_properties.py", "tests/test_properties_layers.py",
+                   "tests/test_optim*.py",
                    "tests/test_fused_optim*.py", "tests/test_linear_act*.py", "tests/test_bias_act*.py",
                    "tests/test_batch_norm_act*.py", "tests/test_layers*.py"]
 
