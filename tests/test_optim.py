@@ -581,3 +581,28 @@ def test_float64_params_use_torch_path_and_match():
     run_both(ours, ref, ours_p, ref_p, 20, torch.Generator().manual_seed(14))
     for p, q in zip(ours_p, ref_p):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("bad_at", [None, 5, 119_990])  # none / in the first / in the last thread's slice
+def test_large_buffer_threaded_check_then_update(kind, bad_at):
+    """A buffer big enough for the multi-threaded path (check each slice, barrier, update)."""
+    shapes = [(300, 400), (17,)]
+    ours_p = make_params(shapes)
+    ref_p = clone_params(ours_p)
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=0.01, weight_decay=0.1), torch.optim.Adam(ref_p, lr=0.01, weight_decay=0.1)
+    else:
+        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), torch.optim.SGD(ref_p, lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(15)
+    run_both(ours, ref, ours_p, ref_p, 5, gen)
+    assert_close_fp32(ours_p, ref_p)
+    before = [p.detach().clone() for p in ours_p]
+    for p, g in zip(ours_p, random_grads(ours_p, gen)):
+        p.grad = g
+    if bad_at is not None:
+        ours_p[0].grad.view(-1)[bad_at] = float("inf")
+    ours.step()
+    assert float(ours.found_inf) == (0.0 if bad_at is None else 1.0)
+    unchanged = all(torch.equal(p.detach(), b) for p, b in zip(ours_p, before))
+    assert unchanged == (bad_at is not None)

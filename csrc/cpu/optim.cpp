@@ -8,13 +8,17 @@
 // fp32 and bf16), with the bias corrections in double as torch computes them from Python floats.
 //
 // Non-finite skip on CPU. A single pass cannot both write the update and know that no later
-// gradient is non-finite, and undoing Adam exactly is impossible. So the check is its own pass,
-// read-only and vectorised (sum of g - g: 0 for finite g, NaN otherwise), run before the update.
-// The alternative -- check a cache-sized chunk, then update it -- still needs *every* chunk checked
-// before the first write, so it does not save the read; what it could save is a second trip to
-// DRAM, which the separate pass pays only for buffers larger than the caches. For those the check
-// costs one extra read stream (4 B per fp32 element against the update's 28 B: ~14 %, measured in
-// benchmarks/bench_optim.py); for cache-resident buffers (the 0.5 M case) it is nearly free.
+// gradient is non-finite, and undoing Adam exactly is impossible, so every gradient must be read
+// once before the first write. We do it as "chunked check, then update" inside ONE parallel region:
+// each thread checks its own slice (read-only, vectorised: the sum of g - g is 0 for finite g and
+// NaN otherwise), the team meets at a barrier, and each thread then updates the same slice -- still
+// in its L2 when the slice fits (the 0.5 M-parameter case: ~1 MB of gradient per thread), so the
+// check costs almost nothing there and no second thread fork/join. For buffers far beyond the
+// caches the check is one extra read stream: 4 B per fp32 element against the update's 28 B
+// (g read; param, exp_avg, exp_avg_sq read and written), i.e. at most ~14 % on a memory-bound step;
+// see benchmarks/bench_optim.py. When one step spans several buffers the whole step must be
+// skipped, so Python runs optim_nonfinite_check over all of them first and the updates only read
+// found_inf.
 //
 // Threads: the loops run on an OpenMP team sized by at::get_num_threads(). torch's wheel ships its
 // own libgomp and this module links that same runtime (see ldd), so our team is torch's team and
@@ -36,6 +40,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <vector>
 
 namespace fastgan {
 
@@ -80,25 +86,48 @@ inline void store_f(c10::BFloat16* p, int64_t i, float v) {
 // Elements below which one thread does the whole buffer (a team wake-up costs a few microseconds).
 constexpr int64_t kSerialBelow = 1 << 15;
 
-// Run body(lo, hi) over [0, n) split into one contiguous slice per thread, slices aligned to 16
-// elements (64 bytes of fp32) so each thread's vector loop starts on a cache line.
-// body(lo, hi, slot) gets slot in [0, at::get_num_threads()) for per-thread results.
+// A non-finite check to run before an update in the same parallel region (see the header comment):
+// check(lo, hi) -> true if that slice has a non-finite gradient. Set by CheckedUpdate below.
+struct SliceCheck {
+  std::function<bool(int64_t, int64_t)> check;
+  bool found = false;
+};
+thread_local SliceCheck* t_slice_check = nullptr;
+
+// Run body(lo, hi, slot) over [0, n) split into one contiguous slice per thread (slot in
+// [0, at::get_num_threads())), slices aligned to 16 elements (64 bytes of fp32) so each thread's
+// vector loop starts on a cache line. With a pending SliceCheck each thread first checks its own
+// slice, the team meets at a barrier, and the bodies run only if no slice had a non-finite value;
+// a thread then updates the very slice it just read, still warm in its L2 when the slice fits.
 template <typename Body>
 void parallel_slices(int64_t n, const Body& body) {
+  SliceCheck* pending = t_slice_check;
+  t_slice_check = nullptr;  // consumed by this call only
   const int max_threads = std::max(1, at::get_num_threads());
   const int64_t want = n < kSerialBelow ? 1 : std::min<int64_t>(max_threads, (n + kSerialBelow - 1) / kSerialBelow);
   if (want <= 1 || omp_in_parallel()) {
+    if (pending != nullptr && (pending->found = pending->check(0, n))) return;
     body(int64_t(0), n, 0);
     return;
   }
+  std::vector<char> bad(static_cast<size_t>(want) * 64, 0);  // one cache line per thread
+  bool skip_all = false;
 #pragma omp parallel num_threads(static_cast<int>(want))
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t per = (n + nt - 1) / nt;
     per = (per + 15) / 16 * 16;
     const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
-    if (lo < hi) body(lo, hi, t);
+    bool skip = false;
+    if (pending != nullptr) {
+      if (lo < hi) bad[static_cast<size_t>(t) * 64] = pending->check(lo, hi) ? 1 : 0;
+#pragma omp barrier
+      for (int i = 0; i < nt; ++i) skip = skip || bad[static_cast<size_t>(i) * 64] != 0;
+      if (t == 0) skip_all = skip;
+    }
+    if (!skip && lo < hi) body(lo, hi, t);
   }
+  if (pending != nullptr) pending->found = skip_all;
 }
 
 // ---- non-finite check ------------------------------------------------------------------------
@@ -160,16 +189,35 @@ double read_lr(const c10::optional<at::Tensor>& lr_tensor, double lr) {
   return lr_tensor->item<double>();
 }
 
-// Shared prologue of a step: the found_inf protocol. Returns true when the step must be skipped.
-// check_nonfinite: this call owns the check (one buffer per step) -> found_inf := any non-finite.
-// Otherwise the caller ran optim_nonfinite_check over every buffer first and we only read found_inf.
+// The found_inf protocol of a step. check_nonfinite: this call owns the check (one buffer per
+// step): the next parallel_slices checks every slice, then updates unless one was non-finite, and
+// found_inf := that outcome. Otherwise the caller ran optim_nonfinite_check over every buffer of
+// the step first, and the update runs unless found_inf is already set.
 template <typename grad_t>
-bool skip_step(const grad_t* g, int64_t n, const c10::optional<at::Tensor>& inv_scale, float inv,
-               const at::Tensor& found_inf, bool check_nonfinite) {
-  float* flag = found_inf.data_ptr<float>();
-  if (check_nonfinite) *flag = any_nonfinite(g, n, inv_scale.has_value(), inv) ? 1.f : 0.f;
-  return *flag != 0.f;
-}
+struct CheckedUpdate {
+  SliceCheck slice_check;
+  float* flag;
+  bool owns_check;
+
+  CheckedUpdate(const grad_t* g, bool scale, float inv, const at::Tensor& found_inf, bool check_nonfinite)
+      : flag(found_inf.data_ptr<float>()), owns_check(check_nonfinite) {
+    if (owns_check) {
+      slice_check.check = [g, scale, inv](int64_t lo, int64_t hi) {
+        const float sum = scale ? nonfinite_sum<grad_t, true>(g, lo, hi, inv) : nonfinite_sum<grad_t, false>(g, lo, hi, inv);
+        return !(sum == 0.f);
+      };
+    }
+  }
+  bool skip_before() const { return !owns_check && *flag != 0.f; }
+  void arm() { t_slice_check = owns_check ? &slice_check : nullptr; }
+  // After the update call: whether it was skipped (and found_inf written when we own the check).
+  bool skipped() {
+    t_slice_check = nullptr;
+    if (!owns_check) return false;
+    *flag = slice_check.found ? 1.f : 0.f;
+    return slice_check.found;
+  }
+};
 
 void increment_steps(const at::Tensor& steps) {
   float* s = steps.data_ptr<float>();
@@ -281,9 +329,7 @@ void optim_adam_step(const at::Tensor& param, const at::Tensor& grad, const at::
   at::NoGradGuard no_grad;
 
   const bool bf16 = param.scalar_type() == at::kBFloat16;
-  const bool skip = bf16 ? skip_step(grad.data_ptr<at::BFloat16>(), n, inv_scale, inv, found_inf, check_nonfinite)
-                         : skip_step(grad.data_ptr<float>(), n, inv_scale, inv, found_inf, check_nonfinite);
-  if (skip) return;
+  if (*found_inf.data_ptr<float>() != 0.f && !check_nonfinite) return;
 
   // Bias corrections as torch computes them: Python floats (double), step = count after increment.
   const double step = static_cast<double>(*steps.data_ptr<float>()) + 1.0;
@@ -304,13 +350,21 @@ void optim_adam_step(const at::Tensor& param, const at::Tensor& grad, const at::
   s.ema_small_w = std::abs(1.0 - ema_beta) < 0.5;
   float* shadow = ema_shadow.has_value() ? ema_shadow->data_ptr<float>() : nullptr;
   const bool decoupled_active = decoupled && weight_decay != 0.0;
-  if (bf16)
+  bool skipped;
+  if (bf16) {
+    CheckedUpdate<at::BFloat16> cu(grad.data_ptr<at::BFloat16>(), inv_scale.has_value(), inv, found_inf, check_nonfinite);
+    cu.arm();
     adam_run(param.data_ptr<at::BFloat16>(), grad.data_ptr<at::BFloat16>(), exp_avg.data_ptr<float>(),
              exp_avg_sq.data_ptr<float>(), shadow, n, inv_scale.has_value(), decoupled_active, s);
-  else
+    skipped = cu.skipped();
+  } else {
+    CheckedUpdate<float> cu(grad.data_ptr<float>(), inv_scale.has_value(), inv, found_inf, check_nonfinite);
+    cu.arm();
     adam_run(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
              exp_avg_sq.data_ptr<float>(), shadow, n, inv_scale.has_value(), decoupled_active, s);
-  increment_steps(steps);
+    skipped = cu.skipped();
+  }
+  if (!skipped) increment_steps(steps);
 }
 
 // ---- SGD (momentum, dampening, nesterov, weight decay) -----------------------------------------
@@ -386,9 +440,7 @@ void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad, const c10::
   at::NoGradGuard no_grad;
 
   const bool bf16 = param.scalar_type() == at::kBFloat16;
-  const bool skip = bf16 ? skip_step(grad.data_ptr<at::BFloat16>(), n, inv_scale, inv, found_inf, check_nonfinite)
-                         : skip_step(grad.data_ptr<float>(), n, inv_scale, inv, found_inf, check_nonfinite);
-  if (skip) return;
+  if (*found_inf.data_ptr<float>() != 0.f && !check_nonfinite) return;
 
   SgdScalars s;
   s.inv = inv;
@@ -403,18 +455,25 @@ void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad, const c10::
   float* buf = momentum_buffer.has_value() ? momentum_buffer->data_ptr<float>() : nullptr;
   float* shadow = ema_shadow.has_value() ? ema_shadow->data_ptr<float>() : nullptr;
   const bool scale = inv_scale.has_value();
+  bool skipped;
   if (bf16) {
     auto* p = param.data_ptr<at::BFloat16>();
     auto* g = grad.data_ptr<at::BFloat16>();
+    CheckedUpdate<at::BFloat16> cu(g, scale, inv, found_inf, check_nonfinite);
+    cu.arm();
     if (scale) sgd_dispatch_momentum<at::BFloat16, true>(p, g, buf, shadow, n, mode, nesterov, s);
     else sgd_dispatch_momentum<at::BFloat16, false>(p, g, buf, shadow, n, mode, nesterov, s);
+    skipped = cu.skipped();
   } else {
     auto* p = param.data_ptr<float>();
     auto* g = grad.data_ptr<float>();
+    CheckedUpdate<float> cu(g, scale, inv, found_inf, check_nonfinite);
+    cu.arm();
     if (scale) sgd_dispatch_momentum<float, true>(p, g, buf, shadow, n, mode, nesterov, s);
     else sgd_dispatch_momentum<float, false>(p, g, buf, shadow, n, mode, nesterov, s);
+    skipped = cu.skipped();
   }
-  increment_steps(steps);
+  if (!skipped) increment_steps(steps);
 }
 
 // found_inf := max(found_inf, any non-finite in grad * inv_scale). Run over every buffer of a step
