@@ -20,6 +20,29 @@ from test_properties import FAST_IMPLS, IMPLS, leaf, names_argument, props
 ACTS = tuple(ACTIVATIONS)
 NONFINITE = (math.nan, math.inf, -math.inf)
 
+# KNOWN BUGS, reported to the lead (2026-11-25, issue 8 report), not fixed by this file's deadline:
+# (1) relu in the C++ and Triton kernels maps NaN to 0 (torch.relu keeps NaN), in linear_act, bias_act
+#     and batch_norm_act (csrc/cpu/activations.h, fastgan/ops/triton/activations.py);
+# (2) bias_act's Triton clamp maps NaN to +-clamp (torch.clamp keeps NaN).
+# A NaN activation turned into a number hides a diverging model from the loss and from the
+# optimizers' non-finite skip. The deterministic cases below are xfail(strict=True): when a bug is
+# fixed they XPASS and fail -- then delete this table's entry. The hypothesis tests skip only the
+# output comparison of exactly these cases (everything else in those draws is still checked).
+KNOWN_BUG_RELU_NAN = {"cpu": True, "triton": False}     # per implementation
+KNOWN_BUG_TRITON_CLAMP_NAN = False
+
+
+def known_nonfinite_bug(op: str, impl: str, act: str, has_nan: bool, clamp=None) -> str | None:
+    """Why (op, impl, act) on an input with NaN (after normalisation, for batch_norm_act) is a known
+    bug, or None."""
+    if impl not in ("cpu", "triton") or not has_nan:
+        return None
+    if KNOWN_BUG_RELU_NAN[impl] and act == "relu":
+        return f"known bug: {impl} relu maps NaN to 0 in {op}"
+    if KNOWN_BUG_TRITON_CLAMP_NAN and op == "bias_act" and impl == "triton" and clamp is not None:
+        return "known bug: Triton bias_act clamp maps NaN to +-clamp"
+    return None
+
 
 def _tol(dtype: torch.dtype, impl: str) -> float:
     if dtype == torch.float64:
@@ -103,6 +126,8 @@ def test_linear_act_matches_reference(data, lead, k, n, act, with_bias, dtype, g
             names_argument(exc, "x")
             continue
         tol = _tol(dtype, impl)
+        if known_nonfinite_bug("linear_act", impl, act, bool(torch.isnan(ref).any())):
+            continue
         assert_matches(out, ref, tol, f"{impl} linear_act")
         if ref_grads is not None and not nonfinite:
             for name, g, e in zip(("x", "weight", "bias"), _grads(out, (xi, wi, bi), up), ref_grads):
@@ -154,6 +179,8 @@ def test_bias_act_matches_reference(data, shape, act, with_bias, dtype, gain, cl
         xi, bi = leaf(x), leaf(b) if b is not None else None
         out = bias_act(xi, bi, impl=impl, **args)
         tol = _tol(dtype, impl)
+        if known_nonfinite_bug("bias_act", impl, act, bool(torch.isnan(x).any()), clamp):
+            continue
         assert_matches(out, ref, tol, f"{impl} bias_act")
         if ref_grads is not None and not nonfinite:
             for name, g, e in zip(("x", "bias"), _grads(out, (xi, bi), up), ref_grads):
@@ -219,6 +246,8 @@ def test_batch_norm_act_matches_reference(data, shape, act, affine, running, tra
     for impl in FAST_IMPLS:
         out, ins, stats = call(impl)
         tol = _tol(dtype, impl) * (5 if dtype == torch.float32 else 1)
+        if known_nonfinite_bug("batch_norm_act", impl, act, bool(torch.isnan(ref).any())):
+            continue
         assert_matches(out, ref, tol, f"{impl} batch_norm_act")
         if running:
             assert_matches(stats[0], ref_stats[0], tol, f"{impl} running_mean")
@@ -357,6 +386,11 @@ def test_fused_adam_rejects_bad_arguments_naming_them(case):
 # optimizers' non-finite skip. (Hypothesis finds these only now and then: here every case, once.)
 # ------------------------------------------------------------------------------------------------
 
+def _xfail_if_known(request, reason: str | None) -> None:
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
 def _planted(shape, value, where=1):
     x = torch.randn(shape)
     x.view(-1)[where] = value
@@ -366,9 +400,11 @@ def _planted(shape, value, where=1):
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_linear_act_propagates_nonfinite_like_the_reference(impl, act, value):
+def test_linear_act_propagates_nonfinite_like_the_reference(request, impl, act, value):
     x, w, b = _planted((3, 4), value), torch.randn(5, 4), torch.randn(5)
-    assert_matches(linear_act(x, w, b, act=act, impl=impl), linear_act(x, w, b, act=act, impl="ref"),
+    ref = linear_act(x, w, b, act=act, impl="ref")
+    _xfail_if_known(request, known_nonfinite_bug("linear_act", impl, act, bool(torch.isnan(ref).any())))
+    assert_matches(linear_act(x, w, b, act=act, impl=impl), ref,
                    _tol(torch.float32, impl), f"{impl} linear_act({act}) with {value} in x")
 
 
@@ -376,8 +412,9 @@ def test_linear_act_propagates_nonfinite_like_the_reference(impl, act, value):
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_bias_act_propagates_nonfinite_like_the_reference(impl, act, value, clamp):
+def test_bias_act_propagates_nonfinite_like_the_reference(request, impl, act, value, clamp):
     x, b = _planted((2, 3, 4), value), torch.randn(3)
+    _xfail_if_known(request, known_nonfinite_bug("bias_act", impl, act, bool(torch.isnan(x).any()), clamp))
     assert_matches(bias_act(x, b, act=act, clamp=clamp, impl=impl), bias_act(x, b, act=act, clamp=clamp, impl="ref"),
                    _tol(torch.float32, impl), f"{impl} bias_act({act}, clamp={clamp}) with {value} in x")
 
@@ -386,10 +423,12 @@ def test_bias_act_propagates_nonfinite_like_the_reference(impl, act, value, clam
 @pytest.mark.parametrize("value", NONFINITE, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_batch_norm_act_propagates_nonfinite_like_the_reference(impl, act, value, training):
+def test_batch_norm_act_propagates_nonfinite_like_the_reference(request, impl, act, value, training):
     x, w, b = _planted((4, 3, 2), value), torch.rand(3) + 0.5, torch.randn(3)
     rm, rv = torch.randn(3), torch.rand(3) + 0.5
-    out = batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act=act, impl=impl)
     ref = batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act=act, impl="ref")
+    # inf in training gives NaN batch statistics: the relu bug then applies too
+    _xfail_if_known(request, known_nonfinite_bug("batch_norm_act", impl, act, bool(torch.isnan(ref).any())))
+    out = batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act=act, impl=impl)
     assert_matches(out, ref, _tol(torch.float32, impl) * 5, f"{impl} batch_norm_act({act}, training={training}) "
                                                              f"with {value} in x")
