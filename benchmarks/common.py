@@ -3,14 +3,16 @@
 Every contender of a problem trains the *same* networks (deep copies of one initialisation), on the
 *same* rotating input sets, with the *same* hyperparameters (Adam, lr 2e-4, betas (0.5, 0.999), the
 non-saturating GAN loss written as binary cross-entropy as in the PyTorch DCGAN example). Nobody gets
-a smaller problem, and :func:`check_equivalent` refuses to time a contender whose losses differ.
+a smaller problem, and :func:`check_equivalent` refuses to time a contender whose losses or parameter
+updates differ.
 
 Problems (``problems(device)``):
 
 * ``mlp-b64`` / ``mlp-b512`` – MLP GAN: latent 64 -> 256 -> 512 -> 784 (Tanh) and
   784 -> 512 -> 256 -> 1 (Sigmoid), LeakyReLU(0.2), batch 64 and 512.
 * ``dcgan`` – the PyTorch examples' DCGAN at 64x64 (``examples/dcgan/main.py``: ConvTranspose/BatchNorm/
-  ReLU generator, Conv/BatchNorm/LeakyReLU discriminator ending in Sigmoid, N(0, 0.02) init).
+  ReLU generator, Conv/BatchNorm/LeakyReLU discriminator ending in Sigmoid, N(0, 0.02) init; D's
+  (N, 1, 1, 1) logit is flattened before the Sigmoid, as fastgan.Trainer wants one value per sample).
   Full widths (ngf = ndf = 64) and batch 128 on CUDA; widths 16 and batch 32 on CPU, where the full
   model takes seconds per step.
 * ``toy2d`` – a 2-D toy GAN (latent 2, three hidden layers of 128, ReLU / LeakyReLU) on a ring of
@@ -26,12 +28,13 @@ Contenders (``CONTENDERS``), each a :class:`Contender` with ``step(real, z) -> (
 * ``compile`` – ``torch.compile`` of the tuned eager step function (compile time is measured and
   reported apart from step time).
 * ``fastgan`` – ``fastgan.Trainer(...).step(real, z)`` with its defaults (fused kernels, batched update,
-  CUDA graphs where available).
+  CUDA graphs where available); it finds D's final Sigmoid and uses the logit (softplus losses).
 
 Conventions for every benchmark file (``report.py`` relies on them): put the problem in
 ``benchmark.group`` and the contender's name in ``benchmark.extra_info["contender"]``; optional
 extra_info keys are ``peak_memory_bytes``, ``memory_method``, ``compile_time_s``, ``limit_s``,
-``steps_per_round`` (the timed function runs that many steps) and ``event_median_s`` (CUDA events).
+``steps_per_round`` (the timed function runs that many steps), ``event_median_s`` (CUDA events) and
+``paired_median_s`` (interleaved with the group's other contenders; see :func:`paired_step_times`).
 """
 from __future__ import annotations
 
