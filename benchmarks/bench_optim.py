@@ -137,13 +137,15 @@ def _run(benchmark, group: str, contender: str, size: str) -> None:
     gc.collect()
 
 
-@pytest.mark.parametrize("size", list(SIZES))
+# contender outermost, size innermost: pytest then runs a size's contenders back to back, so they
+# share the machine's state (other processes' load drifts over minutes on shared machines).
 @pytest.mark.parametrize("contender", ["fastgan", "torch-foreach", "torch-fused"])
+@pytest.mark.parametrize("size", list(SIZES))
 def bench_adam_step(benchmark, contender, size):
     _run(benchmark, "adam-step", contender, size)
 
 
-@pytest.mark.parametrize("size", list(SIZES))
 @pytest.mark.parametrize("contender", ["fastgan+ema", "torch-fused+lerp"])
+@pytest.mark.parametrize("size", list(SIZES))
 def bench_adam_ema_step(benchmark, contender, size):
     _run(benchmark, "adam-ema-step", contender, size)
