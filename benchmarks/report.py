@@ -38,6 +38,7 @@ class Entry:
     limit_s: float | None = None
     timer: str = "wall"        # "wall" (pytest-benchmark) or "cuda events"
     paired_median_s: float | None = None   # from interleaved rounds with the group's other contenders
+    speedup_quartiles: dict | None = None  # ours only: {contender: [q1, median, q3]} of per-round ratios
 
 
 @dataclass
@@ -98,6 +99,7 @@ def load_groups(paths: list[str | Path]) -> list[Group]:
                 limit_s=extra.get("limit_s"),
                 timer=timer,
                 paired_median_s=extra.get("paired_median_s"),
+                speedup_quartiles=extra.get("fastgan_paired_speedup_quartiles"),
             )
             group = groups.setdefault(bench.get("group") or bench.get("name", "?"),
                                       Group(bench.get("group") or bench.get("name", "?")))
@@ -159,7 +161,8 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
               "rounds, so load drift on a shared machine hits all alike), else from each benchmark's own "
               "median (contenders timed one after another). \"limit\" = the step's matmul + convolution FLOPs / the device's fastest matmul rate "
               "measured in the same run (fp32; on CUDA fp32 or TF32, whichever is faster); \"% of limit\" = "
-              "limit / time. Peak memory: see each benchmark's memory_method in the JSON.", ""]
+              "limit / time. \"rounds: a–b\" = the middle half (25th–75th percentile) of the per-round speed-ups "
+              "of the paired rounds. Peak memory: see each benchmark's memory_method in the JSON.", ""]
     if chart:
         lines += [f"![speed-ups]({chart})", ""]
     others: list[str] = []
@@ -191,6 +194,9 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
                   "|---|---|---|---|---|---|---|---|---|"]
         for e in group.entries:
             speed = "1.00× (ours)" if e is mine else _ratio(ratios.get(group.name, {}).get(e.contender))
+            spread = (mine.speedup_quartiles or {}).get(e.contender) if mine is not None else None
+            if spread and group.paired:
+                speed += f" (rounds: {spread[0]:.2f}–{spread[2]:.2f})"
             of_limit = f"{100 * group.limit_s / group.time(e):.1f}%" if group.limit_s else "–"
             timer = " (CUDA events)" if e.timer == "cuda events" else ""
             lines.append(f"| {e.contender} | {_time(e.paired_median_s)} | {_time(e.median_s)}{timer} | "
