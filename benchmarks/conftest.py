@@ -5,11 +5,19 @@ and on CPU fastgan's ``impl="auto"`` picks the C++ paths, which need no interpre
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import common
 import machine
+
+# FASTGAN_BENCH_THREADS=N pins torch's intra-op threads for the whole run (recorded in machine_info as
+# torch_threads). On a CPU shared with other work, N=1 avoids measuring OpenMP threads waiting for
+# cores that other processes hold (seen here at load average 10+ on 2 cores: steps 10x slower).
+if os.environ.get("FASTGAN_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTGAN_BENCH_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("contenders", nargs="+", choices=common.CONTENDERS)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = common.select_device()
     problems = {p.name: p for p in common.problems(device)}
     if args.problem not in problems:

@@ -260,7 +260,8 @@ def _machine_line(paths: list[str | Path]) -> str | None:
         if info:
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from machine import short_name
-            return (f"{short_name(info)}; torch {info.get('torch')}, triton {info.get('triton')}, "
+            return (f"{short_name(info)}, {info.get('torch_threads')} torch threads; "
+                    f"torch {info.get('torch')}, triton {info.get('triton')}, "
                     f"fastgan {info.get('fastgan')} ({(info.get('fastgan_commit') or '?')[:10]}), "
                     f"load average {info.get('load_average_1_5_15min')}, {info.get('date_utc')}")
     return None
