@@ -462,9 +462,11 @@ def _train(args: argparse.Namespace) -> int:
                               checkpoint_every=config["checkpoint_every"], out_dir=out,
                               progress=config["progress"])
     except KeyboardInterrupt:
-        trainer.save(out / CHECKPOINT_NAME)  # between steps: the state is consistent
-        print(f"\nfastgan train: interrupted at step {trainer.step_count}; checkpoint saved. Continue with:\n"
-              f"  fastgan train --resume --out {out}", file=sys.stderr)
+        # Not saved here: the interrupt may have landed inside an update. The periodic checkpoint is intact.
+        where = out / CHECKPOINT_NAME
+        hint = (f"the last checkpoint is {where}; continue with: fastgan train --resume --out {out}"
+                if where.is_file() else "no checkpoint was written yet")
+        print(f"\nfastgan train: interrupted at step {trainer.step_count}; {hint}", file=sys.stderr)
         return 130
     elapsed = time.perf_counter() - started
 
