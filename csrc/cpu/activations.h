@@ -20,7 +20,7 @@ enum ActKind : int64_t { kActLinear = 0, kActRelu = 1, kActLrelu = 2, kActTanh =
 template <int64_t ACT, typename T>
 inline T apply_act_ct(T x, T alpha) {
   if constexpr (ACT == kActRelu) {
-    return x > T(0) ? x : T(0);
+    return x < T(0) ? T(0) : x;  // NaN stays NaN, as torch.relu
   } else if constexpr (ACT == kActLrelu) {
     return x > T(0) ? x : x * alpha;
   } else if constexpr (ACT == kActTanh) {

@@ -30,7 +30,7 @@ inline void forward_run(const scalar_t* x, const acc_type_t<scalar_t>* bias, sca
   using acc_t = acc_type_t<scalar_t>;
   for (int64_t j = 0; j < n; ++j) {
     acc_t v = apply_act_ct<ACT>(static_cast<acc_t>(x[j]) + bias[j * BIAS_STRIDE], alpha) * gain;
-    if constexpr (CLAMP) v = std::min(std::max(v, -clamp), clamp);
+    if constexpr (CLAMP) v = v > clamp ? clamp : (v < -clamp ? -clamp : v);  // NaN stays NaN
     y[j] = static_cast<scalar_t>(v);
   }
 }

@@ -31,7 +31,7 @@ def _sigmoid(x):
 def apply_act(x, alpha, ACT: tl.constexpr):
     """The activation ``ACT`` applied to ``x`` (``alpha`` is lrelu's negative slope)."""
     if ACT == 1:
-        x = tl.where(x > 0, x, 0.0)
+        x = tl.where(x < 0, 0.0, x)  # NaN stays NaN, as torch.relu
     elif ACT == 2:
         x = tl.where(x > 0, x, x * alpha)
     elif ACT == 3:

@@ -44,7 +44,8 @@ def _bias_act_kernel(x_ptr, b_ptr, y_ptr, R, C, INNER, alpha, gain, clamp,
         x = x + b[None, :]
     y = apply_act(x, alpha, ACT) * gain
     if HAS_CLAMP:
-        y = tl.minimum(tl.maximum(y, -clamp), clamp)
+        # comparisons rather than tl.minimum / tl.maximum, which may turn NaN into a number
+        y = tl.where(y > clamp, clamp, tl.where(y < -clamp, -clamp, y))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
