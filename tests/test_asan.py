@@ -49,7 +49,8 @@ def test_asan_check_fails_on_a_planted_heap_overflow():
 def test_extension_tests_pass_under_asan():
     files = sorted({f for pattern in EXTENSION_TESTS for f in glob.glob(str(REPO / pattern))})
     assert files, "no extension tests found"
-    result = _run([os.path.relpath(f, REPO) for f in files] + ["-k", "not triton", "-x"])
+    # torch.compile cases are left out: they exercise the compiler (slow under ASan), not our C++.
+    result = _run([os.path.relpath(f, REPO) for f in files] + ["-k", "not triton and not compile", "-x"])
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-8000:]
     assert "asan_check: OK" in out and " passed" in out, out[-4000:]
