@@ -388,3 +388,18 @@ def test_custom_ops_opcheck_and_second_order(impl, training):
         return _forward_op(x, w, b, *stats, training, 1e-5, act, 0.0, impl)[0]
 
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_channel_larger_than_staging_buffer(training):
+    """The C++ planar kernels stage a channel in a buffer between passes only when it fits (384 KiB);
+    this channel (2 x 230 x 230 float32 = 413 KiB) takes the unstaged path."""
+    x = make_x((2, 2, 230, 230), "contiguous", torch.float32).requires_grad_(True)
+    w, b = (torch.rand(2) + 0.5).requires_grad_(True), torch.randn(2).requires_grad_(True)
+    rm, rv = torch.randn(2), torch.rand(2) + 0.5
+    y = batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act="lrelu", impl="cpu")
+    x64 = x.detach().double().requires_grad_(True)
+    y_exp, _, _ = expected(x64, w.detach(), b.detach(), rm, rv, training, 0.1, 1e-5, "lrelu", 0.2)
+    close(y, y_exp, 1e-5, "y")
+    g = torch.randn_like(x)
+    close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_exp, x64, g.double())[0], 1e-5, "dx")

@@ -91,6 +91,9 @@ inline int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(elements_per_item, 1));
 }
 
+// Largest channel (bytes) the planar kernels stage in a contiguous buffer between their two passes.
+constexpr int64_t kStageBytes = 384 * 1024;
+
 // Fixed row chunks of the rows layout: partial sums per chunk, summed in chunk order.
 int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 64, 1, 1024); }
 
@@ -104,7 +107,12 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
                     opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
+  // A channel's N planes lie C*H*W elements apart: a power of two at DCGAN sizes, so they all map to the
+  // same few L2 sets and evict each other before the normalising pass. The stats pass therefore also
+  // copies the channel into a contiguous per-task buffer (when it fits in L2), which the second pass reads.
+  const bool stage = training && N > 1 && L.count() * int64_t(sizeof(scalar_t)) <= kStageBytes;
   at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
+    std::vector<scalar_t> staged(stage ? L.count() : 0);
     for (int64_t c = c0; c < c1; ++c) {
       if (training) {
         const opm shift = static_cast<opm>(x[c * HW]);
@@ -112,11 +120,22 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* __restrict__ p = x + (n * C + c) * HW;
           opm a = 0, q = 0;
+          if (stage) {
+            scalar_t* __restrict__ st = staged.data() + n * HW;
 #pragma omp simd reduction(+ : a, q)
-          for (int64_t i = 0; i < HW; ++i) {
-            const opm d = static_cast<opm>(p[i]) - shift;
-            a += d;
-            q += d * d;
+            for (int64_t i = 0; i < HW; ++i) {
+              st[i] = p[i];
+              const opm d = static_cast<opm>(p[i]) - shift;
+              a += d;
+              q += d * d;
+            }
+          } else {
+#pragma omp simd reduction(+ : a, q)
+            for (int64_t i = 0; i < HW; ++i) {
+              const opm d = static_cast<opm>(p[i]) - shift;
+              a += d;
+              q += d * d;
+            }
           }
           s += a;
           ss += q;
@@ -128,7 +147,7 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
       const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
       const opm scale = aff.scale, shift = aff.shift;
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* __restrict__ p = x + (n * C + c) * HW;
+        const scalar_t* __restrict__ p = stage ? staged.data() + n * HW : x + (n * C + c) * HW;
         scalar_t* __restrict__ o = y + (n * C + c) * HW;
 #pragma omp simd
         for (int64_t i = 0; i < HW; ++i) {
@@ -265,7 +284,10 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
                      opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
+  // As forward_planar: in training, pass A stages the channel's dy and x contiguously for pass B.
+  const bool stage = training && N > 1 && L.count() * int64_t(sizeof(scalar_t)) <= kStageBytes;
   at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
+    std::vector<scalar_t> staged_g(stage ? L.count() : 0), staged_x(stage ? L.count() : 0);
     for (int64_t c = c0; c < c1; ++c) {
       const opm m = mean[c];
       const auto aff = channel_affine<opm>(w, b, m, var[c], eps, c);
@@ -278,7 +300,19 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
         const scalar_t* __restrict__ g = gy + off;
         const scalar_t* __restrict__ xv = x + off;
         opm a = 0, q = 0;
-        if (training) {
+        if (stage) {
+          scalar_t* __restrict__ sg = staged_g.data() + n * HW;
+          scalar_t* __restrict__ sx = staged_x.data() + n * HW;
+#pragma omp simd reduction(+ : a, q)
+          for (int64_t i = 0; i < HW; ++i) {
+            sg[i] = g[i];
+            sx[i] = xv[i];
+            const opm xi = static_cast<opm>(xv[i]);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+            a += dz;
+            q += dz * (xi - m);
+          }
+        } else if (training) {
 #pragma omp simd reduction(+ : a, q)
           for (int64_t i = 0; i < HW; ++i) {
             const opm xi = static_cast<opm>(xv[i]);
@@ -307,8 +341,8 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
       const opm kp = static_cast<opm>(k.p), kq = static_cast<opm>(k.q), ko = static_cast<opm>(k.o);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * C + c) * HW;
-        const scalar_t* __restrict__ g = gy + off;
-        const scalar_t* __restrict__ xv = x + off;
+        const scalar_t* __restrict__ g = stage ? staged_g.data() + n * HW : gy + off;
+        const scalar_t* __restrict__ xv = stage ? staged_x.data() + n * HW : x + off;
         scalar_t* __restrict__ o = dx + off;
 #pragma omp simd
         for (int64_t i = 0; i < HW; ++i) {
