@@ -20,27 +20,15 @@ from test_properties import FAST_IMPLS, IMPLS, leaf, names_argument, props
 ACTS = tuple(ACTIVATIONS)
 NONFINITE = (math.nan, math.inf, -math.inf)
 
-# KNOWN BUGS, reported to the lead (2026-11-25, issue 8 report), not fixed by this file's deadline:
-# (1) relu in the C++ and Triton kernels maps NaN to 0 (torch.relu keeps NaN), in linear_act, bias_act
-#     and batch_norm_act (csrc/cpu/activations.h, fastgan/ops/triton/activations.py);
-# (2) bias_act's Triton clamp maps NaN to +-clamp (torch.clamp keeps NaN).
-# A NaN activation turned into a number hides a diverging model from the loss and from the
-# optimizers' non-finite skip. The deterministic cases below are xfail(strict=True): when a bug is
-# fixed they XPASS and fail -- then delete this table's entry. The hypothesis tests skip only the
-# output comparison of exactly these cases (everything else in those draws is still checked).
-KNOWN_BUG_RELU_NAN = {"cpu": True, "triton": False}     # per implementation
-KNOWN_BUG_TRITON_CLAMP_NAN = False
+# Non-finite values must propagate as in the reference (torch.relu and torch.clamp keep NaN). The
+# C++ and Triton relu and Triton's clamp once turned NaN into numbers (found by the cases below,
+# fixed in 9543295); known_nonfinite_bug is the switch for a future known bug of that kind: return a
+# reason there and the deterministic cases become xfail(strict=True), the hypothesis draws skip only
+# that comparison.
 
 
 def known_nonfinite_bug(op: str, impl: str, act: str, has_nan: bool, clamp=None) -> str | None:
-    """Why (op, impl, act) on an input with NaN (after normalisation, for batch_norm_act) is a known
-    bug, or None."""
-    if impl not in ("cpu", "triton") or not has_nan:
-        return None
-    if KNOWN_BUG_RELU_NAN[impl] and act == "relu":
-        return f"known bug: {impl} relu maps NaN to 0 in {op}"
-    if KNOWN_BUG_TRITON_CLAMP_NAN and op == "bias_act" and impl == "triton" and clamp is not None:
-        return "known bug: Triton bias_act clamp maps NaN to +-clamp"
+    """Why (op, impl, act) on an input with NaN is a known, reported bug, or None (none known now)."""
     return None
 
 
