@@ -243,8 +243,16 @@ def ddp_wrap(module: nn.Module, device: torch.device | None = None) -> nn.parall
     * ``gradient_as_bucket_view=True``: ``.grad`` are views of DDP's buckets (no copy after the
       all-reduce).
 
-    Run a *frozen* network's forward (D in the G step) on ``wrapper.module`` or under
-    ``wrapper.no_sync()``: DDP otherwise waits for gradients that never come.
+    Two rules for GAN steps (DDP prepares its gradient reduction at every forward with grad on):
+
+    * several forwards before one backward (D on real, then on fake): run all but the last under
+      ``wrapper.no_sync()``; the one backward then all-reduces the summed gradients once;
+    * a *frozen* network's forward (D in the G step) goes through ``wrapper.module``: through the
+      wrapper, DDP would wait for gradients that never come.
+
+    R1 / gradient penalties: ``torch.autograd.grad(..., create_graph=True)`` with respect to the
+    input (it fires no parameter hooks), then one ordinary backward of loss + penalty.
+    (tests/test_distributed.py runs exactly this loop against one process of twice the batch.)
     """
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False,

@@ -129,3 +129,80 @@ def test_single_process_helpers_are_no_ops():
     info = fd.init_from_env() if "WORLD_SIZE" not in os.environ else None
     if info is not None:
         assert (info.rank, info.world_size, info.backend) == (0, 1, None)
+
+
+_DDP_LOOP = textwrap.dedent("""
+    import sys, torch
+    import torch.distributed as dist
+    from torch import nn
+    import fastgan.distributed as fd
+    from fastgan.ops import d_loss, g_loss
+
+    out, m, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(1)
+    info = fd.init_from_env()
+    rank, world = info.rank, info.world_size
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(8, 32), nn.LeakyReLU(0.2), nn.Linear(32, 2))
+    D = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
+    g_opt = torch.optim.Adam(G.parameters(), 1e-3, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.5, 0.999))
+    Gw = fd.ddp_wrap(G) if world > 1 else G
+    Dw = fd.ddp_wrap(D) if world > 1 else D
+    per = 2 * m // world
+    lo = rank * per
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        real = (torch.randn(2 * m, 2, generator=g) * 0.5 + 1)[lo:lo + per].requires_grad_(True)
+        z = torch.randn(2 * m, 8, generator=g)[lo:lo + per]
+        # D step: two forwards (real, then fake), R1 by autograd.grad(create_graph=True), one backward.
+        # DDP prepares its reduction at each forward: the first one runs under no_sync.
+        with torch.no_grad():
+            fake = G(z)
+        if world > 1:
+            with Dw.no_sync():
+                r_logits = Dw(real)
+        else:
+            r_logits = Dw(real)
+        f_logits = Dw(fake)
+        (grad,) = torch.autograd.grad(r_logits.sum(), real, create_graph=True)
+        r1 = grad.square().sum(1).mean()
+        d_opt.zero_grad()
+        (d_loss(r_logits, f_logits).loss + 5.0 * r1).backward()
+        d_opt.step()
+        # G step: D frozen and called outside DDP (its wrapper would wait for D's gradients).
+        for p in D.parameters():
+            p.requires_grad_(False)
+        loss = g_loss(D(Gw(z)))
+        g_opt.zero_grad()
+        loss.backward()
+        g_opt.step()
+        for p in D.parameters():
+            p.requires_grad_(True)
+    if rank == 0:
+        torch.save({"G": G.state_dict(), "D": D.state_dict(), "step": steps, "world": world},
+                   f"{out}/ddp-{world}.pt")
+    if fd.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+""")
+
+
+def test_ddp_wrap_two_forwards_r1_and_frozen_d_match_one_process(tmp_path):
+    """The DDP route for loops of one's own: a DDP wrapper per network (find_unused_parameters off,
+    broadcast_buffers off, gradients as bucket views), D's two forwards, R1 through
+    autograd.grad(create_graph=True) then one backward, D frozen in the G step."""
+    script = tmp_path / "ddp_loop.py"
+    script.write_text(_DDP_LOOP)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    results = {}
+    for world in (1, 2):
+        launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                                          f"--nproc_per_node={world}"]
+        r = subprocess.run([sys.executable, *launcher, str(script), str(tmp_path), str(M), str(STEPS)],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
+        results[world] = torch.load(tmp_path / f"ddp-{world}.pt", weights_only=True)
+    _assert_close(results[2], results[1])
