@@ -28,11 +28,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # Settings that suit each embedded dataset; anything given on the command line wins. The digits
 # preset is tuned so that the default `fastgan train` finishes in well under two minutes on a
 # 2-core CPU and draws recognisable digits (see docs/digits_samples.png); the ring8 preset captures
-# all 8 modes (96% high-quality samples, seed 0).
+# all 8 modes (96% high-quality samples, seed 0), the grid25 preset 22 of 25 (31% high-quality).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(model="dcgan", steps=3000, batch_size=64, lr=5e-4, latent_dim=32, width=64, ema_beta=0.99),
     "ring8": dict(model="mlp", steps=4000, batch_size=256, lr=1e-3, latent_dim=2, width=256, ema_beta=None),
-    "grid25": dict(model="mlp", steps=3000, batch_size=256, lr=5e-4, latent_dim=16, width=128, ema_beta=None),
+    "grid25": dict(model="mlp", steps=4000, batch_size=256, lr=1e-3, latent_dim=8, width=256, ema_beta=None),
     "user": dict(model=None, steps=2000, batch_size=64, lr=2e-4, latent_dim=64, width=None, ema_beta=None),
 }
 
