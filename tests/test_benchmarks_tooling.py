@@ -254,7 +254,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert json.loads((out / "machine.json").read_text())["device"] == "cpu"
     results = json.loads((out / "bench_step.json").read_text())["benchmarks"]
     assert {b["extra_info"]["contender"] for b in results} == set(common.CONTENDERS)
-    assert "| step toy2d-b256 (cpu) |" in (out / "report.md").read_text()
+    assert "| step toy2d-b256 (cpu) (paired) |" in (out / "report.md").read_text()
     assert (out / "report.png").stat().st_size > 1000
 
 
