@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgan.ops.activations import resolve_act
-from fastgan.ops.bias_act import bias_act
+from fastgan.ops.bias_act import autocast_cast, autocast_dtype, bias_act
 from fastgan.ops.linear_act import linear_act
 
 __all__ = ["FusedLinear", "BiasAct", "Conv1dAct", "Conv2dAct", "Conv3dAct",
@@ -109,7 +109,10 @@ class _ConvActMixin(_ActMixin):
         return fused
 
     def _bias_act(self, y: Tensor) -> Tensor:
-        return bias_act(y, self.bias, 1, self.act, self.alpha, impl=self.impl)
+        # Under autocast torch's conv casts its bias with x and weight (a lower-precision op); the
+        # bias left out of the conv here gets the same cast, so bias_act sees y's dtype.
+        bias = autocast_cast(self.bias, autocast_dtype(y.device.type))
+        return bias_act(y, bias, 1, self.act, self.alpha, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._act_repr()}"

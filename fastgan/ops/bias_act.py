@@ -294,6 +294,24 @@ def _check_clamp(clamp) -> float:
     return float(clamp)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs lower-precision ops in on ``device_type``, or None when
+    autocast is off there (or the device type has no autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(t, dtype: torch.dtype | None):
+    """``t`` as torch.autocast casts an input of a lower-precision op (F.linear, convolutions):
+    a floating-point tensor other than float64 becomes ``dtype``; anything else (None, non-tensors,
+    float64, ``dtype=None``: autocast off) is returned as it is. The cast is differentiable, so
+    gradients reach float32 parameters in float32, as through torch's own autocast casts."""
+    if dtype is None or not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+        return t
+    return t.to(dtype)
+
+
 def check_bias(bias, x: Tensor, features: int, what: str) -> None:
     """Validate ``bias``: None, or a 1-D tensor of ``features`` elements in x's dtype."""
     if bias is None:
@@ -314,12 +332,20 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
     ``fastgan.ops.activations.ACTIVATIONS``; ``alpha``: lrelu's negative slope (default 0.2).
     ``gain``: finite, non-zero. ``clamp``: None or >= 0. ``impl``: ``"auto" | "triton" | "cpu" | "ref"``.
     Twice differentiable; the fast paths save only the output for backward.
+    Under ``torch.autocast`` a bias of another dtype than x is type-promoted with x, as in
+    ``x + bias.view(...)`` (a bf16 x with a float32 bias gives a float32 result).
     """
     tensor_arg("x", x)
     spec, alpha = resolve_act(act, alpha)
     if isinstance(dim, bool) or not isinstance(dim, int) or x.dim() == 0 or not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}, got {dim!r}")
     dim = dim % x.dim()
+    if (isinstance(bias, Tensor) and bias.dtype != x.dtype and x.is_floating_point() and bias.is_floating_point()
+            and autocast_dtype(x.device.type) is not None):
+        # Under autocast, as ``x + bias`` (not an autocast op): type promotion, e.g. a bf16 map and a
+        # float32 bias give float32. Outside autocast mixed dtypes stay an error (check_bias).
+        common = torch.promote_types(x.dtype, bias.dtype)
+        x, bias = x.to(common), bias.to(common)
     check_bias(bias, x, x.shape[dim], f"x.shape[{dim}]")
     gain_f, clamp_f = _check_gain(gain), _check_clamp(clamp)
     device = same_device(x=x, bias=bias)

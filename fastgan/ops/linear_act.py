@@ -19,7 +19,8 @@ from torch import Tensor
 
 from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
 from fastgan.ops.activations import resolve_act
-from fastgan.ops.bias_act import NO_CLAMP, _check_gain, _like, bias_act_grad_call, check_bias
+from fastgan.ops.bias_act import (NO_CLAMP, _check_gain, _like, autocast_cast, autocast_dtype, bias_act_grad_call,
+                                   check_bias)
 
 register_op("linear_act", "linear_act_forward")
 
@@ -103,10 +104,15 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
     ``bias``: None or ``(out_features,)``; all one dtype and device. ``act`` / ``alpha``: see
     ``fastgan.ops.activations`` (lrelu's alpha defaults to 0.2). ``gain``: finite, non-zero.
     ``impl``: ``"auto" | "triton" | "cpu" | "ref"``. Twice differentiable.
+    Under ``torch.autocast`` it casts as F.linear does: x, weight and bias (floating, not float64) to
+    the autocast dtype of x's device type, so the output has that dtype.
     """
     tensor_arg("x", x)
     tensor_arg("weight", weight)
     spec, alpha = resolve_act(act, alpha)
+    low = autocast_dtype(x.device.type)
+    if low is not None:  # F.linear is a lower-precision autocast op: x, weight and bias in autocast's dtype
+        x, weight, bias = autocast_cast(x, low), autocast_cast(weight, low), autocast_cast(bias, low)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
