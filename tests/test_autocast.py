@@ -21,6 +21,13 @@ from fastgan.ops.batch_norm_act import batch_norm_act
 
 BF16 = torch.bfloat16
 IMPLS = ["cpu", "triton", "ref"]
+# Triton 3.9's CPU interpreter truncates float32 -> bfloat16 stores (even with
+# fp_downcast_rounding="rtne"; GPUs round to nearest even): twice the rounding error of torch's.
+TRITON_INTERPRETER_TOL = 2e-2
+
+
+def tol_of(impl):
+    return TRITON_INTERPRETER_TOL if impl == "triton" else 1e-2
 TORCH_ACT = {"linear": lambda t: t, "relu": torch.relu, "lrelu": lambda t: F.leaky_relu(t, 0.2),
              "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
@@ -96,7 +103,7 @@ def test_linear_act_casts_like_f_linear(impl, act, shape):
                         lambda x, w, b: TORCH_ACT[act](F.linear(x, w, b)), (x, w, b))
     assert results[0][0].dtype == BF16
     assert all(gr.dtype == torch.float32 for gr in results[0][1:])  # the casts are differentiable
-    check_three(results)
+    check_three(results, tol=tol_of(impl))
 
 
 @pytest.mark.parametrize("impl", ["cpu", "ref"])
@@ -155,7 +162,7 @@ def test_bias_act_promotes_like_x_plus_bias(impl, x_dtype, b_dtype, shape, dim):
     y, grad_x, grad_b = results[0]
     assert y.dtype == torch.promote_types(x_dtype, b_dtype)
     assert grad_x.dtype == x_dtype and grad_b.dtype == b_dtype
-    check_three(results)
+    check_three(results, tol=tol_of(impl))
 
 
 def test_bias_act_outside_autocast_still_rejects_mixed_dtypes():

@@ -204,17 +204,24 @@ torch::Tensor bias_act_backward(const torch::Tensor& gy3, const torch::Tensor& y
 
 // linear_act forward: y = act(x @ weight.T + bias) * gain with ATen's GEMM (beta = 0, so no copy of
 // the bias into the output first) and the bias, activation and gain in one in-place pass after it.
+// bf16 / fp16: the bias goes into the GEMM instead (addmm, as F.linear): it is added to the float32
+// accumulator before the one rounding to the output dtype. Added after the GEMM it would meet an
+// already rounded product: a second rounding, which flips relu kinks of pre-activations near 0 and
+// loses the bits that cancel when bias ~ -x @ weight.T (what torch under autocast does not do).
 torch::Tensor linear_act_forward(const torch::Tensor& x, const torch::Tensor& weight,
                                  const std::optional<torch::Tensor>& bias, int64_t act, double alpha, double gain) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "x and weight must be CPU tensors");
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
               "x must be (M, K) and weight (N, K)");
-  torch::Tensor y = at::mm(x, weight.t());
   const bool has_bias = bias.has_value() && bias->defined();
-  if (!has_bias && act == kActLinear && gain == 1.0) return y;
+  const bool low_precision = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  const bool bias_in_gemm = has_bias && low_precision;
+  torch::Tensor y = bias_in_gemm ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  const std::optional<torch::Tensor> epilogue_bias = bias_in_gemm ? std::nullopt : bias;
+  if (!(has_bias && !bias_in_gemm) && act == kActLinear && gain == 1.0) return y;
   if (!y.is_contiguous()) y = y.contiguous();
   auto y3 = y.view({y.size(0), y.size(1), 1});
-  epilogue(y3, bias, y3, act, alpha, gain, -1.0);
+  epilogue(y3, epilogue_bias, y3, act, alpha, gain, -1.0);
   return y;
 }
 

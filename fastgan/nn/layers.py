@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgan.ops.activations import resolve_act
-from fastgan.ops.bias_act import autocast_cast, autocast_dtype, bias_act
+from fastgan.ops.bias_act import autocast_dtype, bias_act
 from fastgan.ops.linear_act import linear_act
 
 __all__ = ["FusedLinear", "BiasAct", "Conv1dAct", "Conv2dAct", "Conv3dAct",
@@ -97,7 +97,8 @@ class BiasAct(_ActMixin, nn.Module):
 
 class _ConvActMixin(_ActMixin):
     """A convolution module whose forward runs the convolution without bias, then bias + activation
-    in one ``bias_act`` pass (NCHW or channels_last, as the convolution returns it)."""
+    in one ``bias_act`` pass (NCHW or channels_last, as the convolution returns it); in bf16 / fp16
+    the convolution adds the bias (see ``_bias_in_conv``)."""
 
     @classmethod
     def from_conv(cls, conv: nn.Module, act: str = "linear", alpha: float | None = None, impl: str = "auto"):
@@ -108,11 +109,21 @@ class _ConvActMixin(_ActMixin):
         fused._set_act(act, alpha, impl)
         return fused
 
-    def _bias_act(self, y: Tensor) -> Tensor:
-        # Under autocast torch's conv casts its bias with x and weight (a lower-precision op); the
-        # bias left out of the conv here gets the same cast, so bias_act sees y's dtype.
-        bias = autocast_cast(self.bias, autocast_dtype(y.device.type))
-        return bias_act(y, bias, 1, self.act, self.alpha, impl=self.impl)
+    def _bias_in_conv(self, input: Tensor) -> bool:
+        """Whether the convolution adds the bias itself: when it computes in bfloat16 / float16
+        (under autocast, which casts the bias with x and weight as for torch's conv, or not). There
+        the conv adds the bias to its float32 accumulator before its one rounding, as torch's conv;
+        added afterwards by bias_act it would meet an already rounded output: a second rounding,
+        which flips relu kinks of outputs near 0 (more often than torch's) and so moves gradients.
+        In float32 / float64 bias_act adds it, fused with the activation."""
+        if self.bias is None:
+            return False
+        low = autocast_dtype(input.device.type)
+        dtype = low if low is not None and self.weight.dtype != torch.float64 else self.weight.dtype
+        return dtype in (torch.bfloat16, torch.float16)
+
+    def _bias_act(self, y: Tensor, bias_in_conv: bool) -> Tensor:
+        return bias_act(y, None if bias_in_conv else self.bias, 1, self.act, self.alpha, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._act_repr()}"
@@ -128,17 +139,20 @@ def _conv_act_class(base: type, doc: str) -> type:
               nn.ConvTranspose3d: F.conv_transpose3d}[base]
 
         def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-            # nn.ConvTranspose*d.forward, with the bias left to bias_act
+            # nn.ConvTranspose*d.forward, with the bias left to bias_act (float32 / float64)
             if self.padding_mode != "zeros":
                 raise ValueError(f"Only 'zeros' padding mode is supported for {type(self).__name__}")
             spatial = len(self.kernel_size)
             output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                                   spatial, self.dilation)
-            y = fn(input, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation)
-            return self._bias_act(y)
+            in_conv = self._bias_in_conv(input)
+            y = fn(input, self.weight, self.bias if in_conv else None, self.stride, self.padding, output_padding,
+                   self.groups, self.dilation)
+            return self._bias_act(y, in_conv)
     else:
         def forward(self, input: Tensor) -> Tensor:
-            return self._bias_act(self._conv_forward(input, self.weight, None))
+            in_conv = self._bias_in_conv(input)
+            return self._bias_act(self._conv_forward(input, self.weight, self.bias if in_conv else None), in_conv)
 
     name = base.__name__ + "Act"
     return type(name, (_ConvActMixin, base), {"__init__": __init__, "forward": forward, "__doc__": doc, "_base": base,
@@ -146,7 +160,8 @@ def _conv_act_class(base: type, doc: str) -> type:
 
 
 _CONV_DOC = ("``act(nn.{base}(x))``: the convolution without bias, then bias + activation in one fused "
-             "pass. Same constructor arguments, parameters and initialisation as ``nn.{base}``, plus "
+             "pass (in bfloat16 / float16, autocast included, the convolution adds the bias as torch's "
+             "does, then the activation pass). Same constructor arguments, parameters and initialisation as ``nn.{base}``, plus "
              "keyword-only ``act`` / ``alpha`` / ``impl``.")
 Conv1dAct = _conv_act_class(nn.Conv1d, _CONV_DOC.format(base="Conv1d"))
 Conv2dAct = _conv_act_class(nn.Conv2d, _CONV_DOC.format(base="Conv2d"))
