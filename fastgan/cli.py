@@ -458,10 +458,20 @@ def _train(args: argparse.Namespace) -> int:
     # the stream; tensor data resumes through the trainer's own data cursor in the checkpoint.
     batches = data.batches(config["batch_size"], seed=config["seed"], start=trainer.d_step_count)
     started = time.perf_counter()
+    from fastgan.checkpoint import StopOnSignal, TrainingInterrupted
+
+    def save_on_signal(tr, step):  # runs between two steps, never inside an update
+        tr.save(out / CHECKPOINT_NAME)
+        return out / CHECKPOINT_NAME
     try:
-        history = trainer.fit(batches, remaining, batch_size=config["batch_size"], log_every=config["log_every"],
-                              checkpoint_every=config["checkpoint_every"], out_dir=out,
-                              progress=config["progress"])
+        with StopOnSignal(save_on_signal) as stop:
+            history = trainer.fit(batches, remaining, batch_size=config["batch_size"], log_every=config["log_every"],
+                                  checkpoint_every=config["checkpoint_every"], out_dir=out,
+                                  progress=config["progress"], callbacks=[stop])
+    except TrainingInterrupted as exc:
+        print(f"\nfastgan train: interrupted after step {exc.step}; checkpoint written to {exc.path}; "
+              f"continue with: fastgan train --resume --out {out}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         # Not saved here: the interrupt may have landed inside an update. The periodic checkpoint is intact.
         where = out / CHECKPOINT_NAME

@@ -1254,7 +1254,13 @@ class Trainer:
         """Rebuild a trainer from a checkpoint written by ``save`` around freshly built ``generator``
         and ``discriminator`` (same architecture), and restore its state. Keyword arguments override
         the recorded options (e.g. ``device=``, ``cuda_graphs=``)."""
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        from fastgan.checkpoint import load_checkpoint, load_latest_good
+        # weights_only loading; a truncated, corrupted (digest) or unsafe file is a CheckpointError
+        # (a ValueError) naming it; a run folder resumes from its newest good checkpoint.
+        if os.path.isdir(path):
+            state, path = load_latest_good(path, validate=None)
+        else:
+            state = load_checkpoint(path, validate=None)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a fastgan.Trainer checkpoint")
         cfg = dict(state["config"])
