@@ -401,7 +401,7 @@ class Trainer:
         # ---- fusion, EMA, optimizers ---------------------------------------------------------
         if fuse:
             self._fuse_module(generator)
-        self._d_fused = False
+        self._d_layers_fused = False  # D is fused on the first step, after the Sigmoid probe
         self._setup_done = False
         self._sigmoid_tap: _SigmoidTap | None = None
         self._d_trainable = [p for p in d_params if p.requires_grad]
@@ -614,10 +614,10 @@ class Trainer:
             for m, mode in modes:
                 m.training = mode
         n_in = probe.shape[0]
-        if not isinstance(out, torch.Tensor) or not (out.shape == (n_in,) or out.shape == (n_in, 1)):
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n_in or out.numel() != n_in:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the discriminator's output must be one value per D input, shape ({n_in},) or "
-                             f"({n_in}, 1) for {n_in} inputs{' (pack=%d)' % self.pack if self.pack > 1 else ''}, "
+            raise ValueError(f"the discriminator's output must be one value per D input, shape ({n_in},), "
+                             f"({n_in}, 1) or ({n_in}, 1, ..., 1) for {n_in} inputs{' (pack=%d)' % self.pack if self.pack > 1 else ''}, "
                              f"got {shape}")
         # The Sigmoid is final when only reshaping layers run after it and D returns its values.
         reshaping = (nn.Flatten, nn.Unflatten, nn.Identity)
@@ -629,9 +629,9 @@ class Trainer:
             if (sum(1 for m, _ in calls if m is last) == 1 and last_out.numel() == out.numel()
                     and torch.equal(last_out.reshape(-1), out.reshape(-1))):
                 self._replace_final_sigmoid(last)
-        if self.fuse and not self._d_fused:
+        if self.fuse and not self._d_layers_fused:
             self._fuse_module(d)
-        self._d_fused = True
+        self._d_layers_fused = True
         self._setup_done = True
 
     def _replace_final_sigmoid(self, sigmoid: nn.Module) -> None:
@@ -687,7 +687,9 @@ class Trainer:
         return eps.uniform_(generator=self._gen)
 
     def _d_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.discriminator(self._pack(x))
+        out = self.discriminator(self._pack(x))
+        # One value per input in any trailing shape, e.g. the DCGAN example's (N, 1, 1, 1).
+        return out if out.dim() <= 2 else out.reshape(out.shape[0], 1)
 
     def _r1_due(self) -> bool:
         return self.r1_gamma > 0 and self.d_step_count % self.r1_every == 0

@@ -642,3 +642,57 @@ def test_graph_path_warms_up_captures_and_falls_back(monkeypatch, fail):
     for p, q in zip(list(g.parameters()) + list(d.parameters()),
                     list(eager.generator.parameters()) + list(eager.discriminator.parameters())):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# drop-in: D fused on the first step; D outputs shaped as the DCGAN example's
+# ---------------------------------------------------------------------------------------------
+
+def _fused_module_types(module: nn.Module) -> set[str]:
+    return {type(m).__name__ for m in module.modules() if type(m).__module__.startswith("fastgan.")}
+
+
+@pytest.mark.parametrize("model", ["dcgan", "mlp"])
+def test_fuse_true_fuses_both_networks_and_fuse_false_neither(model):
+    for fuse in (True, False):
+        g, d = dcgan_pair() if model == "dcgan" else mlp_pair()
+        trainer = Trainer(g, d, latent_dim=latent(model), fuse=fuse, seed=0)
+        trainer.step(real_batch(model, 8, torch.Generator().manual_seed(0)))
+        assert bool(_fused_module_types(g)) == fuse, _fused_module_types(g)
+        assert bool(_fused_module_types(d)) == fuse, _fused_module_types(d)
+
+
+class _ExampleDiscriminator(DCGANDiscriminator):
+    """The example's D exactly as it returns: (N, 1, 1, 1) probabilities (its loop calls .view(-1))."""
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def test_dcgan_example_discriminator_as_written_matches_the_example_loop():
+    torch.manual_seed(0)
+    g, d = DCGANGenerator(), _ExampleDiscriminator(sigmoid=True)
+    g.apply(dcgan_weights_init)
+    d.apply(dcgan_weights_init)
+    g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+    d_ref.main = d_ref.main[:-1]  # the eager loop with BCEWithLogitsLoss takes the logits
+    with pytest.warns(UserWarning, match="[Ss]igmoid"):
+        trainer = Trainer(g, d, latent_dim=latent("dcgan"), seed=0)
+        opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+        data_gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            real = real_batch("dcgan", 8, data_gen)
+            z = torch.randn((8, *trainer.latent_dim), generator=data_gen)
+            trainer.step(real, z)
+            eager_dcgan_step(g_ref, d_ref, opt_g, opt_d, real, z)
+    assert_rel_close(g, g_ref, what="G ")
+    for (name, p), p_ref in zip(d.named_parameters(), d_ref.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_discriminator_output_with_more_than_one_value_per_sample_is_an_error():
+    g, _ = mlp_pair()
+    d = nn.Sequential(nn.Linear(6, 4))  # 4 values per sample
+    trainer = Trainer(g, d, latent_dim=NZ, seed=0)
+    with pytest.raises(ValueError, match="one value per D input"):
+        trainer.step(real_batch("mlp", 8, torch.Generator().manual_seed(0)))
