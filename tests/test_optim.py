@@ -133,7 +133,7 @@ def test_scheduler(tensor_lr):
             run_both(ours, ref, ours_p, ref_p, 1, gen)
             s1.step()
             s2.step()
-    assert float(ours.param_groups[0]["lr"]) == pytest.approx(ref.param_groups[0]["lr"], rel=1e-6)
+    assert float(ours.param_groups[0]["lr"]) == pytest.approx(float(ref.param_groups[0]["lr"]), rel=1e-6)
     assert_close_fp32(ours_p, ref_p)
 
 
