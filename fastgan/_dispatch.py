@@ -93,7 +93,12 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> str:
         chosen = auto_impl(op, device)
         if chosen == "ref" and (op, str(device)) not in _warned:
             _warned.add((op, str(device)))
-            why = "fastgan._C is not built" if device.type == "cpu" else "Triton is not installed"
+            if device.type == "cpu":
+                why = "fastgan._C is not built"
+            elif device.type == "cuda":
+                why = "Triton is not installed"
+            else:
+                why = f"fastgan has no kernels for {device.type} tensors"
             warnings.warn(f"fastgan: {op} on {device} runs the plain-PyTorch reference ({why}); "
                           "see `fastgan info`", RuntimeWarning, stacklevel=3)
         return chosen
