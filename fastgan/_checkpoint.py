@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 
@@ -19,8 +19,9 @@ except ImportError:  # pragma: no cover - numpy is installed with fastgan
     np = None
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` into a temporary file beside ``path``, flushed to disk, then renamed over it.
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, then rename it over
+    ``path`` (and fsync the folder where the platform allows).
 
     A reader (or a crash) sees either the previous complete file or the new complete file, never a
     partial one: ``os.replace`` is atomic on POSIX and Windows when both names are in one folder.
@@ -31,7 +32,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,6 +52,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def global_rng_states() -> dict[str, Any]:

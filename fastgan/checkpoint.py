@@ -25,13 +25,14 @@ import os
 import pickle
 import re
 import signal
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from fastgan._checkpoint import atomic_write
 
 __all__ = ["CheckpointError", "NonFiniteTrainingError", "TrainingInterrupted", "save_checkpoint",
            "load_checkpoint", "load_latest_good", "list_checkpoints", "NonFiniteGuard", "CheckpointEvery",
@@ -78,39 +79,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 # Writing
 # ------------------------------------------------------------------------------------------------
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(data: bytes, path: str) -> None:
-    """Write ``data`` to ``path`` the way :func:`fastgan._checkpoint.atomic_save` writes a checkpoint:
-    a temporary file beside it, flushed and fsynced, renamed over ``path``, folder fsynced."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{int(step):09d}.pt"
 
@@ -150,8 +118,9 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     torch.save(state, buffer)
     data = buffer.getvalue()
     path = checkpoint_path(run_dir, step)
-    _atomic_write_bytes((hashlib.sha256(data).hexdigest() + "\n").encode(), str(path) + ".sha256")
-    _atomic_write_bytes(data, str(path))
+    digest = (hashlib.sha256(data).hexdigest() + "\n").encode()
+    atomic_write(str(path) + ".sha256", lambda f: f.write(digest))
+    atomic_write(path, lambda f: f.write(data))
     # Only now that the new checkpoint is complete: drop the old ones.
     named = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME]
     for old in named[keep:]:
