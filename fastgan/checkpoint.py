@@ -42,7 +42,7 @@ log = logging.getLogger("fastgan")
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 _STEP_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
-LEGACY_NAME = "checkpoint.pt"     # what Trainer.fit / Trainer.save write (no digest, no rotation)
+LEGACY_NAME = "checkpoint.pt"     # what fit / the CLI wrote before checkpoint-<step>.pt (no digest, no rotation)
 
 
 class CheckpointError(ValueError):
@@ -59,6 +59,7 @@ class NonFiniteTrainingError(RuntimeError):
 
     def __init__(self, network: str, step: int, consecutive: int, total: int):
         self.network, self.step, self.consecutive, self.total = network, step, consecutive, total
+        self.history: dict[str, list[float]] | None = None  # Trainer.fit attaches what it had logged
         super().__init__(
             f"training stopped at step {step}: the {network} had {consecutive} consecutive steps with a "
             f"non-finite loss or gradients (all skipped; {total} skipped in all). The last checkpoint "
@@ -190,9 +191,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
 
 
 def load_latest_good(run_dir: str | os.PathLike, *, map_location: Any = "cpu",
-                     validate: Callable[[Any], None] | None = _default_validate) -> tuple[Any, Path]:
+                     validate: Callable[[Any], None] | None = _default_validate,
+                     report: Callable[[CheckpointError], None] | None = None) -> tuple[Any, Path]:
     """The newest checkpoint of ``run_dir`` that loads: ``(state, path)``. Each bad one met on the
-    way is reported by name (a ``RuntimeWarning`` and the ``fastgan`` logger) and skipped.
+    way is reported by name and skipped: by ``report(error)`` when given (the error's ``.path`` and
+    ``.reason`` say which file and why), else by a ``RuntimeWarning`` and the ``fastgan`` logger.
     Raises FileNotFoundError when the folder has no checkpoint, CheckpointError when none is good."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
@@ -204,11 +207,14 @@ def load_latest_good(run_dir: str | os.PathLike, *, map_location: Any = "cpu",
             state = load_checkpoint(path, map_location=map_location, validate=validate)
         except CheckpointError as exc:
             errors.append(str(exc))
+            if report is not None:
+                report(exc)
+                continue
             message = f"fastgan: skipping bad {exc} — trying an older checkpoint"
             log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
             continue
-        if errors:
+        if errors and report is None:
             log.warning("fastgan: resuming from %s (the newer checkpoint(s) were bad)", path)
         return state, path
     raise CheckpointError(os.fspath(run_dir), "no good checkpoint in the folder:\n  " + "\n  ".join(errors))
@@ -288,11 +294,12 @@ class NonFiniteGuard:
         if self._observed % self.check_every == 0:
             self.check(step)
 
-    def check(self, step: int | None = None) -> None:
+    def check(self, step: int | None = None) -> dict[str, int]:
         """Read the counters (one host sync): log newly skipped steps, raise NonFiniteTrainingError
-        if a network reached ``max_consecutive`` skipped steps in a row."""
+        if a network reached ``max_consecutive`` skipped steps in a row. Returns the skipped steps
+        so far per network (``{"discriminator": n, "generator": m}`` for the networks observed)."""
         if not self._consecutive:
-            return
+            return {}
         keys = list(self._consecutive)
         values = torch.stack([torch.stack([self._consecutive[k].cpu(), self._total[k].cpu(),
                                            self._hit_step[k].cpu()]) for k in keys]).tolist()
@@ -305,6 +312,7 @@ class NonFiniteGuard:
                             total)
             if hit >= 0:
                 raise NonFiniteTrainingError(self.NETWORKS[key], hit, self.max_consecutive, total)
+        return {self.NETWORKS[key]: int(total) for key, (_, total, _) in zip(keys, values)}
 
     def skipped(self) -> dict[str, int]:
         """Skipped steps so far per network (a host sync)."""
@@ -366,12 +374,20 @@ class StopOnSignal:
     only recorded by the handler, so the checkpoint is taken between two steps, never inside an
     update. A second Ctrl-C interrupts at once.
 
+    Under ``torch.distributed`` (world size > 1) the ranks agree on stopping every ``sync_every``
+    steps (one small all-reduce), so that all of them stop after the same step -- a rank that
+    stopped alone would leave the others waiting in a collective -- and write the checkpoint
+    together (rank 0 writes the file).
+
         with StopOnSignal(CheckpointEvery(run_dir, 100)) as stop:
             trainer.fit(data, steps, callbacks=[stop, ...])
     """
 
     def __init__(self, checkpointer: CheckpointEvery | Callable[[Any, int], Any] | None,
-                 signals=(signal.SIGINT, signal.SIGTERM)):
+                 signals=(signal.SIGINT, signal.SIGTERM), sync_every: int = 10):
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        self.sync_every = sync_every
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
         self.received: int | None = None
@@ -394,9 +410,25 @@ class StopOnSignal:
             signal.signal(s, h)
         self._previous.clear()
 
+    def _agreed_signal(self, trainer, step: int) -> int | None:
+        """The signal to stop on: this process's, or under torch.distributed any rank's (checked
+        every ``sync_every`` steps, at the same steps on every rank)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received
+        if step % self.sync_every:
+            return None
+        device = getattr(trainer, "device", torch.device("cpu")) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        return signum or None
+
     def __call__(self, trainer, step: int, stats) -> None:
-        if self.received is None:
+        signum = self._agreed_signal(trainer, step)
+        if signum is None:
             return
+        self.received = signum
         if self.checkpointer is None:
             path = None
         elif isinstance(self.checkpointer, CheckpointEvery):

@@ -2,8 +2,18 @@
 
 `fastgan train` trains a GAN with :class:`fastgan.Trainer` on an embedded dataset (ring8, grid25,
 digits) or on user data, and leaves a run folder with pictures, metrics, the history, the resolved
-configuration and a checkpoint that `--resume` continues from. `fastgan bench` runs the whole-step
-benchmark of the repository's `benchmarks/` suite in a quick mode and prints a table.
+configuration and rotating checkpoints (``checkpoint-<step>.pt`` with SHA-256 digests, the newest two
+kept) that `--resume` continues from, skipping a truncated or corrupted newest one by name.
+`fastgan bench` runs the whole-step benchmark of the repository's `benchmarks/` suite in a quick mode
+and prints a table.
+
+Multi-process training: ``torchrun --nproc_per_node=N -m fastgan train ...`` trains data-parallel
+through ``torch.distributed`` (gloo on CPU; NCCL on CUDA, each process on ``cuda:LOCAL_RANK``).
+``--batch-size`` is the global batch: each process trains on ``batch-size / N`` samples per step
+(it must divide). Mixture data: every process draws the same global batch and takes its slice, so
+the processes together see what one process would; tensor data: each process shuffles its own
+disjoint shard (``fastgan.distributed.shard``). Every process draws its own noise. Rank 0 alone
+writes the run folder; a run can be resumed at any number of processes (also one).
 """
 from __future__ import annotations
 
@@ -20,7 +30,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastgan.trainer import CHECKPOINT_NAME  # what Trainer.fit(checkpoint_every=, out_dir=) writes
+KEEP_CHECKPOINTS = 2          # checkpoint-<step>.pt files kept in a run folder
+DEFAULT_MAX_SKIPPED_STEPS = 100
+EXIT_NONFINITE = 3            # exit status when training stopped on non-finite steps
 
 LOSSES = ("minimax", "nonsaturating", "hinge", "wasserstein", "least_squares")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -40,7 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (steps, device, logging, checkpoints, progress) may be given again when resuming.
 RUN_OPTIONS = ("data", "model", "batch_size", "loss", "d_steps", "lr", "g_lr", "d_lr", "beta1", "beta2",
                "ema_beta", "pack", "precision", "seed", "latent_dim", "width", "prior", "image_size")
-SESSION_OPTIONS = ("steps", "device", "log_every", "checkpoint_every", "progress", "eval_samples")
+SESSION_OPTIONS = ("steps", "device", "log_every", "checkpoint_every", "progress", "eval_samples",
+                   "max_skipped_steps")
 
 NUM_PICTURE_SAMPLES = 100  # a 10 x 10 grid
 
@@ -90,6 +103,19 @@ def _unit_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
+def _max_skipped(text: str) -> int:
+    """--max-skipped-steps: a count >= 1, or 0 / none / off (no watching, training never stops)."""
+    if text.lower() in ("none", "off"):
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'none', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'none', got {value}")
     return value
 
 
@@ -160,7 +186,8 @@ def resolve_options(args: argparse.Namespace, data) -> dict[str, Any]:
     config["ema_beta"] = given["ema_beta"] if args.ema_beta_given else preset["ema_beta"]
     defaults = dict(loss="nonsaturating", d_steps=1, g_lr=None, d_lr=None, beta1=0.5, beta2=0.999, pack=1,
                     precision="fp32", seed=0, prior="normal", image_size=32, log_every=None,
-                    checkpoint_every=None, device="auto", progress=True, eval_samples=None)
+                    checkpoint_every=None, device="auto", progress=True, eval_samples=None,
+                    max_skipped_steps=DEFAULT_MAX_SKIPPED_STEPS)
     for name, default in defaults.items():
         config[name] = given[name] if given[name] is not None else default
     config["log_every"] = config["log_every"] or max(1, min(50, config["steps"] // 50 or 1))
@@ -363,9 +390,11 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]
         out = Path(args.out)
         if not out.is_dir():
             raise UsageError(f"--resume: no run folder at {out}")
-        config_path, checkpoint = out / "config.json", out / CHECKPOINT_NAME
-        if not config_path.is_file() or not checkpoint.is_file():
-            raise UsageError(f"--resume: {out} is not a resumable run (it needs config.json and {CHECKPOINT_NAME})")
+        from fastgan.checkpoint import list_checkpoints
+        config_path = out / "config.json"
+        if not config_path.is_file() or not list_checkpoints(out):
+            raise UsageError(f"--resume: {out} is not a resumable run (it needs config.json and a checkpoint, "
+                             "checkpoint-<step>.pt or checkpoint.pt)")
         try:
             saved = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
@@ -395,23 +424,85 @@ def _apply_saved(args: argparse.Namespace, saved: dict[str, Any]) -> None:
     args.ema_beta_given = True
     if args.steps is None:
         args.steps = saved.get("steps")
-    for name in ("log_every", "checkpoint_every", "eval_samples"):
+    for name in ("log_every", "checkpoint_every", "eval_samples", "max_skipped_steps"):
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fastgan import distributed as fdist
     try:
         return _train(args)
     except UsageError as exc:
         print(f"fastgan train: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        fdist.destroy()
+
+
+def _start_processes(args: argparse.Namespace):
+    """Under torchrun (``WORLD_SIZE`` set): the process group (gloo on CPU, NCCL on CUDA with each
+    process on cuda:LOCAL_RANK) and the device; else (None, None)."""
+    if "WORLD_SIZE" not in os.environ:
+        return None, None
+    import torch
+    from fastgan import distributed as fdist
+    device = torch.device(_check_device(args.device or "auto"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {device.index}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UsageError(f"multi-process training runs on the CPU (gloo) or CUDA (NCCL), not on {device.type}")
+    try:
+        info = fdist.init_from_env(device=device)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"cannot start torch.distributed from the environment (WORLD_SIZE="
+                         f"{os.environ.get('WORLD_SIZE')}): {exc}") from None
+    return info, str(device)
+
+
+def _shared_run_folder(args: argparse.Namespace, info):
+    """``_prepare_out`` decided on rank 0 (one folder name, checked before anyone writes) and
+    shared with every rank; a usage error there is raised on every rank."""
+    if info is None:
+        return _prepare_out(args)
+    import torch.distributed as dist
+    decided: list[Any] = [None, None, None]
+    if info.rank == 0:
+        try:
+            out, saved = _prepare_out(args)
+            decided = [str(out), saved, None]
+        except UsageError as exc:
+            decided = [None, None, str(exc)]
+    dist.broadcast_object_list(decided, src=0)
+    if decided[2] is not None:
+        raise UsageError(decided[2])
+    return Path(decided[0]), decided[1]
+
+
+def _load_resume_state(out: Path, say: bool):
+    """The newest good checkpoint of ``out``: (state, path); each bad newer one is named on stderr."""
+    from fastgan.checkpoint import CheckpointError, load_latest_good
+
+    def report(error: CheckpointError) -> None:
+        if say:
+            print(f"fastgan train: skipping checkpoint {error.path}: {error.reason}", file=sys.stderr)
+    try:
+        state, path = load_latest_good(out, report=report)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    return state, path
 
 
 def _train(args: argparse.Namespace) -> int:
     from fastgan.data import DataError, load_data
+    from fastgan import distributed as fdist
 
-    out, saved = _prepare_out(args)
+    info, dist_device = _start_processes(args)
+    rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+    main_process = rank == 0
+    out, saved = _shared_run_folder(args, info)
     if saved is not None:
         _apply_saved(args, saved)
     args.data = args.data or "digits"
@@ -420,18 +511,35 @@ def _train(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise UsageError(str(exc)) from None
     config = resolve_options(args, data)
-    config["device"] = device = _check_device(config["device"])
+    config["device"] = device = dist_device or _check_device(config["device"])
+    if config["batch_size"] % world:
+        raise UsageError(f"--batch-size {config['batch_size']} (the global batch) must be divisible by the "
+                         f"{world} processes")
+    per_process_batch = config["batch_size"] // world
+    if per_process_batch % config["pack"]:
+        raise UsageError(f"the per-process batch {per_process_batch} (--batch-size {config['batch_size']} / "
+                         f"{world} processes) must be divisible by --pack {config['pack']}")
+    if data.train is not None and world > 1 and data.num_samples // world < per_process_batch:
+        raise UsageError(f"each of the {world} processes holds about {data.num_samples // world} of the "
+                         f"{data.num_samples} samples, fewer than its batch of {per_process_batch}")
 
     import torch
     import fastgan
     G, D = _build(config, data)
+    resumed_from = None
     try:
         if saved is not None:
-            trainer = fastgan.Trainer.load(out / CHECKPOINT_NAME, G, D, device=device)
+            state, resumed_from = _load_resume_state(out, say=main_process)
+            trainer = fastgan.Trainer.from_state_dict(state, G, D, device=device)
+            del state
         else:
             trainer = fastgan.Trainer(G, D, **_trainer_kwargs(config, device))
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise UsageError(f"cannot set up training: {exc}") from None
+        where = f" from {resumed_from}" if resumed_from is not None else ""
+        raise UsageError(f"cannot set up training{where}: {exc}") from None
+    # Same start on every rank (rank 0's state), gradients averaged before each optimizer step,
+    # each rank its own noise. Every rank has loaded the checkpoint when this returns.
+    fdist.data_parallel(trainer)
 
     done = trainer.step_count
     remaining = config["steps"] - done
@@ -439,57 +547,98 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: the run in {out} has already done {done} of {config['steps']} steps; "
                          f"pass --steps N with N > {done} to train further")
 
-    # Everything is validated: from here on the run folder is written.
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything is validated: from here on the run folder is written (by rank 0 alone).
     config["out"] = str(out)
     config["resolved_at"] = datetime.now().isoformat(timespec="seconds")
     config["fastgan_version"] = fastgan.__version__
     config["torch_version"] = torch.__version__
     config["data_description"] = data.describe()
-    _write_json(out / "config.json", config)
+    config["world_size"] = world
+    config["per_process_batch_size"] = per_process_batch
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", config)
+        print(f"fastgan train: {data.describe()}")
+        print(f"  model {config['model']} (G {sum(p.numel() for p in G.parameters()):,} / D "
+              f"{sum(p.numel() for p in D.parameters()):,} parameters), loss {config['loss']}, "
+              f"batch {config['batch_size']}, lr {config['lr']}, device {device}")
+        if world > 1:
+            print(f"  world size {world}: data-parallel over {world} processes (torch.distributed, "
+                  f"{info.backend}), {per_process_batch} samples per process and step")
+        else:
+            print("  world size 1 (one process)")
+        if resumed_from is not None:
+            print(f"  resuming from {resumed_from}")
+        print(f"  {'resuming at step ' + str(done) + ', ' if done else ''}{remaining} steps -> {out}", flush=True)
 
-    print(f"fastgan train: {data.describe()}")
-    print(f"  model {config['model']} (G {sum(p.numel() for p in G.parameters()):,} / D "
-          f"{sum(p.numel() for p in D.parameters()):,} parameters), loss {config['loss']}, "
-          f"batch {config['batch_size']}, lr {config['lr']}, device {device}")
-    print(f"  {'resuming at step ' + str(done) + ', ' if done else ''}{remaining} steps -> {out}")
-
-    # Mixture batches are indexed by how many real batches were used, so a resumed run continues
-    # the stream; tensor data resumes through the trainer's own data cursor in the checkpoint.
-    batches = data.batches(config["batch_size"], seed=config["seed"], start=trainer.d_step_count)
+    # Mixture batches are indexed by how many real (global) batches were used, so a resumed run
+    # continues the stream at any world size; each rank takes its slice of every global batch.
+    # Tensor data: each rank its shard, resumed through the trainer's data cursor where it matches.
+    if data.mixture is not None:
+        batches = fdist.RankSlices(data.batches(config["batch_size"], seed=config["seed"],
+                                                start=trainer.d_step_count), rank, world)
+    else:
+        batches = fdist.shard(data.batches(per_process_batch), rank, world)
     started = time.perf_counter()
-    from fastgan.checkpoint import StopOnSignal, TrainingInterrupted
+    from fastgan.checkpoint import NonFiniteTrainingError, StopOnSignal, TrainingInterrupted, list_checkpoints
 
-    def save_on_signal(tr, step):  # runs between two steps, never inside an update
-        tr.save(out / CHECKPOINT_NAME)
-        return out / CHECKPOINT_NAME
+    def save_on_signal(tr, step):  # runs between two steps, never inside an update; on every rank
+        return tr.save_checkpoint(out, keep=KEEP_CHECKPOINTS)
+    max_skipped = config["max_skipped_steps"] or None
     try:
         with StopOnSignal(save_on_signal) as stop:
-            history = trainer.fit(batches, remaining, batch_size=config["batch_size"], log_every=config["log_every"],
+            history = trainer.fit(batches, remaining, batch_size=per_process_batch, log_every=config["log_every"],
                                   checkpoint_every=config["checkpoint_every"], out_dir=out,
-                                  progress=config["progress"], callbacks=[stop])
+                                  keep_checkpoints=KEEP_CHECKPOINTS, max_nonfinite_steps=max_skipped,
+                                  progress=config["progress"] and main_process, callbacks=[stop])
     except TrainingInterrupted as exc:
-        print(f"\nfastgan train: interrupted after step {exc.step}; checkpoint written to {exc.path}; "
-              f"continue with: fastgan train --resume --out {out}", file=sys.stderr)
+        if main_process:
+            print(f"\nfastgan train: interrupted after step {exc.step}; checkpoint written to {exc.path}; "
+                  f"continue with: fastgan train --resume --out {out}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         # Not saved here: the interrupt may have landed inside an update. The periodic checkpoint is intact.
-        where = out / CHECKPOINT_NAME
-        hint = (f"the last checkpoint is {where}; continue with: fastgan train --resume --out {out}"
-                if where.is_file() else "no checkpoint was written yet")
-        print(f"\nfastgan train: interrupted at step {trainer.step_count}; {hint}", file=sys.stderr)
+        if main_process:
+            kept = list_checkpoints(out)
+            hint = (f"the last checkpoint is {kept[0]}; continue with: fastgan train --resume --out {out}"
+                    if kept else "no checkpoint was written yet")
+            print(f"\nfastgan train: interrupted at step {trainer.step_count}; {hint}", file=sys.stderr)
         return 130
+    except NonFiniteTrainingError as exc:
+        if main_process:
+            if exc.history:
+                partial = _merge_history(_read_history(out / "history.csv"), exc.history) if done else exc.history
+                _write_history(out / "history.csv", partial)
+            kept = list_checkpoints(out)
+            last = (f"the last good checkpoint is {kept[0]}; after fixing the cause continue with: "
+                    f"fastgan train --resume --out {out}" if kept else "no checkpoint was written before it")
+            print(f"\nfastgan train: error: {exc}\n  {last}\n  (--max-skipped-steps {config['max_skipped_steps']}"
+                  f" sets how many skipped steps in a row stop a run; 'none' never stops)", file=sys.stderr)
+        return EXIT_NONFINITE
     elapsed = time.perf_counter() - started
+    fdist.average_buffers(G)   # BatchNorm running statistics of all ranks for the evaluation
+    fdist.average_buffers(D)
 
-    history = _merge_history(_read_history(out / "history.csv"), history) if done else history
-    _write_history(out / "history.csv", history)
+    if main_process:
+        history = _merge_history(_read_history(out / "history.csv"), history) if done else history
+        _write_history(out / "history.csv", history)
+        _report(trainer, data, config, out, history, remaining, elapsed)
+    fdist.barrier()  # the other ranks wait until rank 0 has written everything
+    return 0
 
+
+def _report(trainer, data, config: dict[str, Any], out: Path, history: dict[str, list[float]],
+            remaining: int, elapsed: float) -> None:
+    """Rank 0 after training: metrics.json, the pictures, and the summary on stdout."""
     print("fastgan train: evaluating ...", flush=True)
     metrics: dict[str, Any] = {"data": data.name, "model": config["model"], "steps": trainer.step_count,
+                               "world_size": config["world_size"],
                                "train_seconds_this_session": elapsed,
                                "steps_per_second_this_session": remaining / max(elapsed, 1e-9)}
     metrics.update(evaluate(trainer, data, config))
     metrics["final_stats"] = {k: v[-1] for k, v in history.items() if k not in ("step",) and v}
+    skipped = {k: int(sum(v for v in history.get(f"{k}_skipped", []) if math.isfinite(v))) for k in ("d", "g")}
+    metrics["skipped_steps"] = {"discriminator": skipped["d"], "generator": skipped["g"]}
     _write_json(out / "metrics.json", metrics)
     _draw_pictures(trainer, data, config, out, history)
 
@@ -497,12 +646,15 @@ def _train(args: argparse.Namespace) -> int:
           f"{remaining / max(elapsed, 1e-9):.1f} steps/s)")
     for line in _format_metrics(metrics):
         print(f"  {line}")
+    if skipped["d"] or skipped["g"]:
+        print(f"  skipped for non-finite values: {skipped['d']} D / {skipped['g']} G updates (history.csv)")
     print(f"  files in {out}/:")
     for name, what in (("samples.png", "generated samples"), ("training.png", "losses, V(G, D), JSD, D outputs"),
                        ("metrics.json", "the metrics above"), ("history.csv", "logged statistics per step"),
-                       ("config.json", "every resolved option"), (CHECKPOINT_NAME, "checkpoint (--resume)")):
-        print(f"    {name:<14} {what}")
-    return 0
+                       ("config.json", "every resolved option"),
+                       ("checkpoint-<step>.pt", f"the newest {KEEP_CHECKPOINTS} checkpoints, each with a "
+                                                ".sha256 digest (--resume)")):
+        print(f"    {name:<20} {what}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -628,9 +780,16 @@ def _add_train(sub) -> None:
     p.add_argument("--prior", choices=("normal", "uniform"))
     p.add_argument("--image-size", type=_positive_int, help="side images of a folder are resized to (default 32)")
     p.add_argument("--out", help="run folder (default runs/<data>-<timestamp>/); must be new or empty")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint (a corrupted newer one is "
+                        "named and skipped); any number of processes")
     p.add_argument("--log-every", type=_positive_int, help="log statistics every N steps")
-    p.add_argument("--checkpoint-every", type=_positive_int, help="write checkpoint.pt every N steps")
+    p.add_argument("--checkpoint-every", type=_positive_int,
+                   help="write checkpoint-<step>.pt (with a .sha256 digest) every N steps; the newest "
+                        f"{KEEP_CHECKPOINTS} are kept")
+    p.add_argument("--max-skipped-steps", type=_max_skipped,
+                   help="stop with an error (exit status 3) after N consecutive updates of D or of G skipped for "
+                        f"non-finite losses or gradients; 0 or 'none': never (default {DEFAULT_MAX_SKIPPED_STEPS})")
     p.add_argument("--eval-samples", type=_positive_int,
                    help="samples scored for metrics.json (default: 2500 for mixtures, the training split's size "
                         "for digits)")

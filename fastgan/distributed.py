@@ -31,8 +31,9 @@ What ``data_parallel`` does, and why:
   ranks (call it before evaluating or saving, ``CheckpointEvery(extra=...)``-style); convert BatchNorm
   to ``nn.SyncBatchNorm`` yourself before building the Trainer if you need global batch statistics
   (CUDA only in torch).
-* **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset; the
-  trainer's noise generator is re-seeded with ``seed + rank`` so ranks draw different noise.
+* **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset,
+  :class:`RankSlices` each rank its slice of every batch of a stream of global batches; the
+  trainer's noise generator is re-seeded per rank (``Trainer.reseed``) so ranks draw different noise.
 * **Checkpoints** are written by rank 0 only (``fastgan.checkpoint.CheckpointEvery`` checks the
   rank); they hold ordinary, un-prefixed state dicts and load at any world size (also 1).
 """
@@ -47,7 +48,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_from_env", "is_initialized", "rank", "world_size", "is_main_process",
-           "data_parallel", "all_reduce_gradients", "broadcast_module", "average_buffers", "shard", "ddp_wrap"]
+           "data_parallel", "all_reduce_gradients", "broadcast_module", "average_buffers", "shard", "RankSlices",
+           "barrier", "destroy", "ddp_wrap"]
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,11 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 
 def _broadcast_optimizer_state(opt: torch.optim.Optimizer, src: int = 0) -> None:
     with torch.no_grad():
-        for b in _flat_buckets(opt) or []:
-            for buf in list(b.state.values()) + [b.steps] + ([b.shadow] if b.shadow is not None else []):
-                if isinstance(buf, torch.Tensor):
-                    dist.broadcast(buf, src)
+        flat_state = getattr(opt, "flat_state_buffers", None)
+        if flat_state is not None:   # a fastgan fused optimizer: its per-parameter state is views of these
+            for buf in flat_state():
+                dist.broadcast(buf, src)
+            return
         for state in opt.state.values():
             for v in state.values():
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
@@ -136,14 +139,6 @@ def average_buffers(module: nn.Module) -> None:
 # Gradients
 # ------------------------------------------------------------------------------------------------
 
-def _flat_buckets(opt) -> list | None:
-    """The flat buckets of a fastgan fused optimizer, or None for another optimizer."""
-    buckets = getattr(opt, "_buckets", None)
-    if buckets is None:
-        return None
-    return [b for group_buckets in buckets for b in group_buckets]
-
-
 def all_reduce_gradients(opt: torch.optim.Optimizer) -> None:
     """Average the gradients ``opt`` is about to apply across ranks, in place.
 
@@ -155,13 +150,12 @@ def all_reduce_gradients(opt: torch.optim.Optimizer) -> None:
     if not is_initialized() or world_size() == 1:
         return
     n = world_size()
-    buckets = _flat_buckets(opt)
+    flat_grads = getattr(opt, "flat_grad_buffers", None)
     with torch.no_grad():
-        if buckets is not None:
-            for b in buckets:
-                b.gather_grads()
-                dist.all_reduce(b.flat_grad)
-                b.flat_grad.div_(n)
+        if flat_grads is not None:
+            for flat in flat_grads():
+                dist.all_reduce(flat)
+                flat.div_(n)
             return
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
@@ -209,12 +203,13 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
                 dist.broadcast(t, 0)
     if seed_offset_per_rank:
         # Every rank draws its own noise (and its own order of its data shard). A fresh trainer
-        # starts from seed + rank offset; a resumed one (all ranks loaded rank 0's generator states)
-        # from one draw of its restored generator + rank offset.
+        # starts from seed + rank offset (rank 0 then draws what a single process would); a resumed
+        # one (all ranks loaded rank 0's state) from a base mixed from the seed and the D step count.
         fresh = trainer.step_count == 0 and trainer.d_step_count == 0
-        base = int(trainer.seed) if fresh else int(torch.randint(2 ** 62, (1,), generator=trainer._data_gen))
-        trainer._gen.manual_seed((base + 1_000_003 * r) % (2 ** 63))
-        trainer._data_gen.manual_seed((base + 2 + 1_000_003 * r) % (2 ** 63))
+        base = int(trainer.seed)
+        if not fresh:
+            base = (base * 6364136223846793005 + int(trainer.d_step_count) * 1442695040888963407 + 1) % (2 ** 62)
+        trainer.reseed(noise_seed=base + 1_000_003 * r, data_seed=base + 2 + 1_000_003 * r)
     return trainer
 
 
@@ -232,6 +227,43 @@ def shard(data, rank_: int | None = None, world_size_: int | None = None):
         return torch.utils.data.Subset(data, range(r, len(data), n))
     raise TypeError(f"shard takes a tensor or a map-style Dataset, got {type(data).__name__}; "
                     "use torch.utils.data.DistributedSampler for a DataLoader")
+
+
+class RankSlices:
+    """This rank's share of every batch of ``batches`` (an iterable of *global* batches, re-iterable
+    if ``batches`` is): rows ``[rank * b, (rank + 1) * b)`` with ``b = len(batch) // world``. With
+    the same global stream on every rank (e.g. fastgan's mixture batches, seeded per batch index)
+    the ranks together see exactly the global batches a single process would."""
+
+    def __init__(self, batches, rank_: int | None = None, world_size_: int | None = None):
+        self.batches = batches
+        self.rank = rank() if rank_ is None else int(rank_)
+        self.world = world_size() if world_size_ is None else int(world_size_)
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world})")
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.world == 1:
+                yield batch
+                continue
+            n = batch.shape[0]
+            if n % self.world:
+                raise ValueError(f"a global batch of {n} samples does not split evenly across {self.world} ranks")
+            per = n // self.world
+            yield batch[self.rank * per:(self.rank + 1) * per]
+
+
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group is up; nothing otherwise."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Destroy the default process group if one is up (the end of a torchrun script)."""
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def ddp_wrap(module: nn.Module, device: torch.device | None = None) -> nn.parallel.DistributedDataParallel:

@@ -13,9 +13,10 @@ What one call does (``real`` a batch of N samples, z a batch of N latent vectors
 Usage::
 
     trainer = fastgan.Trainer(generator, discriminator, latent_dim=100, loss="nonsaturating", seed=0)
-    history = trainer.fit(images, steps=10_000, batch_size=64, checkpoint_every=1000, out_dir="runs/a")
+    history = trainer.fit(images, steps=10_000, batch_size=64, checkpoint_every=1000, out_dir="runs/a",
+                          max_nonfinite_steps=100)
     samples = trainer.sample(64)
-    trainer = fastgan.Trainer.load("runs/a/checkpoint.pt", build_generator(), build_discriminator())
+    trainer = fastgan.Trainer.load("runs/a", build_generator(), build_discriminator())  # newest good one
 
 Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
 
@@ -950,7 +951,8 @@ class Trainer:
 
     def fit(self, data, steps: int, batch_size: int = 64, log_every: int = 100,
             checkpoint_every: int | None = None, out_dir: str | os.PathLike | None = None,
-            callbacks: Iterable[Callable] = (), progress: bool = True) -> dict[str, list[float]]:
+            callbacks: Iterable[Callable] = (), progress: bool = True, *, keep_checkpoints: int = 2,
+            max_nonfinite_steps: int | None = None) -> dict[str, list[float]]:
         """Train for ``steps`` iterations of Algorithm 1 (``d_steps`` D updates, then one G update).
 
         ``data``: a tensor of samples (shuffled each epoch by the trainer's generator, batches of
@@ -965,23 +967,47 @@ class Trainer:
 
         Every ``log_every`` steps (and after the last) the stats of the latest step are appended, as
         floats, to the returned history (a dict of lists, with ``"step"`` and ``"steps_per_s"``) and
-        shown on the progress bar. ``checkpoint_every`` saves ``out_dir/checkpoint.pt`` (atomically)
-        every that many steps and after the last. Each callback is called as
-        ``callback(trainer, step, stats)`` after every step (``stats``: 0-d device tensors).
+        shown on the progress bar. Each callback is called as ``callback(trainer, step, stats)`` after
+        every step (``stats``: 0-d device tensors).
+
+        Checkpoints: ``checkpoint_every`` writes ``out_dir/checkpoint-<step>.pt`` (with a SHA-256
+        digest beside it, see :meth:`save_checkpoint`) every that many steps and after the last; the
+        newest ``keep_checkpoints`` are kept, an older one is deleted only once the new one is
+        complete. Under ``torch.distributed`` rank 0 writes (all ranks must call ``fit`` alike).
+        ``Trainer.load(out_dir, G, D)`` resumes from the newest good one.
+
+        Non-finite steps: with ``max_nonfinite_steps=N`` every update of D (the ``d_steps - 1``
+        extra ones included) and of G is watched by a :class:`fastgan.checkpoint.NonFiniteGuard`: an
+        update whose loss is not finite or whose fused optimizer found non-finite gradients (and so
+        skipped it) counts as skipped. The history gets ``d_skipped`` / ``g_skipped`` columns (updates
+        skipped since the previous row), newly skipped updates are logged (``fastgan`` logger), and
+        after N skipped updates of one network in a row ``fit`` raises
+        :class:`fastgan.checkpoint.NonFiniteTrainingError` naming the step and the network; no
+        checkpoint is written after that step (the guard is checked before each one), so the last
+        good checkpoint stays. The error carries the history so far as ``.history``. The counters
+        live on the device; the host reads them at log steps, before checkpoints, every N steps and
+        at the end. ``None`` (default) watches nothing.
         """
         steps = _check_int("steps", steps, 0)
         batch_size = _check_int("batch_size", batch_size, 1)
         log_every = _check_int("log_every", log_every, 1)
+        keep_checkpoints = _check_int("keep_checkpoints", keep_checkpoints, 1)
         if checkpoint_every is not None:
             checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
             if out_dir is None:
                 raise ValueError("checkpoint_every needs out_dir=... (the folder the checkpoints go to)")
+        guard = None
+        if max_nonfinite_steps is not None:
+            max_nonfinite_steps = _check_int("max_nonfinite_steps", max_nonfinite_steps, 1)
+            from fastgan.checkpoint import NonFiniteGuard
+            guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
         callbacks = tuple(callbacks)
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables, got {type(cb).__name__}")
         batches = self._batches(data, batch_size)
         history: dict[str, list[float]] = {"step": [], "steps_per_s": []}
+        skipped_logged = {"discriminator": 0, "generator": 0}
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -991,13 +1017,22 @@ class Trainer:
         try:
             for i in range(1, steps + 1):
                 for _ in range(self.d_steps - 1):
-                    self.d_step(next(batches))
+                    d_stats = self.d_step(next(batches))
+                    if guard is not None:
+                        self._observe_nonfinite(guard, self.step_count + 1, d_stats, g=False)
                 stats = self.step(next(batches))
+                if guard is not None:
+                    self._observe_nonfinite(guard, self.step_count, stats, g=True)
+                log_due = i % log_every == 0 or i == steps
+                checkpoint_due = checkpoint_every is not None and (i % checkpoint_every == 0 or i == steps)
+                skipped_total = None
+                if guard is not None and (log_due or checkpoint_due or i % max_nonfinite_steps == 0):
+                    skipped_total = guard.check(self.step_count)  # raises after too many in a row
                 for cb in callbacks:
                     cb(self, self.step_count, stats)
                 if bar is not None:
                     bar.update(1)
-                if i % log_every == 0 or i == steps:
+                if log_due:
                     now = time.perf_counter()
                     rate = (i - last_log_step) / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_step = now, i
@@ -1006,15 +1041,36 @@ class Trainer:
                     history["steps_per_s"].append(rate)
                     for name, v in values.items():
                         history.setdefault(name, []).append(v)
+                    if skipped_total is not None:
+                        for key, net in (("d_skipped", "discriminator"), ("g_skipped", "generator")):
+                            total = skipped_total.get(net, 0)
+                            history.setdefault(key, []).append(float(total - skipped_logged[net]))
+                            skipped_logged[net] = total
                     if bar is not None:
                         bar.set_postfix({k: f"{values[k]:.4g}" for k in ("d_loss", "g_loss", "jsd") if k in values},
                                         refresh=False)
-                if checkpoint_every is not None and (i % checkpoint_every == 0 or i == steps):
-                    self.save(os.path.join(os.fspath(out_dir), CHECKPOINT_NAME))
+                if checkpoint_due:
+                    self.save_checkpoint(out_dir, keep=keep_checkpoints)
+        except Exception as exc:
+            from fastgan.checkpoint import NonFiniteTrainingError
+            if isinstance(exc, NonFiniteTrainingError):
+                exc.history = history  # what was logged before the stop (the CLI writes it)
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return history
+
+    def _observe_nonfinite(self, guard, step: int, stats: dict[str, torch.Tensor], g: bool) -> None:
+        """Feed one D update (and the G update when ``g``) to a NonFiniteGuard (device ops only)."""
+        nets = (("d", "d_loss", self.d_optimizer), ("g", "g_loss", self.g_optimizer)) if g else \
+            (("d", "d_loss", self.d_optimizer),)
+        for key, loss_name, opt in nets:
+            found_inf = getattr(opt, "found_inf", None)
+            found_inf = found_inf if isinstance(found_inf, torch.Tensor) else None
+            loss = stats.get(loss_name)
+            if loss is not None or found_inf is not None:
+                guard.observe(step, key, loss=loss, found_inf=found_inf)
 
     @staticmethod
     def _to_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -1246,16 +1302,49 @@ class Trainer:
         self._graphs.clear()  # captured graphs may point at replaced buffers
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``state_dict()`` to ``path`` atomically (temporary file beside it, then renamed: the
-        previous checkpoint stays intact until the new one is complete)."""
+        """Write ``state_dict()`` to the single file ``path`` atomically (temporary file beside it,
+        then renamed: the previous file stays intact until the new one is complete). For rotating,
+        digest-checked checkpoints of a run folder use :meth:`save_checkpoint`."""
         _checkpoint.atomic_save(self.state_dict(), path)
+
+    def save_checkpoint(self, run_dir: str | os.PathLike, keep: int = 2):
+        """Write ``run_dir/checkpoint-<step>.pt`` with its SHA-256 digest and keep the newest ``keep``
+        checkpoints of the folder (``fastgan.checkpoint.save_checkpoint``: the older ones are
+        deleted only after the new one is complete). Returns the path written.
+
+        Under ``torch.distributed`` every rank must call it (BatchNorm running statistics are first
+        averaged across ranks, a collective), and rank 0 alone writes; the others return None."""
+        from fastgan import distributed as fdist
+        from fastgan.checkpoint import save_checkpoint
+        keep = _check_int("keep", keep, 1)
+        if fdist.world_size() > 1:
+            fdist.average_buffers(self.generator)
+            fdist.average_buffers(self.discriminator)
+        if not fdist.is_main_process():
+            return None
+        return save_checkpoint(self.state_dict(), run_dir, int(self.step_count), keep=keep)
+
+    def reseed(self, noise_seed: int | None = None, data_seed: int | None = None) -> None:
+        """Re-seed the trainer's noise generator (latent batches, WGAN-GP's eps) and / or the generator
+        that orders ``fit``'s tensor / Dataset data (from its next epoch on). ``fastgan.distributed``
+        uses it to give every rank its own noise. Call it before the first step: CUDA graphs captured
+        earlier keep drawing from the generator but were warmed up on the old stream."""
+        for name, value in (("noise_seed", noise_seed), ("data_seed", data_seed)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
+        if noise_seed is not None:
+            self._gen.manual_seed(int(noise_seed) % (2 ** 63))
+        if data_seed is not None:
+            self._data_gen.manual_seed(int(data_seed) % (2 ** 63))
 
     @classmethod
     def load(cls, path: str | os.PathLike, generator: nn.Module, discriminator: nn.Module,
              **overrides) -> "Trainer":
-        """Rebuild a trainer from a checkpoint written by ``save`` around freshly built ``generator``
-        and ``discriminator`` (same architecture), and restore its state. Keyword arguments override
-        the recorded options (e.g. ``device=``, ``cuda_graphs=``)."""
+        """Rebuild a trainer from a checkpoint around freshly built ``generator`` and ``discriminator``
+        (same architecture), and restore its state. ``path``: one file (written by :meth:`save` or
+        :meth:`save_checkpoint`) or a run folder, which resumes from its newest good checkpoint (a
+        bad newer one is reported by name and skipped). Keyword arguments override the recorded
+        options (e.g. ``device=``, ``cuda_graphs=``)."""
         from fastgan.checkpoint import load_checkpoint, load_latest_good
         # weights_only loading; a truncated, corrupted (digest) or unsafe file is a CheckpointError
         # (a ValueError) naming it; a run folder resumes from its newest good checkpoint.
@@ -1265,6 +1354,16 @@ class Trainer:
             state = load_checkpoint(path, validate=None)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is not a fastgan.Trainer checkpoint")
+        return cls.from_state_dict(state, generator, discriminator, **overrides)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], generator: nn.Module, discriminator: nn.Module,
+                        **overrides) -> "Trainer":
+        """What :meth:`load` does after reading the file: a trainer with the options recorded in
+        ``state`` (a ``state_dict()``), overridden by ``overrides``, with that state restored."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"state is not a fastgan.Trainer state_dict (format "
+                             f"{state.get('format') if isinstance(state, dict) else None!r})")
         cfg = dict(state["config"])
         kwargs: dict[str, Any] = {k: cfg[k] for k in ("prior", "loss", "d_steps", "r1_gamma", "r1_every",
                                                        "gp_lambda", "ema_beta", "pack", "precision", "fuse",

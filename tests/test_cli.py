@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,8 +14,11 @@ import torch
 from PIL import Image
 
 from fastgan import cli
+from fastgan.checkpoint import list_checkpoints
 
-RUN_FILES = ("samples.png", "training.png", "metrics.json", "history.csv", "config.json", "checkpoint.pt")
+RUN_FILES = ("samples.png", "training.png", "metrics.json", "history.csv", "config.json",
+             "checkpoint-000000010.pt", "checkpoint-000000010.pt.sha256",
+             "checkpoint-000000020.pt", "checkpoint-000000020.pt.sha256")
 FAST = ["--no-progress", "--width", "16"]
 
 
@@ -47,6 +51,7 @@ def test_train_ring8_writes_every_file(tmp_path, capsys):
                   "--checkpoint-every", "10", "--out", str(out), *FAST) == 0
     for name in RUN_FILES:
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)  # the newest 2 checkpoints, nothing else
     _assert_image(out / "samples.png")
     _assert_image(out / "training.png")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -56,7 +61,9 @@ def test_train_ring8_writes_every_file(tmp_path, capsys):
         assert key in metrics["final_stats"]
     rows = _history(out)
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]
-    assert {"d_loss", "g_loss", "value", "jsd", "d_real", "d_fake"} <= set(rows[0])
+    assert {"d_loss", "g_loss", "value", "jsd", "d_real", "d_fake", "d_skipped", "g_skipped"} <= set(rows[0])
+    assert all(r["d_skipped"] == r["g_skipped"] == "0" for r in rows)
+    assert metrics["skipped_steps"] == {"discriminator": 0, "generator": 0} and metrics["world_size"] == 1
     config = json.loads((out / "config.json").read_text())
     for key in ("data", "model", "steps", "batch_size", "loss", "d_steps", "lr", "ema_beta", "pack", "precision",
                 "device", "seed", "log_every", "checkpoint_every", "latent_dim", "width", "prior"):
@@ -64,6 +71,7 @@ def test_train_ring8_writes_every_file(tmp_path, capsys):
     assert config["model"] == "mlp" and config["device"] == "cpu" and config["loss"] == "nonsaturating"
     text = capsys.readouterr().out
     assert "modes captured" in text and "samples.png" in text and str(out) in text
+    assert "world size 1" in text and "checkpoint-<step>.pt" in text
 
 
 def test_train_digits_reports_classifier_metrics(tmp_path, capsys):
@@ -79,8 +87,8 @@ def test_train_digits_reports_classifier_metrics(tmp_path, capsys):
     assert "classes covered" in capsys.readouterr().out
 
 
-def _params(checkpoint):
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+def _params(run):
+    state = torch.load(list_checkpoints(run)[0], map_location="cpu", weights_only=True)
     return state["step"], state["generator"], state["discriminator"]
 
 
@@ -91,8 +99,8 @@ def test_resume_continues_exactly(tmp_path, data):
     assert _train(*common, "--steps", "8", "--out", str(straight)) == 0
     assert _train(*common, "--steps", "4", "--out", str(split)) == 0
     assert _train("--resume", "--out", str(split), "--steps", "8", "--no-progress") == 0
-    step_a, g_a, d_a = _params(straight / "checkpoint.pt")
-    step_b, g_b, d_b = _params(split / "checkpoint.pt")
+    step_a, g_a, d_a = _params(straight)
+    step_b, g_b, d_b = _params(split)
     assert step_a == step_b == 8
     for key in g_a:
         assert torch.equal(g_a[key], g_b[key]), key
@@ -105,7 +113,7 @@ def test_resume_continues_exactly(tmp_path, data):
 def test_resume_errors(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train("--data", "ring8", "--steps", "4", "--batch-size", "16", "--out", str(out), *FAST) == 0
-    before = {name: (out / name).read_bytes() for name in RUN_FILES}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     assert _train("--resume", "--out", str(out), "--loss", "hinge", "--steps", "8") == 2
     assert "--loss 'nonsaturating'" in capsys.readouterr().err
@@ -116,7 +124,7 @@ def test_resume_errors(tmp_path, capsys):
     (tmp_path / "other").mkdir()
     assert _train("--resume", "--out", str(tmp_path / "other")) == 2
     assert "not a resumable run" in capsys.readouterr().err
-    assert {name: (out / name).read_bytes() for name in RUN_FILES} == before  # nothing written over
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written over
 
 
 def test_existing_out_is_never_overwritten(tmp_path, capsys):
@@ -217,3 +225,129 @@ def test_bench_quick_table(capsys):
         assert name in out
     assert cli.main(["bench", "--problem", "nope"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints of a run folder: rotation, a bad newest one skipped by name, the old single file
+# ------------------------------------------------------------------------------------------------
+
+_SHORT = ["--data", "ring8", "--batch-size", "16", "--log-every", "1", "--eval-samples", "50", *FAST]
+
+
+def test_resume_names_a_corrupted_newest_checkpoint_and_continues_from_the_previous_one(tmp_path, capsys):
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert _train(*_SHORT, "--steps", "8", "--checkpoint-every", "3", "--out", str(straight)) == 0
+    assert _train(*_SHORT, "--steps", "6", "--checkpoint-every", "3", "--out", str(run)) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000000006.pt", "checkpoint-000000003.pt"]
+    newest = run / "checkpoint-000000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])            # truncated, as by a full disk
+    capsys.readouterr()
+    assert _train("--resume", "--out", str(run), "--steps", "8", "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert f"skipping checkpoint {newest}" in captured.err and "truncated" in captured.err
+    assert f"resuming from {run / 'checkpoint-000000003.pt'}" in captured.out
+    assert "resuming at step 3, 5 steps" in captured.out
+    # From step 3 the run redoes steps 4..8 exactly as the uninterrupted one did.
+    step_a, g_a, d_a = _params(straight)
+    step_b, g_b, d_b = _params(run)
+    assert step_a == step_b == 8
+    for key in g_a:
+        assert torch.equal(g_a[key], g_b[key]), key
+    for key in d_a:
+        assert torch.equal(d_a[key], d_b[key]), key
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000000008.pt", "checkpoint-000000006.pt"]
+
+
+def test_a_run_folder_with_only_the_old_checkpoint_pt_still_resumes(tmp_path, capsys):
+    run = tmp_path / "old"
+    assert _train(*_SHORT, "--steps", "4", "--out", str(run)) == 0
+    newest = list_checkpoints(run)[0]
+    state = torch.load(newest, weights_only=True)
+    for path in list(run.glob("checkpoint-*")):
+        path.unlink()
+    torch.save(state, run / "checkpoint.pt")                # what earlier versions wrote
+    capsys.readouterr()
+    assert _train("--resume", "--out", str(run), "--steps", "6", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {run / 'checkpoint.pt'}" in out and "resuming at step 4" in out
+    assert _params(run)[0] == 6
+
+
+def test_every_checkpoint_bad_is_a_usage_error_naming_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(*_SHORT, "--steps", "4", "--checkpoint-every", "2", "--out", str(run)) == 0
+    for path in list_checkpoints(run):
+        path.write_bytes(b"")
+    capsys.readouterr()
+    assert _train("--resume", "--out", str(run), "--steps", "6", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-000000004.pt" in err and "checkpoint-000000002.pt" in err and "no good checkpoint" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# --max-skipped-steps
+# ------------------------------------------------------------------------------------------------
+
+class _DivergingD(torch.nn.Module):
+    """Returns NaN from the ``after``-th training forward on (a stand-in for a D whose weights blew up
+    in a way the optimizer cannot see: the losses and gradients go non-finite)."""
+
+    def __init__(self, net, after: int):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    def forward(self, x):
+        y = self.net(x)
+        if torch.is_grad_enabled():
+            self.calls += 1
+        return y * float("nan") if self.calls > self.after else y
+
+
+def test_max_skipped_steps_stops_a_diverging_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    real_build = cli._build
+
+    def build(config, data):
+        G, D = real_build(config, data)
+        return G, _DivergingD(D, after=2 * 4)   # about two D forwards with autograd per step: NaN from ~step 5
+    monkeypatch.setattr(cli, "_build", build)
+    run = tmp_path / "run"
+    code = _train(*_SHORT, "--steps", "20", "--checkpoint-every", "2", "--max-skipped-steps", "3", "--out", str(run))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_NONFINITE
+    match = re.search(r"training stopped at step (\d+): the (discriminator|generator) had 3 consecutive", err)
+    assert match, err
+    stop_step = int(match.group(1))
+    # history.csv is written up to the last logged step: one skipped update per network and step from the onset
+    rows = _history(run)
+    skipped = [(int(r["d_skipped"]), int(r["g_skipped"])) for r in rows]
+    onset = min(int(r["step"]) for r, s in zip(rows, skipped) if s != (0, 0))
+    assert 3 <= onset and stop_step == onset + 2            # 3 in a row: the onset step and the two after it
+    assert [int(r["step"]) for r in rows] == list(range(1, stop_step))
+    assert all(s == (0, 0) for s in skipped[:onset - 1]) and all(s == (1, 1) for s in skipped[onset:])
+    # The newest checkpoint is the last one before the stop; no checkpoint of the stop step or later.
+    newest = list_checkpoints(run)[0]
+    last_good = 2 * ((stop_step - 1) // 2)
+    assert newest.name == f"checkpoint-{last_good:09d}.pt"
+    assert f"the last good checkpoint is {newest}" in err
+    state = torch.load(newest, weights_only=True)
+    for net in ("generator", "discriminator"):
+        assert all(torch.isfinite(v).all() for v in state[net].values()), net
+    assert not (run / "metrics.json").exists()
+
+
+def test_max_skipped_steps_none_never_stops(tmp_path, capsys, monkeypatch):
+    real_build = cli._build
+    monkeypatch.setattr(cli, "_build", lambda config, data: (real_build(config, data)[0],
+                                                             _DivergingD(real_build(config, data)[1], after=2)))
+    run = tmp_path / "run"
+    assert _train(*_SHORT, "--steps", "5", "--eval-samples", "20", "--max-skipped-steps", "none",
+                  "--out", str(run)) == 0
+    assert json.loads((run / "config.json").read_text())["max_skipped_steps"] == 0
+    assert "d_skipped" not in _history(run)[0]
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_max_skipped_steps_rejects_bad_values(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        _train("--max-skipped-steps", value, "--out", str(tmp_path / "o"))
+    assert "--max-skipped-steps" in capsys.readouterr().err

@@ -1,8 +1,11 @@
 """fastgan.distributed on CPU with gloo, 2 processes started by torchrun: 2 ranks x batch m give the
-parameters of 1 process x batch 2m; a checkpoint written at world size 2 resumes at world size 1."""
+parameters of 1 process x batch 2m; a checkpoint written at world size 2 resumes at world size 1; the
+same through `torchrun -m fastgan train`."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,6 +16,7 @@ import torch
 
 from fastgan import distributed as fd
 
+REPO = Path(__file__).resolve().parents[1]
 M = 8          # per-rank batch
 STEPS = 5      # steps before the checkpoint
 MORE = 3       # steps after it
@@ -62,20 +66,26 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+def _env() -> dict:
+    """One-process environment (no torchrun variables inherited), this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(world: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={world}"]
+
+
 def _run(tmp: Path, world: int, mode: str, out_dir: Path) -> dict:
     script = tmp / "worker.py"
     script.write_text(_WORKER)
     out_dir.mkdir(exist_ok=True)
     args = [str(script), str(out_dir), str(M), str(STEPS), str(MORE), mode]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    if world == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-               f"--nproc_per_node={world}", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd = [sys.executable, *args] if world == 1 else [*_torchrun(world), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out_dir / f"final-{mode}-{world}.pt", weights_only=True)
 
@@ -194,9 +204,7 @@ def test_ddp_wrap_two_forwards_r1_and_frozen_d_match_one_process(tmp_path):
     autograd.grad(create_graph=True) then one backward, D frozen in the G step."""
     script = tmp_path / "ddp_loop.py"
     script.write_text(_DDP_LOOP)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = _env()
     results = {}
     for world in (1, 2):
         launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", "--nnodes=1",
@@ -206,3 +214,103 @@ def test_ddp_wrap_two_forwards_r1_and_frozen_d_match_one_process(tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
         results[world] = torch.load(tmp_path / f"ddp-{world}.pt", weights_only=True)
     _assert_close(results[2], results[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node=2 -m fastgan train`
+# ------------------------------------------------------------------------------------------------
+
+CLI_STEPS, CLI_MORE, CLI_BATCH, CLI_SEED = 6, 3, 16, 5
+_CLI_ARGS = ["--data", "ring8", "--batch-size", str(CLI_BATCH), "--checkpoint-every", "3", "--log-every", "2",
+             "--eval-samples", "50", "--width", "16", "--seed", str(CLI_SEED), "--device", "cpu", "--no-progress"]
+
+
+def _fastgan_train(world: int, *args: str) -> subprocess.CompletedProcess:
+    launcher = _torchrun(world) if world > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "fastgan", "train", *args], capture_output=True, text=True,
+                          timeout=600, env=_env())
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-ddp") / "run"
+    result = _fastgan_train(2, *_CLI_ARGS, "--steps", str(CLI_STEPS), "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out, result
+
+
+def test_cli_two_processes_rank_0_writes_the_run_folder(cli_run):
+    out, result = cli_run
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "samples.png", "training.png", "metrics.json", "history.csv", "config.json",
+        "checkpoint-000000003.pt", "checkpoint-000000003.pt.sha256",
+        "checkpoint-000000006.pt", "checkpoint-000000006.pt.sha256"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["per_process_batch_size"] == CLI_BATCH // 2
+    assert config["batch_size"] == CLI_BATCH
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    # One header, one summary: rank 1 prints nothing of its own.
+    assert result.stdout.count("world size 2: data-parallel over 2 processes") == 1
+    assert result.stdout.count("fastgan train: done") == 1
+    assert "gloo" in result.stdout
+
+
+def _single_process_twin(out: Path):
+    """What one process with the global batch computes from the run's config: the same global
+    mixture batches, and as noise the two ranks' latent batches concatenated (rank r draws from a
+    generator seeded seed + 1_000_003 r, see fastgan.distributed.data_parallel)."""
+    from fastgan import cli
+    from fastgan.data import load_data
+    from fastgan.trainer import Trainer
+    config = json.loads((out / "config.json").read_text())
+    data = load_data("ring8")
+    G, D = cli._build(config, data)
+    trainer = Trainer(G, D, **cli._trainer_kwargs(config, "cpu"))
+    noise = [torch.Generator().manual_seed(CLI_SEED + 1_000_003 * r) for r in range(2)]
+    batches = iter(data.batches(CLI_BATCH, seed=CLI_SEED))
+    return trainer, noise, batches, config["latent_dim"]
+
+
+def _assert_params(state: dict, trainer, rtol: float = 1e-5) -> None:
+    assert state["step"] == trainer.step_count
+    for net, module in (("generator", trainer.generator), ("discriminator", trainer.discriminator)):
+        for key, mine in module.state_dict().items():
+            theirs = state[net][key].double()
+            torch.testing.assert_close(theirs, mine.double(), rtol=rtol,
+                                       atol=rtol * max(1.0, float(mine.abs().max())),
+                                       msg=lambda m: f"{net}.{key}: {m}")
+
+
+def test_cli_two_processes_equal_one_process_of_twice_the_batch_and_resume_in_one(cli_run, tmp_path):
+    out, _ = cli_run
+    trainer, noise, batches, latent = _single_process_twin(out)
+    half = CLI_BATCH // 2
+    for _ in range(CLI_STEPS):
+        z = torch.cat([torch.empty(half, latent).normal_(generator=g) for g in noise])
+        trainer.step(next(batches), z)
+    _assert_params(torch.load(out / "checkpoint-000000006.pt", weights_only=True), trainer)
+
+    # The world-size-2 run resumed by one process: it continues rank 0's noise with the whole batch
+    # and the global data stream where it stopped.
+    copy = tmp_path / "resumed"
+    shutil.copytree(out, copy)
+    result = _fastgan_train(1, "--resume", "--out", str(copy), "--steps", str(CLI_STEPS + CLI_MORE),
+                            "--no-progress", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "world size 1" in result.stdout and f"resuming at step {CLI_STEPS}" in result.stdout
+    for _ in range(CLI_MORE):
+        z = torch.empty(CLI_BATCH, latent).normal_(generator=noise[0])
+        trainer.step(next(batches), z)
+    _assert_params(torch.load(copy / f"checkpoint-{CLI_STEPS + CLI_MORE:09d}.pt", weights_only=True), trainer)
+    with open(copy / "history.csv") as handle:
+        steps = [int(line.split(",")[0]) for line in handle.readlines()[1:]]
+    assert steps == [2, 4, 6, 8, 9]
+
+
+def test_cli_batch_size_must_divide_by_the_processes(tmp_path):
+    out = tmp_path / "run"
+    result = _fastgan_train(2, *_CLI_ARGS[:2], "--batch-size", "15", "--steps", "2", "--device", "cpu",
+                            "--no-progress", "--out", str(out))
+    assert result.returncode != 0
+    assert "must be divisible by the 2 processes" in result.stderr
+    assert not out.exists()

@@ -23,6 +23,12 @@ from fastgan.checkpoint import (CheckpointError, CheckpointEvery, NonFiniteGuard
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _env(**extra) -> dict:
+    """The child's environment: this checkout importable whatever the install (scripts run from tmp)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def _state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
     return {"format": "fastgan.Trainer/1", "step": step, "w": torch.randn(64, 64, generator=g),
@@ -96,7 +102,8 @@ def test_sigkill_while_writing_never_leaves_a_bad_newest_checkpoint(tmp_path):
     script.write_text(_WRITER)
     for delay in (0.0, 0.013, 0.029):
         run_dir = tmp_path / f"run{delay}"
-        proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True,
+                                env=_env())
         try:
             assert proc.stdout.readline().strip() == "1"   # at least one complete checkpoint
             proc.stdout.readline()
@@ -351,7 +358,7 @@ def _train(tmp_path: Path, run: str, mode: str, delay: float = 0.0, **popen):
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
     args, out = _train(tmp, "run", "fresh")
-    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    subprocess.run(args, check=True, capture_output=True, timeout=600, env=_env())
     return torch.load(out, weights_only=True)
 
 
@@ -375,7 +382,7 @@ def _run_until(proc, min_step: int) -> int:
 
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
     args, out = _train(tmp_path, "run", "fresh", delay=0.05)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
     try:
         killed_after = _run_until(proc, 8)              # checkpoints at 3 and 6 at least
         proc.send_signal(signal.SIGKILL)
@@ -386,7 +393,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, unint
     assert proc.returncode == -signal.SIGKILL and not out.exists()
     assert killed_after < STEPS
     resume_args, out = _train(tmp_path, "run", "resume")
-    result = subprocess.run(resume_args, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(resume_args, capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     resumed_from = int(result.stdout.split("resumed", 1)[1].split()[0])
     assert 6 <= resumed_from < STEPS and resumed_from % 3 == 0
@@ -395,7 +402,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, unint
 
 def test_sigint_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted):
     args, out = _train(tmp_path, "run", "fresh", delay=0.05)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         _run_until(proc, 4)
         proc.send_signal(signal.SIGINT)
@@ -410,7 +417,7 @@ def test_sigint_writes_a_checkpoint_exits_cleanly_and_resumes_exactly(tmp_path, 
     assert Path(path).name == f"checkpoint-{int(step):09d}.pt" and int(step) < STEPS
     assert load_checkpoint(path)["step"] == int(step)
     resume_args, out = _train(tmp_path, "run", "resume")
-    result = subprocess.run(resume_args, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(resume_args, capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed {step}" in result.stdout
     _assert_equal_runs(torch.load(out, weights_only=True), uninterrupted)
@@ -430,11 +437,11 @@ def _cli(*args: str) -> list[str]:
 
 
 def _cli_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return _env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
 def _final_params(run: Path):
-    state = load_checkpoint(run / "checkpoint.pt")
+    state = load_checkpoint(ckpt.list_checkpoints(run)[0])
     return state["step"], state["generator"], state["discriminator"]
 
 
@@ -460,7 +467,7 @@ def test_cli_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, c
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_cli_env())
     try:
         deadline = time.monotonic() + 600
-        while not (out / "checkpoint.pt").exists():       # the first checkpoint (step 10) is written
+        while not ckpt.list_checkpoints(out):             # the first checkpoint (step 10) is written
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -470,7 +477,7 @@ def test_cli_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, c
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = load_checkpoint(out / "checkpoint.pt")["step"]
+    killed_at = load_latest_good(out)[0]["step"]
     assert killed_at < CLI_STEPS
     result = subprocess.run(_cli("--resume", "--out", str(out), "--steps", str(CLI_STEPS), "--no-progress"),
                             capture_output=True, text=True, timeout=900, env=_cli_env())
@@ -519,3 +526,57 @@ def test_cli_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, cli_uninterr
                             capture_output=True, text=True, timeout=900, env=_cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_final(_final_params(out), cli_uninterrupted_long, CLI_SIGINT_STEPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer.fit(max_nonfinite_steps=...): the extra D steps of d_steps > 1 count too
+# ------------------------------------------------------------------------------------------------
+
+def test_fit_max_nonfinite_steps_counts_every_d_update_and_logs_skips(tmp_path, caplog):
+    from fastgan.trainer import Trainer
+    g, d = _mlp_gan()
+    d = _Poison(d)
+    trainer = Trainer(g, d, latent_dim=4, seed=3, lr=1e-3, d_steps=3)
+
+    def arm(tr, step, stats):
+        if step == 2:
+            d.armed = True                    # every D update from iteration 3 on is non-finite
+    with pytest.raises(NonFiniteTrainingError) as info, caplog.at_level("WARNING", logger="fastgan"):
+        trainer.fit(torch.randn(256, 2), 10, batch_size=16, log_every=1, checkpoint_every=1, out_dir=tmp_path,
+                    progress=False, callbacks=[arm], max_nonfinite_steps=4)
+    err = info.value
+    # D: 3 skipped updates in iteration 3, the 4th in iteration 4 (G has only 2 by then). Counting only
+    # the last D update of each iteration would stop at iteration 6.
+    assert err.network == "discriminator" and err.step == 4 and "step 4" in str(err)
+    assert err.history["step"] == [1.0, 2.0, 3.0]
+    assert err.history["d_skipped"] == [0.0, 0.0, 3.0] and err.history["g_skipped"] == [0.0, 0.0, 1.0]
+    assert "3 discriminator step(s) skipped" in caplog.text
+    # No checkpoint of iteration 4; the newest (3) holds iteration 2's parameters (3 was skipped), finite.
+    state, path = load_latest_good(tmp_path)
+    assert path.name == "checkpoint-000000003.pt"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-000000003.pt",
+                                                                 "checkpoint-000000002.pt"]
+    two = load_checkpoint(tmp_path / "checkpoint-000000002.pt")
+    for net in ("generator", "discriminator"):
+        for key, value in state[net].items():
+            assert torch.isfinite(value).all() and torch.equal(value, two[net][key]), (net, key)
+
+
+def test_fit_writes_rotating_step_checkpoints_that_load(tmp_path):
+    from fastgan.trainer import Trainer
+    g, d = _mlp_gan()
+    trainer = Trainer(g, d, latent_dim=4, seed=3, lr=1e-3)
+    trainer.fit(torch.randn(64, 2), 5, batch_size=16, checkpoint_every=2, out_dir=tmp_path, progress=False,
+                keep_checkpoints=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-000000004.pt", "checkpoint-000000004.pt.sha256",
+        "checkpoint-000000005.pt", "checkpoint-000000005.pt.sha256"]
+    g2, d2 = _mlp_gan(1)
+    loaded = Trainer.load(tmp_path, g2, d2)                    # the folder: its newest good checkpoint
+    assert loaded.step_count == 5
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), g2.state_dict().values()))
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        trainer.fit(torch.randn(64, 2), 1, batch_size=16, checkpoint_every=1, out_dir=tmp_path, progress=False,
+                    keep_checkpoints=0)
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        trainer.fit(torch.randn(64, 2), 1, batch_size=16, progress=False, max_nonfinite_steps=0)

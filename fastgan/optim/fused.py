@@ -231,6 +231,34 @@ class _FusedOptimizer(Optimizer):
                     if p.grad is not view:
                         p.grad = view
 
+    # ---- flat buffers (for data-parallel training) ------------------------------------------------
+    @torch.no_grad()
+    def flat_grad_buffers(self) -> list[torch.Tensor]:
+        """The flat gradient buffers the next ``step`` reads (one per param group and (dtype,
+        device)), after making every present ``.grad`` a view of its buffer (a no-op when autograd
+        already wrote there). Reducing them in place (e.g. ``torch.distributed.all_reduce``) before
+        ``step`` changes the gradients the step applies; entries of parameters without a gradient
+        are stale and ignored by the step."""
+        buffers = []
+        for buckets in self._buckets:
+            for b in buckets:
+                b.gather_grads()
+                buffers.append(b.flat_grad)
+        return buffers
+
+    def flat_state_buffers(self) -> list[torch.Tensor]:
+        """Every tensor of the optimizer's state in its flat form: the moment / momentum buffers (once
+        allocated by the first step or ``load_state_dict``), the per-parameter step counts and the
+        fused EMA shadow. Broadcasting them in place synchronises the optimizer across processes."""
+        buffers = []
+        for buckets in self._buckets:
+            for b in buckets:
+                buffers.extend(t for t in b.state.values() if isinstance(t, torch.Tensor))
+                buffers.append(b.steps)
+                if b.shadow is not None:
+                    buffers.append(b.shadow)
+        return buffers
+
     # ---- step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, inv_scale: torch.Tensor | None = None):
