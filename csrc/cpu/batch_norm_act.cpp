@@ -2,13 +2,13 @@
 // reference and the math) and fastgan/ops/triton/batch_norm_act.py.
 //
 // Two layouts, chosen from x's strides (Python hands over nothing else):
-//  * planar: 4-D contiguous NCHW with H*W > 1. Parallel over channels; one channel's N planes
-//    (N*H*W values, 256 KiB for a DCGAN 64x32x32 map) are reduced and then normalised right away,
-//    while they are still in this core's L2: the second pass costs little memory traffic.
+//  * planar: 4-D contiguous NCHW with H*W > 1. Parallel over groups of channels whose N planes fit
+//    in L2 (one channel of a DCGAN 64x32x32 map, 64 channels of a 512x4x4 one): a group is reduced
+//    and then normalised right away, while it is still in this core's L2 (see forward_planar).
 //  * rows: (N*H*W) x C with channels contiguous (2-D input, channels_last, or H*W == 1). Parallel over
 //    fixed chunks of rows with per-chunk partial sums (deterministic whatever the thread count),
 //    then an elementwise pass, vectorised across channels.
-// Statistics: per-row (planar) or per-chunk (rows) sums in the op-math type of values shifted by the
+// Statistics: per-plane lane (planar) or per-chunk (rows) sums in the op-math type of values shifted by the
 // channel's first value (no cancellation in the variance), combined in double.
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
@@ -101,57 +101,107 @@ int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 
 // Forward
 // ------------------------------------------------------------------------------------------------
 
+// Planar (NCHW) kernels work on groups of G channels whose N planes together fit kStageBytes: pass A
+// walks n outer and the group's channels inner (contiguous runs of G*H*W values, not one plane of
+// H*W values C*H*W apart), reducing each plane into per-channel lane sums: kLanes float partials per
+// plane (no horizontal reduction per plane, which dominated at H*W = 16 or 64), added to double lanes.
+// Pass A also copies the group into a contiguous buffer (planes C*H*W apart map to the same few L2
+// sets at DCGAN's power-of-two sizes and evict each other), which pass B reads while it is in L2.
+// A channel's result depends only on its own values in a fixed order: not on G or the thread count.
+constexpr int kLanes = 16;
+
+// Channels per group: as many as fit kStageBytes (at least one), and at least one group per thread.
+inline int64_t channel_group(int64_t C, int64_t channel_bytes) {
+  const int64_t fit = std::max<int64_t>(1, kStageBytes / std::max<int64_t>(channel_bytes, 1));
+  const int64_t per_thread = (C + at::get_num_threads() - 1) / std::max(at::get_num_threads(), 1);
+  return std::clamp<int64_t>(std::min(fit, per_thread), 1, std::max<int64_t>(C, 1));
+}
+
+// Adds one plane's sum(d) and sum(d^2), d = x - ref, into double lanes A and Q (and copies the plane to st).
+template <bool STAGE, typename scalar_t, typename opm>
+inline void plane_moments(const scalar_t* __restrict__ p, scalar_t* __restrict__ st, int64_t HW, opm ref,
+                          double* __restrict__ A, double* __restrict__ Q) {
+  opm a[kLanes] = {}, q[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= HW; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      if constexpr (STAGE) st[i + j] = p[i + j];
+      const opm d = static_cast<opm>(p[i + j]) - ref;
+      a[j] += d;
+      q[j] += d * d;
+    }
+  }
+  for (int j = 0; i + j < HW; ++j) {
+    if constexpr (STAGE) st[i + j] = p[i + j];
+    const opm d = static_cast<opm>(p[i + j]) - ref;
+    a[j] += d;
+    q[j] += d * d;
+  }
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    A[j] += a[j];
+    Q[j] += q[j];
+  }
+}
+
+template <int64_t ACT, typename scalar_t, typename opm>
+inline void plane_normalise(const scalar_t* __restrict__ p, scalar_t* __restrict__ o, int64_t HW, opm scale, opm shift,
+                            opm alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[i]) * scale + shift, alpha));
+}
+
 template <typename scalar_t, int64_t ACT>
 void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool training, const opmath_t<scalar_t>* w,
                     const opmath_t<scalar_t>* b, opmath_t<scalar_t>* mean, opmath_t<scalar_t>* var, double eps,
                     opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
-  // A channel's N planes lie C*H*W elements apart: a power of two at DCGAN sizes, so they all map to the
-  // same few L2 sets and evict each other before the normalising pass. The stats pass therefore also
-  // copies the channel into a contiguous per-task buffer (when it fits in L2), which the second pass reads.
-  const bool stage = training && N > 1 && L.count() * int64_t(sizeof(scalar_t)) <= kStageBytes;
-  at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
-    std::vector<scalar_t> staged(stage ? L.count() : 0);
-    for (int64_t c = c0; c < c1; ++c) {
+  const int64_t channel_bytes = L.count() * int64_t(sizeof(scalar_t));
+  const bool stage = training && N > 1 && channel_bytes <= kStageBytes;
+  const int64_t group = channel_group(C, channel_bytes), groups = (C + group - 1) / group;
+  at::parallel_for(0, groups, 1, [=](int64_t g0, int64_t g1) {
+    std::vector<scalar_t> staged(stage ? group * L.count() : 0);
+    std::vector<double> lane_s(group * kLanes), lane_q(group * kLanes);
+    std::vector<opm> scale(group), shift(group), ref(group);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const int64_t c0 = gi * group, G = std::min(C, c0 + group) - c0;
       if (training) {
-        const opm shift = static_cast<opm>(x[c * HW]);
-        double s = 0, ss = 0;
+        std::fill(lane_s.begin(), lane_s.end(), 0.0);
+        std::fill(lane_q.begin(), lane_q.end(), 0.0);
+        for (int64_t k = 0; k < G; ++k) ref[k] = static_cast<opm>(x[(c0 + k) * HW]);
         for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* __restrict__ p = x + (n * C + c) * HW;
-          opm a = 0, q = 0;
-          if (stage) {
-            scalar_t* __restrict__ st = staged.data() + n * HW;
-#pragma omp simd reduction(+ : a, q)
-            for (int64_t i = 0; i < HW; ++i) {
-              st[i] = p[i];
-              const opm d = static_cast<opm>(p[i]) - shift;
-              a += d;
-              q += d * d;
-            }
-          } else {
-#pragma omp simd reduction(+ : a, q)
-            for (int64_t i = 0; i < HW; ++i) {
-              const opm d = static_cast<opm>(p[i]) - shift;
-              a += d;
-              q += d * d;
-            }
+          const scalar_t* p = x + (n * C + c0) * HW;
+          for (int64_t k = 0; k < G; ++k, p += HW) {
+            double* A = lane_s.data() + k * kLanes;
+            double* Q = lane_q.data() + k * kLanes;
+            if (stage) plane_moments<true>(p, staged.data() + (n * G + k) * HW, HW, ref[k], A, Q);
+            else plane_moments<false>(p, static_cast<scalar_t*>(nullptr), HW, ref[k], A, Q);
           }
-          s += a;
-          ss += q;
         }
-        const double cnt = double(L.count()), m = s / cnt;
-        mean[c] = static_cast<opm>(double(shift) + m);
-        var[c] = static_cast<opm>(std::max(ss / cnt - m * m, 0.0));
+        const double cnt = double(L.count());
+        for (int64_t k = 0; k < G; ++k) {
+          double s = 0, ss = 0;
+          for (int j = 0; j < kLanes; ++j) {
+            s += lane_s[k * kLanes + j];
+            ss += lane_q[k * kLanes + j];
+          }
+          const double m = s / cnt;
+          mean[c0 + k] = static_cast<opm>(double(ref[k]) + m);
+          var[c0 + k] = static_cast<opm>(std::max(ss / cnt - m * m, 0.0));
+        }
       }
-      const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
-      const opm scale = aff.scale, shift = aff.shift;
+      for (int64_t k = 0; k < G; ++k) {
+        const auto aff = channel_affine<opm>(w, b, mean[c0 + k], var[c0 + k], eps, c0 + k);
+        scale[k] = aff.scale;
+        shift[k] = aff.shift;
+      }
       for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* __restrict__ p = stage ? staged.data() + n * HW : x + (n * C + c) * HW;
-        scalar_t* __restrict__ o = y + (n * C + c) * HW;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) {
-          o[i] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[i]) * scale + shift, alpha));
+        for (int64_t k = 0; k < G; ++k) {
+          const int64_t off = (n * C + c0 + k) * HW;
+          const scalar_t* p = stage ? staged.data() + (n * G + k) * HW : x + off;
+          plane_normalise<ACT>(p, y + off, HW, scale[k], shift[k], alpha);
         }
       }
     }
@@ -277,6 +327,49 @@ inline ChannelGrad channel_grad(double sum_dz, double sum_dzx, double mean, doub
   return {p, q, -p * sum_dz / cnt - q * mean};
 }
 
+// Adds one plane's sum(dz) and sum(dz (x - m)) into double lanes A and Q. MODE 0: stage gy and x
+// (training), 1: training unstaged, 2: eval, also writes dx = dz * p (no reduction needed for it).
+template <int MODE, int64_t ACT, typename scalar_t, typename opm>
+inline void plane_grad_moments(const scalar_t* __restrict__ g, const scalar_t* __restrict__ xv,
+                               scalar_t* __restrict__ sg, scalar_t* __restrict__ sx, scalar_t* __restrict__ o,
+                               int64_t HW, opm scale, opm shift, opm m, opm p_eval, opm alpha,
+                               double* __restrict__ A, double* __restrict__ Q) {
+  opm a[kLanes] = {}, q[kLanes] = {};
+  auto element = [&](int64_t i, int j) {
+    if constexpr (MODE == 0) {
+      sg[i] = g[i];
+      sx[i] = xv[i];
+    }
+    const opm xi = static_cast<opm>(xv[i]);
+    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+    a[j] += dz;
+    q[j] += dz * (xi - m);
+    if constexpr (MODE == 2) o[i] = static_cast<scalar_t>(dz * p_eval);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= HW; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) element(i + j, j);
+  }
+  for (int j = 0; i + j < HW; ++j) element(i + j, j);
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    A[j] += a[j];
+    Q[j] += q[j];
+  }
+}
+
+template <int64_t ACT, typename scalar_t, typename opm>
+inline void plane_input_grad(const scalar_t* __restrict__ g, const scalar_t* __restrict__ xv, scalar_t* __restrict__ o,
+                             int64_t HW, opm scale, opm shift, opm kp, opm kq, opm ko, opm alpha) {
+#pragma omp simd
+  for (int64_t i = 0; i < HW; ++i) {
+    const opm xi = static_cast<opm>(xv[i]);
+    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+    o[i] = static_cast<scalar_t>(dz * kp + xi * kq + ko);
+  }
+}
+
 template <typename scalar_t, int64_t ACT>
 void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const Layout& L, bool training,
                      const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b, const opmath_t<scalar_t>* mean,
@@ -284,71 +377,68 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
                      opmath_t<scalar_t> alpha) {
   using opm = opmath_t<scalar_t>;
   const int64_t C = L.c, HW = L.hw, N = L.n;
-  // As forward_planar: in training, pass A stages the channel's dy and x contiguously for pass B.
-  const bool stage = training && N > 1 && L.count() * int64_t(sizeof(scalar_t)) <= kStageBytes;
-  at::parallel_for(0, C, grain_for(L.count()), [&](int64_t c0, int64_t c1) {
-    std::vector<scalar_t> staged_g(stage ? L.count() : 0), staged_x(stage ? L.count() : 0);
-    for (int64_t c = c0; c < c1; ++c) {
-      const opm m = mean[c];
-      const auto aff = channel_affine<opm>(w, b, m, var[c], eps, c);
-      const opm scale = aff.scale, shift = aff.shift;
-      const double invstd = aff.invstd, wc = w ? double(w[c]) : 1.0;
-      const opm p_eval = static_cast<opm>(wc * invstd);
-      double s_dz = 0, s_dzx = 0;
+  // As forward_planar: groups of channels, pass A stages the group's dy and x for pass B (training).
+  const int64_t channel_bytes = L.count() * int64_t(sizeof(scalar_t));
+  const bool stage = training && N > 1 && channel_bytes <= kStageBytes;
+  const int64_t group = channel_group(C, 2 * channel_bytes), groups = (C + group - 1) / group;
+  at::parallel_for(0, groups, 1, [=](int64_t g0, int64_t g1) {
+    std::vector<scalar_t> staged_g(stage ? group * L.count() : 0), staged_x(stage ? group * L.count() : 0);
+    std::vector<double> lane_s(group * kLanes), lane_q(group * kLanes), invstd(group);
+    std::vector<opm> scale(group), shift(group), p_eval(group), kp(group), kq(group), ko(group);
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const int64_t c0 = gi * group, G = std::min(C, c0 + group) - c0;
+      for (int64_t k = 0; k < G; ++k) {
+        const auto aff = channel_affine<opm>(w, b, mean[c0 + k], var[c0 + k], eps, c0 + k);
+        scale[k] = aff.scale;
+        shift[k] = aff.shift;
+        invstd[k] = aff.invstd;
+        p_eval[k] = static_cast<opm>((w ? double(w[c0 + k]) : 1.0) * aff.invstd);
+      }
+      std::fill(lane_s.begin(), lane_s.end(), 0.0);
+      std::fill(lane_q.begin(), lane_q.end(), 0.0);
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t off = (n * C + c) * HW;
-        const scalar_t* __restrict__ g = gy + off;
-        const scalar_t* __restrict__ xv = x + off;
-        opm a = 0, q = 0;
-        if (stage) {
-          scalar_t* __restrict__ sg = staged_g.data() + n * HW;
-          scalar_t* __restrict__ sx = staged_x.data() + n * HW;
-#pragma omp simd reduction(+ : a, q)
-          for (int64_t i = 0; i < HW; ++i) {
-            sg[i] = g[i];
-            sx[i] = xv[i];
-            const opm xi = static_cast<opm>(xv[i]);
-            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
-            a += dz;
-            q += dz * (xi - m);
-          }
-        } else if (training) {
-#pragma omp simd reduction(+ : a, q)
-          for (int64_t i = 0; i < HW; ++i) {
-            const opm xi = static_cast<opm>(xv[i]);
-            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
-            a += dz;
-            q += dz * (xi - m);
-          }
-        } else {  // eval: dx needs no reduction, write it now
-          scalar_t* __restrict__ o = dx + off;
-#pragma omp simd reduction(+ : a, q)
-          for (int64_t i = 0; i < HW; ++i) {
-            const opm xi = static_cast<opm>(xv[i]);
-            const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
-            a += dz;
-            q += dz * (xi - m);
-            o[i] = static_cast<scalar_t>(dz * p_eval);
+        for (int64_t k = 0; k < G; ++k) {
+          const int64_t off = (n * C + c0 + k) * HW, soff = (n * G + k) * HW;
+          double* A = lane_s.data() + k * kLanes;
+          double* Q = lane_q.data() + k * kLanes;
+          const opm m = mean[c0 + k];
+          if (stage) {
+            plane_grad_moments<0, ACT>(gy + off, x + off, staged_g.data() + soff, staged_x.data() + soff,
+                                       static_cast<scalar_t*>(nullptr), HW, scale[k], shift[k], m, p_eval[k], alpha,
+                                       A, Q);
+          } else if (training) {
+            plane_grad_moments<1, ACT>(gy + off, x + off, static_cast<scalar_t*>(nullptr),
+                                       static_cast<scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr), HW, scale[k],
+                                       shift[k], m, p_eval[k], alpha, A, Q);
+          } else {
+            plane_grad_moments<2, ACT>(gy + off, x + off, static_cast<scalar_t*>(nullptr),
+                                       static_cast<scalar_t*>(nullptr), dx + off, HW, scale[k], shift[k], m,
+                                       p_eval[k], alpha, A, Q);
           }
         }
-        s_dz += a;
-        s_dzx += q;
       }
-      db[c] = static_cast<opm>(s_dz);
-      dw[c] = static_cast<opm>(s_dzx * invstd);
+      for (int64_t k = 0; k < G; ++k) {
+        double s_dz = 0, s_dzx = 0;
+        for (int j = 0; j < kLanes; ++j) {
+          s_dz += lane_s[k * kLanes + j];
+          s_dzx += lane_q[k * kLanes + j];
+        }
+        const int64_t c = c0 + k;
+        db[c] = static_cast<opm>(s_dz);
+        dw[c] = static_cast<opm>(s_dzx * invstd[k]);
+        const ChannelGrad cg = channel_grad(s_dz, s_dzx, double(mean[c]), invstd[k], w ? double(w[c]) : 1.0,
+                                            double(L.count()), true);
+        kp[k] = static_cast<opm>(cg.p);
+        kq[k] = static_cast<opm>(cg.q);
+        ko[k] = static_cast<opm>(cg.o);
+      }
       if (!training) continue;
-      const ChannelGrad k = channel_grad(s_dz, s_dzx, double(m), invstd, wc, double(L.count()), true);
-      const opm kp = static_cast<opm>(k.p), kq = static_cast<opm>(k.q), ko = static_cast<opm>(k.o);
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t off = (n * C + c) * HW;
-        const scalar_t* __restrict__ g = stage ? staged_g.data() + n * HW : gy + off;
-        const scalar_t* __restrict__ xv = stage ? staged_x.data() + n * HW : x + off;
-        scalar_t* __restrict__ o = dx + off;
-#pragma omp simd
-        for (int64_t i = 0; i < HW; ++i) {
-          const opm xi = static_cast<opm>(xv[i]);
-          const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
-          o[i] = static_cast<scalar_t>(dz * kp + xi * kq + ko);
+        for (int64_t k = 0; k < G; ++k) {
+          const int64_t off = (n * C + c0 + k) * HW, soff = (n * G + k) * HW;
+          const scalar_t* g = stage ? staged_g.data() + soff : gy + off;
+          const scalar_t* xv = stage ? staged_x.data() + soff : x + off;
+          plane_input_grad<ACT>(g, xv, dx + off, HW, scale[k], shift[k], kp[k], kq[k], ko[k], alpha);
         }
       }
     }
