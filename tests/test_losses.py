@@ -159,6 +159,49 @@ def test_gradcheck_cpu_float64(kind):
     assert torch.autograd.gradcheck(lambda b: g_loss(b, kind, impl="cpu"), (f,))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradgradcheck_cpu_float64(kind):
+    """Double backward (create_graph=True, as a penalty on the loss's input gradient needs) is exact,
+    not the silent zero a gradient saved as a constant would give."""
+    r = (torch.rand(6, dtype=torch.float64) * 0.8 + 1.1) * torch.tensor([1, -1, 1, -1, 1, -1.0], dtype=torch.float64)
+    f = torch.randn(5, 1, dtype=torch.float64) * 0.3
+    r.requires_grad_()
+    f.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, b: d_loss(a, b, kind, impl="cpu").loss, (r, f))
+    assert torch.autograd.gradgradcheck(lambda b: g_loss(b, kind, impl="cpu"), (f,))
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("kind", ["minimax", "nonsaturating", "least_squares"])
+def test_second_order_gradients_match_the_reference(impl, kind):
+    def grad_norm(impl_, r, f):
+        out = d_loss(r, f, kind, impl=impl_)
+        gr, gf = torch.autograd.grad(out.loss + g_loss(f, kind, impl=impl_), (r, f), create_graph=True)
+        return (gr.pow(2).sum() + gf.pow(2).sum()) * 1e4  # the gradient's norm, differentiated again
+
+    r0, f0 = logits(37, torch.float32), logits(29, torch.float32, shape_2d=True)
+    results = []
+    for impl_ in ("ref", impl):
+        r, f = r0.clone().requires_grad_(), f0.clone().requires_grad_()
+        penalty = grad_norm(impl_, r, f)
+        results.append((penalty.detach(), *torch.autograd.grad(penalty, (r, f))))
+    for actual, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+    assert results[0][1].abs().sum() > 0  # a real second derivative (not the trivial zero)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_twice_with_retain_graph_and_a_scaled_gradient(impl):
+    r, f = logits(50, torch.float32).requires_grad_(), logits(40, torch.float32).requires_grad_()
+    out = d_loss(r, f, impl=impl)
+    (out.loss * 3.0).backward(retain_graph=True)
+    first = r.grad.clone(), f.grad.clone()
+    out.loss.backward()
+    torch.testing.assert_close(r.grad, first[0] * 4 / 3)
+    torch.testing.assert_close(f.grad, first[1] * 4 / 3)
+    assert not any(t.requires_grad for t in out[1:])  # the statistics are detached
+
+
 def test_no_grad_calls_skip_the_gradient_and_backward_then_fails_clearly():
     r, f = torch.randn(10), torch.randn(10)
     for impl in IMPLS:

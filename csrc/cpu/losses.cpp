@@ -66,61 +66,83 @@ template <typename T> inline SoftplusSigmoid<T> softplus_sigmoid(T x) {
   return {pos + log_term, neg + log_term, x >= T(0) ? inv : e * inv, x >= T(0) ? e * inv : inv};
 }
 
+// Logits per chunk of the parallel loops: each chunk reduces into its own slot (deterministic sums).
+constexpr int64_t kGrain = 4096;
+
+// Runs body(c0, c1) over the chunks [0, chunks): inline for one chunk (at GAN batch sizes the
+// OpenMP team start-up of at::parallel_for costs more than the whole loop), else in parallel.
+template <typename Body>
+inline void run_chunks(int64_t chunks, const Body& body) {
+  if (chunks <= 1) {
+    body(0, chunks);
+  } else {
+    at::parallel_for(0, chunks, 1, body);
+  }
+}
+
 // Per-element sums that make up the loss and the statistics of one side (real or fake).
 struct SideSums {
   double loss = 0, softplus_term = 0, sigmoid = 0, nonfinite = 0;
 };
 
-// The D loss term of one logit and its derivative; KIND and REAL are template parameters so the
-// element loop has no branch on them.
+// A loss term of one logit and its derivative. Returned by value: out-parameters would be
+// addressable locals, which OpenMP simd turns into per-lane arrays and the loop stops vectorising.
+template <typename T> struct TermGrad {
+  T term, grad;
+};
+
+// The D loss term of one logit; KIND and REAL are template parameters so the element loop has no
+// branch on them.
 template <int64_t KIND, bool REAL, typename T>
-inline void d_term(T v, const SoftplusSigmoid<T>& ss, T& term, T& g) {
+inline TermGrad<T> d_term(T v, const SoftplusSigmoid<T>& ss) {
   if constexpr (KIND == kMinimax || KIND == kNonSaturating) {  // -log D(x), -log(1 - D(G(z)))
-    term = REAL ? ss.softplus_neg : ss.softplus_pos;
-    g = REAL ? -ss.sigmoid_neg : ss.sigmoid;
+    return REAL ? TermGrad<T>{ss.softplus_neg, -ss.sigmoid_neg} : TermGrad<T>{ss.softplus_pos, ss.sigmoid};
   } else if constexpr (KIND == kHinge) {
-    if constexpr (REAL) { term = v < T(1) ? T(1) - v : T(0); g = v < T(1) ? T(-1) : T(0); }
-    else { term = v > T(-1) ? T(1) + v : T(0); g = v > T(-1) ? T(1) : T(0); }
+    if constexpr (REAL) return {v < T(1) ? T(1) - v : T(0), v < T(1) ? T(-1) : T(0)};
+    else return {v > T(-1) ? T(1) + v : T(0), v > T(-1) ? T(1) : T(0)};
   } else if constexpr (KIND == kWasserstein) {
-    term = REAL ? -v : v;
-    g = REAL ? T(-1) : T(1);
+    return REAL ? TermGrad<T>{-v, T(-1)} : TermGrad<T>{v, T(1)};
   } else {  // least squares: targets 1 (real) and 0 (fake)
     const T d = REAL ? v - T(1) : v;
-    term = T(0.5) * d * d;
-    g = d;
+    return {T(0.5) * d * d, d};
   }
 }
 
-// One side of the discriminator loss: writes d(mean term)/d(logit) into grad (if given) and
+// One side of the discriminator loss: writes d(mean term)/d(logit) into grad (when WRITE_GRAD) and
 // returns the sums. Fixed chunks reduce into their own slots, so results are deterministic.
-template <int64_t KIND, bool REAL, typename scalar_t, typename acc_t>
+// The pointers and the scale are copied into (__restrict) locals inside the parallel body: read
+// through the lambda's by-reference captures, GCC reloads them every iteration and either
+// vectorises the loop with gathers and scatters or not at all (each ~8x slower).
+template <int64_t KIND, bool REAL, bool WRITE_GRAD, typename scalar_t, typename acc_t>
 SideSums d_side(const scalar_t* x, scalar_t* grad, int64_t n) {
   const acc_t inv_n = acc_t(1) / acc_t(n);
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  const int64_t grain = 4096;
-  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
   std::vector<SideSums> partial(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  const auto chunk_range = [&](int64_t c0, int64_t c1) {
+    const scalar_t* __restrict xs = x;
+    scalar_t* __restrict gs = grad;
+    const acc_t scale = inv_n;  // a local too: a captured float may alias the float stores
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * grain, hi = std::min(n, lo + grain);
+      const int64_t lo = c * kGrain, hi = std::min(n, lo + kGrain);
       acc_t s_loss = 0, s_sp = 0, s_sig = 0, s_bad = 0;
 #pragma omp simd reduction(+ : s_loss, s_sp, s_sig, s_bad)
       for (int64_t i = lo; i < hi; ++i) {
-        const acc_t v = static_cast<acc_t>(x[i]);
+        const acc_t v = static_cast<acc_t>(xs[i]);
         const auto ss = softplus_sigmoid(v);
-        acc_t term, g;
-        d_term<KIND, REAL>(v, ss, term, g);
+        const auto [term, g] = d_term<KIND, REAL>(v, ss);
         const bool finite = (v - v) == acc_t(0);  // false for NaN and +-inf
         s_bad += finite ? acc_t(0) : acc_t(1);
         s_loss += term;
         // value term: log D(x) for real = -softplus(-v); log(1 - D(G(z))) for fake = -softplus(v)
         s_sp += REAL ? ss.softplus_neg : ss.softplus_pos;
         s_sig += ss.sigmoid;
-        if (grad) grad[i] = static_cast<scalar_t>(finite ? g * inv_n : nan);
+        if constexpr (WRITE_GRAD) gs[i] = static_cast<scalar_t>(finite ? g * scale : nan);
       }
       partial[c] = SideSums{double(s_loss), double(s_sp), double(s_sig), double(s_bad)};
     }
-  });
+  };
+  run_chunks(chunks, chunk_range);
   SideSums total;
   for (const auto& p : partial) {
     total.loss += p.loss; total.softplus_term += p.softplus_term; total.sigmoid += p.sigmoid; total.nonfinite += p.nonfinite;
@@ -128,14 +150,82 @@ SideSums d_side(const scalar_t* x, scalar_t* grad, int64_t n) {
   return total;
 }
 
+template <bool REAL, typename scalar_t, typename acc_t, int64_t KIND>
+SideSums d_side_grad_or_not(const scalar_t* x, scalar_t* grad, int64_t n) {
+  return grad ? d_side<KIND, REAL, true, scalar_t, acc_t>(x, grad, n)
+              : d_side<KIND, REAL, false, scalar_t, acc_t>(x, grad, n);
+}
+
 template <bool REAL, typename scalar_t, typename acc_t>
 SideSums d_side_of_kind(const scalar_t* x, scalar_t* grad, int64_t n, int64_t kind) {
   switch (kind) {
-    case kMinimax: return d_side<kMinimax, REAL, scalar_t, acc_t>(x, grad, n);
-    case kNonSaturating: return d_side<kNonSaturating, REAL, scalar_t, acc_t>(x, grad, n);
-    case kHinge: return d_side<kHinge, REAL, scalar_t, acc_t>(x, grad, n);
-    case kWasserstein: return d_side<kWasserstein, REAL, scalar_t, acc_t>(x, grad, n);
-    default: return d_side<kLeastSquares, REAL, scalar_t, acc_t>(x, grad, n);
+    case kMinimax: return d_side_grad_or_not<REAL, scalar_t, acc_t, kMinimax>(x, grad, n);
+    case kNonSaturating: return d_side_grad_or_not<REAL, scalar_t, acc_t, kNonSaturating>(x, grad, n);
+    case kHinge: return d_side_grad_or_not<REAL, scalar_t, acc_t, kHinge>(x, grad, n);
+    case kWasserstein: return d_side_grad_or_not<REAL, scalar_t, acc_t, kWasserstein>(x, grad, n);
+    default: return d_side_grad_or_not<REAL, scalar_t, acc_t, kLeastSquares>(x, grad, n);
+  }
+}
+
+// The generator's loss term of one logit and its derivative.
+template <int64_t KIND, typename T>
+inline TermGrad<T> g_term(T v, const SoftplusSigmoid<T>& ss) {
+  if constexpr (KIND == kMinimax) return {-ss.softplus_pos, -ss.sigmoid};                 // minimise log(1 - D)
+  else if constexpr (KIND == kNonSaturating) return {ss.softplus_neg, -ss.sigmoid_neg};  // maximise log D
+  else if constexpr (KIND == kHinge || KIND == kWasserstein) return {-v, T(-1)};
+  else { const T d = v - T(1); return {T(0.5) * d * d, d}; }
+}
+
+struct GSums {
+  double loss = 0, nonfinite = 0;
+};
+
+template <int64_t KIND, bool WRITE_GRAD, typename scalar_t, typename acc_t>
+GSums g_side(const scalar_t* x, scalar_t* grad, int64_t n) {
+  const acc_t inv_n = acc_t(1) / acc_t(n);
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<GSums> partial(chunks);
+  const auto chunk_range = [&](int64_t c0, int64_t c1) {
+    const scalar_t* __restrict xs = x;  // see d_side: locals, not captures, so the loop vectorises
+    scalar_t* __restrict gs = grad;
+    const acc_t scale = inv_n;
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * kGrain, hi = std::min(n, lo + kGrain);
+      acc_t s = 0, bad = 0;
+#pragma omp simd reduction(+ : s, bad)
+      for (int64_t i = lo; i < hi; ++i) {
+        const acc_t v = static_cast<acc_t>(xs[i]);
+        // Only the log-D kinds need exp / log1p.
+        const auto ss = (KIND == kMinimax || KIND == kNonSaturating) ? softplus_sigmoid(v) : SoftplusSigmoid<acc_t>{};
+        const auto [term, g] = g_term<KIND>(v, ss);
+        const bool finite = (v - v) == acc_t(0);
+        bad += finite ? acc_t(0) : acc_t(1);
+        s += term;
+        if constexpr (WRITE_GRAD) gs[i] = static_cast<scalar_t>(finite ? g * scale : nan);
+      }
+      partial[c] = GSums{double(s), double(bad)};
+    }
+  };
+  run_chunks(chunks, chunk_range);
+  GSums total;
+  for (const auto& p : partial) { total.loss += p.loss; total.nonfinite += p.nonfinite; }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t, int64_t KIND>
+GSums g_side_grad_or_not(const scalar_t* x, scalar_t* grad, int64_t n) {
+  return grad ? g_side<KIND, true, scalar_t, acc_t>(x, grad, n) : g_side<KIND, false, scalar_t, acc_t>(x, grad, n);
+}
+
+template <typename scalar_t, typename acc_t>
+GSums g_side_of_kind(const scalar_t* x, scalar_t* grad, int64_t n, int64_t kind) {
+  switch (kind) {
+    case kMinimax: return g_side_grad_or_not<scalar_t, acc_t, kMinimax>(x, grad, n);
+    case kNonSaturating: return g_side_grad_or_not<scalar_t, acc_t, kNonSaturating>(x, grad, n);
+    case kHinge: return g_side_grad_or_not<scalar_t, acc_t, kHinge>(x, grad, n);
+    case kWasserstein: return g_side_grad_or_not<scalar_t, acc_t, kWasserstein>(x, grad, n);
+    default: return g_side_grad_or_not<scalar_t, acc_t, kLeastSquares>(x, grad, n);
   }
 }
 
@@ -144,81 +234,188 @@ void check_logits(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() > 0, name, " must be a non-empty contiguous 1-D tensor");
 }
 
-// Returns (stats, grad_real, grad_fake); stats = [loss, value, jsd, d_real, d_fake] in the
-// accumulation dtype (float64 for float64 logits, float32 otherwise).
-std::vector<torch::Tensor> d_loss_forward(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind,
-                                          bool need_grad) {
+void check_kind(int64_t kind) { TORCH_CHECK(kind >= 0 && kind <= 4, "unknown loss kind ", kind); }
+
+at::ScalarType acc_type_of(const torch::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The D loss, the four statistics (as doubles) and, when asked, the gradients (in the logits' dtype).
+struct DLossResult {
+  double loss, value, jsd, d_real, d_fake;
+  torch::Tensor grad_real, grad_fake;
+};
+
+DLossResult d_loss_compute(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind, bool need_grad) {
   check_logits(real, "real_logits");
   check_logits(fake, "fake_logits");
   TORCH_CHECK(real.scalar_type() == fake.scalar_type(), "real_logits and fake_logits must share a dtype");
-  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown loss kind ", kind);
-  const auto acc_type = real.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto stats = torch::empty({5}, real.options().dtype(acc_type));
-  auto grad_real = need_grad ? torch::empty_like(real) : torch::empty({0}, real.options());
-  auto grad_fake = need_grad ? torch::empty_like(fake) : torch::empty({0}, fake.options());
+  check_kind(kind);
+  DLossResult out{};
+  out.grad_real = need_grad ? torch::empty_like(real) : torch::empty({0}, real.options());
+  out.grad_fake = need_grad ? torch::empty_like(fake) : torch::empty({0}, fake.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, real.scalar_type(), "d_loss_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const SideSums r = d_side_of_kind<true, scalar_t, acc_t>(
-        real.data_ptr<scalar_t>(), need_grad ? grad_real.data_ptr<scalar_t>() : nullptr, real.numel(), kind);
+        real.data_ptr<scalar_t>(), need_grad ? out.grad_real.data_ptr<scalar_t>() : nullptr, real.numel(), kind);
     const SideSums f = d_side_of_kind<false, scalar_t, acc_t>(
-        fake.data_ptr<scalar_t>(), need_grad ? grad_fake.data_ptr<scalar_t>() : nullptr, fake.numel(), kind);
+        fake.data_ptr<scalar_t>(), need_grad ? out.grad_fake.data_ptr<scalar_t>() : nullptr, fake.numel(), kind);
     const double nr = double(real.numel()), nf = double(fake.numel());
-    double loss = r.loss / nr + f.loss / nf;
-    double value = -(r.softplus_term / nr + f.softplus_term / nf);
-    double jsd = 0.5 * (value + std::log(4.0));
-    double d_real = r.sigmoid / nr, d_fake = f.sigmoid / nf;
+    out.loss = r.loss / nr + f.loss / nf;
+    out.value = -(r.softplus_term / nr + f.softplus_term / nf);
+    out.jsd = 0.5 * (out.value + std::log(4.0));
+    out.d_real = r.sigmoid / nr;
+    out.d_fake = f.sigmoid / nf;
     if (r.nonfinite + f.nonfinite > 0) {  // never hide a NaN/inf logit behind a finite mean
-      loss = value = jsd = d_real = d_fake = std::numeric_limits<double>::quiet_NaN();
+      out.loss = out.value = out.jsd = out.d_real = out.d_fake = std::numeric_limits<double>::quiet_NaN();
     }
-    auto* out = stats.data_ptr<acc_t>();
-    out[0] = acc_t(loss); out[1] = acc_t(value); out[2] = acc_t(jsd); out[3] = acc_t(d_real); out[4] = acc_t(d_fake);
   });
-  return {stats, grad_real, grad_fake};
+  return out;
 }
 
-// Returns (loss, grad_fake) for the generator's loss.
+// A 0-d tensor of the accumulation dtype holding value (no dispatcher round trip for a fill).
+torch::Tensor scalar_of(double value, const torch::TensorOptions& options) {
+  auto t = torch::empty({}, options);
+  if (options.dtype() == caffe2::TypeMeta::Make<double>()) {
+    *t.data_ptr<double>() = value;
+  } else {
+    *t.data_ptr<float>() = static_cast<float>(value);
+  }
+  return t;
+}
+
+// For torch.library (fastgan::d_loss): (stats, grad_real, grad_fake); stats = [loss, value, jsd,
+// d_real, d_fake] in the accumulation dtype (float64 for float64 logits, float32 otherwise).
+std::vector<torch::Tensor> d_loss_forward(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind,
+                                          bool need_grad) {
+  auto r = d_loss_compute(real, fake, kind, need_grad);
+  auto stats = torch::empty({5}, real.options().dtype(acc_type_of(real)));
+  AT_DISPATCH_FLOATING_TYPES(stats.scalar_type(), "d_loss_stats", [&] {
+    auto* s = stats.data_ptr<scalar_t>();
+    s[0] = scalar_t(r.loss); s[1] = scalar_t(r.value); s[2] = scalar_t(r.jsd); s[3] = scalar_t(r.d_real);
+    s[4] = scalar_t(r.d_fake);
+  });
+  return {stats, r.grad_real, r.grad_fake};
+}
+
+// For torch.library (fastgan::g_loss): (loss, grad_fake).
 std::vector<torch::Tensor> g_loss_forward(const torch::Tensor& fake, int64_t kind, bool need_grad) {
   check_logits(fake, "fake_logits");
-  TORCH_CHECK(kind >= 0 && kind <= 4, "unknown loss kind ", kind);
-  const auto acc_type = fake.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = torch::empty({}, fake.options().dtype(acc_type));
+  check_kind(kind);
   auto grad = need_grad ? torch::empty_like(fake) : torch::empty({0}, fake.options());
+  double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fake.scalar_type(), "g_loss_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* x = fake.data_ptr<scalar_t>();
-    scalar_t* g_out = need_grad ? grad.data_ptr<scalar_t>() : nullptr;
-    const int64_t n = fake.numel();
-    const acc_t inv_n = acc_t(1) / acc_t(n);
-    const int64_t grain = 2048, chunks = (n + grain - 1) / grain;
-    std::vector<double> part_loss(chunks), part_bad(chunks);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t lo = c * grain, hi = std::min(n, lo + grain);
-        acc_t s = 0, bad = 0;
-        for (int64_t i = lo; i < hi; ++i) {
-          const acc_t v = static_cast<acc_t>(x[i]);
-          const auto ss = softplus_sigmoid(v);
-          acc_t term, g;
-          switch (kind) {
-            case kMinimax: term = -ss.softplus_pos; g = -ss.sigmoid; break;                 // minimise log(1 - D)
-            case kNonSaturating: term = ss.softplus_neg; g = -ss.sigmoid_neg; break;  // maximise log D
-            case kHinge:
-            case kWasserstein: term = -v; g = acc_t(-1); break;
-            default: { const acc_t d = v - acc_t(1); term = acc_t(0.5) * d * d; g = d; }
-          }
-          const bool finite = std::isfinite(v);
-          bad += finite ? acc_t(0) : acc_t(1);
-          s += term;
-          if (g_out) g_out[i] = static_cast<scalar_t>(finite ? g * inv_n : std::numeric_limits<acc_t>::quiet_NaN());
-        }
-        part_loss[c] = double(s); part_bad[c] = double(bad);
-      }
-    });
-    double total = 0, bad = 0;
-    for (int64_t c = 0; c < chunks; ++c) { total += part_loss[c]; bad += part_bad[c]; }
-    *loss.data_ptr<acc_t>() = bad > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(total / double(n));
+    const GSums s = g_side_of_kind<scalar_t, acc_t>(fake.data_ptr<scalar_t>(),
+                                                    need_grad ? grad.data_ptr<scalar_t>() : nullptr, fake.numel(), kind);
+    loss = s.nonfinite > 0 ? std::numeric_limits<double>::quiet_NaN() : s.loss / double(fake.numel());
   });
-  return {loss, grad};
+  return {scalar_of(loss, fake.options().dtype(acc_type_of(fake))), grad};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Eager autograd in C++ (used by fastgan.ops.d_loss / g_loss for impl="cpu" outside torch.compile):
+// the same kernels, without the Python autograd.Function, whose forward and backward calls cost
+// ~10x the whole op at GAN batch sizes. The backward scales the gradient computed in the forward
+// pass. Under create_graph (double backward, e.g. a penalty on the loss's input gradient) it
+// recomputes that gradient from the logits with differentiable ATen ops instead, so the second
+// derivative is right rather than silently zero.
+// ---------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// d (mean term) / d logits for one side, differentiable; +-inf and NaN logits give NaN, as in the
+// fused kernels ((x - x) is 0 for finite x and NaN otherwise, with a zero derivative).
+torch::Tensor side_grad_aten(const torch::Tensor& x, int64_t kind, bool real, bool generator) {
+  const double inv_n = 1.0 / double(x.numel());
+  torch::Tensor g;
+  if (generator) {
+    switch (kind) {
+      case kMinimax: g = -torch::sigmoid(x); break;
+      case kNonSaturating: g = -torch::sigmoid(-x); break;
+      case kHinge:
+      case kWasserstein: g = torch::full_like(x, -1.0); break;
+      default: g = x - 1.0;
+    }
+  } else {
+    switch (kind) {
+      case kMinimax:
+      case kNonSaturating: g = real ? -torch::sigmoid(-x) : torch::sigmoid(x); break;
+      case kHinge: g = real ? -(x < 1.0).to(x.scalar_type()) : (x > -1.0).to(x.scalar_type()); break;
+      case kWasserstein: g = torch::full_like(x, real ? -1.0 : 1.0); break;
+      default: g = real ? x - 1.0 : x;
+    }
+  }
+  return (g + (x - x)) * inv_n;
+}
+
+torch::Tensor flat_contiguous(const torch::Tensor& x) { return x.reshape({-1}).contiguous(); }
+
+struct DLossFn : public torch::autograd::Function<DLossFn> {
+  static variable_list forward(AutogradContext* ctx, torch::Tensor real, torch::Tensor fake, int64_t kind,
+                               bool need_grad) {
+    auto r = d_loss_compute(flat_contiguous(real), flat_contiguous(fake), kind, need_grad);
+    const auto opts = real.options().dtype(acc_type_of(real));
+    variable_list out = {scalar_of(r.loss, opts), scalar_of(r.value, opts), scalar_of(r.jsd, opts),
+                         scalar_of(r.d_real, opts), scalar_of(r.d_fake, opts)};
+    ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
+    ctx->set_materialize_grads(false);  // no zero tensors for the four statistics' (absent) gradients
+    if (need_grad) {
+      ctx->save_for_backward({r.grad_real.view(real.sizes()), r.grad_fake.view(fake.sizes()), real, fake});
+    }
+    ctx->saved_data["kind"] = kind;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(!saved.empty(), "fastgan.ops.d_loss: backward through a call made without gradients");
+    const auto& g = grads[0];
+    if (!g.defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    torch::Tensor grad_real = saved[0], grad_fake = saved[1];
+    if (torch::GradMode::is_enabled()) {  // create_graph: differentiable recomputation
+      const int64_t kind = ctx->saved_data["kind"].toInt();
+      grad_real = side_grad_aten(saved[2], kind, true, false);
+      grad_fake = side_grad_aten(saved[3], kind, false, false);
+    }
+    return {(g * grad_real).to(saved[0].scalar_type()), (g * grad_fake).to(saved[1].scalar_type()),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
+struct GLossFn : public torch::autograd::Function<GLossFn> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor fake, int64_t kind, bool need_grad) {
+    auto r = g_loss_forward(flat_contiguous(fake), kind, need_grad);
+    if (need_grad) ctx->save_for_backward({r[1].view(fake.sizes()), fake});
+    ctx->saved_data["kind"] = kind;
+    return r[0];
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(!saved.empty(), "fastgan.ops.g_loss: backward through a call made without gradients");
+    torch::Tensor grad = saved[0];
+    if (torch::GradMode::is_enabled()) {
+      grad = side_grad_aten(saved[1], ctx->saved_data["kind"].toInt(), false, true);
+    }
+    return {(grads[0] * grad).to(saved[0].scalar_type()), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+bool needs_grad(std::initializer_list<const torch::Tensor*> inputs) {
+  if (!torch::GradMode::is_enabled()) return false;
+  for (const auto* t : inputs) {
+    if (t->requires_grad()) return true;
+  }
+  return false;
+}
+
+// (loss, value, jsd, d_real, d_fake): only loss carries a gradient.
+variable_list d_loss_autograd(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind) {
+  return DLossFn::apply(real, fake, kind, needs_grad({&real, &fake}));
+}
+
+torch::Tensor g_loss_autograd(const torch::Tensor& fake, int64_t kind) {
+  return GLossFn::apply(fake, kind, needs_grad({&fake}));
 }
 
 }  // namespace
@@ -228,6 +425,10 @@ void register_losses(pybind11::module_& m) {
         pybind11::arg("real"), pybind11::arg("fake"), pybind11::arg("kind"), pybind11::arg("need_grad"));
   m.def("g_loss_forward", &g_loss_forward, "G loss and gradient in one pass (CPU)",
         pybind11::arg("fake"), pybind11::arg("kind"), pybind11::arg("need_grad"));
+  m.def("d_loss_autograd", &d_loss_autograd, "d_loss with a C++ autograd node: (loss, value, jsd, d_real, d_fake)",
+        pybind11::arg("real"), pybind11::arg("fake"), pybind11::arg("kind"));
+  m.def("g_loss_autograd", &g_loss_autograd, "g_loss with a C++ autograd node",
+        pybind11::arg("fake"), pybind11::arg("kind"));
 }
 
 }  // namespace fastgan

@@ -141,15 +141,27 @@ def _(real, fake, kind, impl, need_grad):
 
 
 def _d_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], inputs[0], inputs[1])
+    ctx.kind = inputs[2]
+
+
+def _kind_name(index: int) -> str:
+    return next(name for name, spec in LOSS_KINDS.items() if spec.index == index)
 
 
 def _d_loss_backward(ctx, grad_stats, _grad_real_out, _grad_fake_out):
-    grad_real, grad_fake = ctx.saved_tensors
+    grad_real, grad_fake, real, fake = ctx.saved_tensors
     if grad_real.numel() == 0:
         raise RuntimeError("fastgan.ops.d_loss: backward through a call made without gradients "
                            "(grad mode was off or no input required grad)")
     g = grad_stats[0]  # only `loss` carries gradient; the statistics are detached by d_loss
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the saved gradient is a constant to autograd, so take
+        # the differentiable gradient of the reference instead of a silently zero second derivative.
+        with torch.enable_grad():
+            loss = d_loss_reference(real, fake, _kind_name(ctx.kind)).loss
+            gr, gf = torch.autograd.grad(loss, (real, fake), g, create_graph=True)
+        return gr, gf, None, None, None
     return (g * grad_real).to(grad_real.dtype), (g * grad_fake).to(grad_fake.dtype), None, None, None
 
 
@@ -168,29 +180,38 @@ def _(fake, kind, impl, need_grad):
 
 
 def _g_loss_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(output[1], inputs[0])
+    ctx.kind = inputs[1]
 
 
 def _g_loss_backward(ctx, grad_loss, _grad_out):
-    (grad_fake,) = ctx.saved_tensors
+    grad_fake, fake = ctx.saved_tensors
     if grad_fake.numel() == 0:
         raise RuntimeError("fastgan.ops.g_loss: backward through a call made without gradients "
                            "(grad mode was off or no input required grad)")
+    if torch.is_grad_enabled():  # create_graph: see _d_loss_backward
+        with torch.enable_grad():
+            loss = g_loss_reference(fake, _kind_name(ctx.kind))
+            (gf,) = torch.autograd.grad(loss, (fake,), grad_loss, create_graph=True)
+        return gf, None, None, None
     return (grad_loss * grad_fake).to(grad_fake.dtype), None, None, None
 
 
 _g_loss_op.register_autograd(_g_loss_backward, setup_context=_g_loss_setup)
 
 
-# Eager calls take a plain autograd.Function around the same kernels: the torch.library dispatch
-# of a custom op costs tens of microseconds per call, more than the whole op at GAN batch sizes.
-# Under torch.compile the custom ops above are used, so the graph stays whole.
+# Eager calls take cheaper autograd nodes around the same kernels: the torch.library dispatch of a
+# custom op costs tens of microseconds per call, more than the whole op at GAN batch sizes. The cpu
+# implementation has its node in C++ (DLossFn / GLossFn in csrc/cpu/losses.cpp, a few microseconds
+# forward and backward); triton uses the Python autograd.Functions below. Under torch.compile the
+# custom ops above are used, so the graph stays whole.
 
 class _DLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, real, fake, kind, impl, need_grad):
         stats, grad_real, grad_fake = _d_loss_impl(real, fake, kind, impl, need_grad)
-        ctx.save_for_backward(grad_real, grad_fake)
+        ctx.save_for_backward(grad_real, grad_fake, real, fake)
+        ctx.kind = kind
         return stats
 
     @staticmethod
@@ -202,7 +223,8 @@ class _GLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fake, kind, impl, need_grad):
         loss, grad = _g_loss_impl(fake, kind, impl, need_grad)
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, fake)
+        ctx.kind = kind
         return loss
 
     @staticmethod
@@ -258,9 +280,12 @@ def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str = "no
     impl = resolve_impl("d_loss", impl, device)
     if impl == "ref":
         return d_loss_reference(real_logits, fake_logits, kind)
+    compiling = torch.compiler.is_compiling()
+    if impl == "cpu" and not compiling:   # the C++ autograd node: a few microseconds per call
+        return DLoss(*extension().d_loss_autograd(real_logits, fake_logits, spec.index))
     need_grad = torch.is_grad_enabled() and (real_logits.requires_grad or fake_logits.requires_grad)
     real, fake = _flat(real_logits), _flat(fake_logits)
-    if torch.compiler.is_compiling():
+    if compiling:
         stats = _d_loss_op(real, fake, spec.index, impl, need_grad)[0]
     else:
         stats = _DLossFunction.apply(real, fake, spec.index, impl, need_grad)
@@ -275,7 +300,10 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "nonsaturating", impl: str = "
     impl = resolve_impl("g_loss", impl, fake_logits.device)
     if impl == "ref":
         return g_loss_reference(fake_logits, kind)
+    compiling = torch.compiler.is_compiling()
+    if impl == "cpu" and not compiling:
+        return extension().g_loss_autograd(fake_logits, spec.index)
     need_grad = torch.is_grad_enabled() and fake_logits.requires_grad
-    if torch.compiler.is_compiling():
+    if compiling:
         return _g_loss_op(_flat(fake_logits), spec.index, impl, need_grad)[0]
     return _GLossFunction.apply(_flat(fake_logits), spec.index, impl, need_grad)
