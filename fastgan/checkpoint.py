@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import pickle
 import re
 import signal
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -229,12 +231,15 @@ class NonFiniteGuard:
     in a row, with an error naming the step and the network.
 
     A step of a network counts as skipped when its loss is not finite or its fused optimizer's
-    ``found_inf`` is set (the fused optimizers skip such a step themselves). Counting happens on the
-    device; the host reads the counters only every ``check_every`` steps (default: every
-    ``max_consecutive`` steps), and the step reported is the one at which the limit was reached.
+    ``found_inf`` is set (the fused optimizers skip such a step themselves). :meth:`observe` only
+    copies the two values on the device (one small op, no host sync); the host reads what was
+    observed at :meth:`check` (one sync for all of it), every ``check_every`` steps when used as a
+    callback (default: every ``max_consecutive`` steps). The step reported is the one at which the
+    limit was reached, even if the check comes later.
 
-    Use as a ``Trainer.fit`` callback (``fit(..., callbacks=[guard])``) or call :meth:`observe` and
-    :meth:`check` from a loop of your own.
+    Use as a ``Trainer.fit`` callback (``fit(..., callbacks=[guard])``), through
+    ``Trainer.fit(max_nonfinite_steps=N)``, or call :meth:`observe` and :meth:`check` from a loop of
+    your own (call ``check`` regularly: each observation is kept until then).
     """
 
     NETWORKS = {"d": "discriminator", "g": "generator"}
@@ -247,41 +252,74 @@ class NonFiniteGuard:
             raise ValueError(f"check_every must be an int >= 1 or None, got {check_every!r}")
         self.max_consecutive = max_consecutive
         self.check_every = check_every if check_every is not None else max_consecutive
-        self._consecutive: dict[str, torch.Tensor] = {}
-        self._total: dict[str, torch.Tensor] = {}
-        self._hit_step: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[str, int, bool, bool, torch.Tensor]] = []  # (net, step, has loss, has found_inf, values)
+        self._consecutive: dict[str, int] = {}
+        self._total: dict[str, int] = {}
+        self._hit_step: dict[str, int] = {}
         self._logged_total: dict[str, int] = {}
         self._observed = 0
-
-    def _counters(self, key: str, device: torch.device):
-        if key not in self._consecutive:
-            self._consecutive[key] = torch.zeros((), dtype=torch.int64, device=device)
-            self._total[key] = torch.zeros((), dtype=torch.int64, device=device)
-            self._hit_step[key] = torch.full((), -1, dtype=torch.int64, device=device)
-            self._logged_total[key] = 0
-        return self._consecutive[key], self._total[key], self._hit_step[key]
 
     def observe(self, step: int, network: str, loss: torch.Tensor | None = None,
                 found_inf: torch.Tensor | None = None) -> None:
         """Record one step of ``network`` ("d" or "g"): skipped if ``loss`` is not finite or
-        ``found_inf`` is non-zero. Device ops only."""
+        ``found_inf`` is non-zero. One device op (a copy of the values), no host sync."""
         if network not in self.NETWORKS:
             raise ValueError(f"network must be one of {tuple(self.NETWORKS)}, got {network!r}")
-        signals = [t for t in (loss, found_inf) if t is not None]
-        if not signals:
+        if loss is None and found_inf is None:
             raise ValueError("observe needs loss= and/or found_inf=")
-        device = signals[0].device
-        bad = torch.zeros((), dtype=torch.bool, device=device)
+        if (loss is not None and found_inf is not None and loss.dim() == 0 and found_inf.dim() == 0
+                and loss.dtype == found_inf.dtype == torch.float32 and loss.device == found_inf.device):
+            # The common case (a fused optimizer's found_inf, a 0-d float32 loss): one stack, a copy
+            # (the optimizer overwrites found_inf at its next step).
+            record = torch.stack((loss.detach(), found_inf.detach()))
+            self._pending.append((network, int(step), True, True, record))
+            if network not in self._consecutive:
+                self._consecutive[network] = self._total[network] = self._logged_total[network] = 0
+            return
+        values = []
         if loss is not None:
-            bad = bad | ~torch.isfinite(loss.detach()).all()
+            loss = loss.detach()
+            if loss.numel() != 1:   # a loss per sample: finite only if all are
+                loss = torch.where(torch.isfinite(loss).all(), 0.0, float("nan"))
+            values.append(loss.reshape(1).float())
         if found_inf is not None:
-            bad = bad | (found_inf.detach().to(device) != 0).any()
-        consecutive, total, hit = self._counters(network, device)
-        bad_i = bad.to(torch.int64)
-        consecutive.add_(1).mul_(bad_i)          # +1 on a skipped step, back to 0 on a good one
-        total.add_(bad_i)
-        reached = (consecutive >= self.max_consecutive) & (hit < 0)
-        torch.where(reached, torch.full_like(hit, int(step)), hit, out=hit)
+            found_inf = found_inf.detach()
+            if found_inf.numel() != 1:
+                found_inf = found_inf.ne(0).any()
+            values.append(found_inf.reshape(1).float())
+        if len(values) == 2 and values[0].device != values[1].device:
+            values[1] = values[1].to(values[0].device)
+        # A copy: the optimizer overwrites found_inf at its next step.
+        record = torch.cat(values) if len(values) == 2 else values[0].clone()
+        self._pending.append((network, int(step), loss is not None, found_inf is not None, record))
+        if network not in self._consecutive:
+            self._consecutive[network] = self._total[network] = self._logged_total[network] = 0
+
+    def _drain(self) -> None:
+        """Read the pending observations (one host sync) into the host counters."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (*_, record) in enumerate(pending):
+            by_device.setdefault(record.device, []).append(i)
+        values: list[list[float]] = [[] for _ in pending]
+        for indices in by_device.values():
+            flat = torch.cat([pending[i][4] for i in indices]).tolist()
+            at = 0
+            for i in indices:
+                n = pending[i][4].numel()
+                values[i] = flat[at:at + n]
+                at += n
+        for (network, step, has_loss, has_found, _), vals in zip(pending, values):
+            bad = (has_loss and not math.isfinite(vals[0])) or (has_found and vals[-1] != 0)
+            if bad:
+                self._total[network] += 1
+                self._consecutive[network] += 1
+                if self._consecutive[network] >= self.max_consecutive and network not in self._hit_step:
+                    self._hit_step[network] = step
+            else:
+                self._consecutive[network] = 0
 
     def __call__(self, trainer, step: int, stats: dict[str, torch.Tensor]) -> None:
         """``Trainer.fit`` callback: observe D and G of the step just done, check every few steps."""
@@ -295,38 +333,40 @@ class NonFiniteGuard:
             self.check(step)
 
     def check(self, step: int | None = None) -> dict[str, int]:
-        """Read the counters (one host sync): log newly skipped steps, raise NonFiniteTrainingError
-        if a network reached ``max_consecutive`` skipped steps in a row. Returns the skipped steps
-        so far per network (``{"discriminator": n, "generator": m}`` for the networks observed)."""
-        if not self._consecutive:
-            return {}
-        keys = list(self._consecutive)
-        values = torch.stack([torch.stack([self._consecutive[k].cpu(), self._total[k].cpu(),
-                                           self._hit_step[k].cpu()]) for k in keys]).tolist()
-        for key, (consecutive, total, hit) in zip(keys, values):
+        """Read what was observed (one host sync): log newly skipped steps, raise
+        NonFiniteTrainingError if a network reached ``max_consecutive`` skipped steps in a row.
+        Returns the skipped steps so far per network (``{"discriminator": n, ...}`` for the
+        networks observed)."""
+        self._drain()
+        for key in self._consecutive:
+            total = self._total[key]
             new = total - self._logged_total[key]
             if new > 0:
                 self._logged_total[key] = total
                 log.warning("fastgan: %d %s step(s) skipped for a non-finite loss or gradients%s "
                             "(%d in all)", new, self.NETWORKS[key], f" up to step {step}" if step is not None else "",
                             total)
-            if hit >= 0:
-                raise NonFiniteTrainingError(self.NETWORKS[key], hit, self.max_consecutive, total)
-        return {self.NETWORKS[key]: int(total) for key, (_, total, _) in zip(keys, values)}
+        for key in self._consecutive:
+            if key in self._hit_step:
+                raise NonFiniteTrainingError(self.NETWORKS[key], self._hit_step[key], self.max_consecutive,
+                                             self._total[key])
+        return {self.NETWORKS[k]: v for k, v in self._total.items()}
 
     def skipped(self) -> dict[str, int]:
         """Skipped steps so far per network (a host sync)."""
-        return {self.NETWORKS[k]: int(v) for k, v in self._total.items()}
+        self._drain()
+        return {self.NETWORKS[k]: v for k, v in self._total.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: {"consecutive": self._consecutive[k].cpu(), "total": self._total[k].cpu()}
+        self._drain()
+        return {k: {"consecutive": torch.tensor(self._consecutive[k]), "total": torch.tensor(self._total[k])}
                 for k in self._consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = []
         for k, v in state.items():
-            consecutive, total, _ = self._counters(k, v["consecutive"].device)
-            consecutive.copy_(v["consecutive"])
-            total.copy_(v["total"])
+            self._consecutive[k] = int(v["consecutive"])
+            self._total[k] = int(v["total"])
             self._logged_total[k] = int(v["total"])
 
 
@@ -372,7 +412,9 @@ class StopOnSignal:
     ``checkpointer(trainer, step) -> path``; None: write nothing) and raise
     :class:`TrainingInterrupted` (a KeyboardInterrupt) carrying the step and the path. The signal is
     only recorded by the handler, so the checkpoint is taken between two steps, never inside an
-    update. A second Ctrl-C interrupts at once.
+    update. A second Ctrl-C interrupts at once (under torch.distributed: one that comes more than
+    ``FORWARDED_WITHIN_S`` seconds after the first, since torchrun passes the terminal's Ctrl-C on
+    to workers that got it from the terminal already).
 
     Under ``torch.distributed`` (world size > 1) the ranks agree on stopping every ``sync_every``
     steps (one small all-reduce), so that all of them stop after the same step -- a rank that
@@ -383,6 +425,8 @@ class StopOnSignal:
             trainer.fit(data, steps, callbacks=[stop, ...])
     """
 
+    FORWARDED_WITHIN_S = 2.0
+
     def __init__(self, checkpointer: CheckpointEvery | Callable[[Any, int], Any] | None,
                  signals=(signal.SIGINT, signal.SIGTERM), sync_every: int = 10):
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
@@ -391,12 +435,19 @@ class StopOnSignal:
         self.checkpointer = checkpointer
         self.signals = tuple(signals)
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
+        now = time.monotonic()
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.received = signum
+            dist = torch.distributed
+            forwarded = (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                         and now - self._received_at < self.FORWARDED_WITHIN_S)
+            if not forwarded:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            return  # torchrun passing on the Ctrl-C this process already got from the terminal
+        self.received, self._received_at = signum, now
         log.warning("fastgan: %s received; stopping after the current step (Ctrl-C again to stop at once)",
                     signal.Signals(signum).name)
 

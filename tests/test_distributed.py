@@ -314,3 +314,34 @@ def test_cli_batch_size_must_divide_by_the_processes(tmp_path):
     assert result.returncode != 0
     assert "must be divisible by the 2 processes" in result.stderr
     assert not out.exists()
+
+
+def test_cli_two_processes_ctrl_c_writes_one_checkpoint_and_stops_both(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both workers (one process group); torchrun passes it
+    on again. Both ranks stop after the same step, rank 0 writes that step's checkpoint, no hang."""
+    import signal
+    import time
+    from fastgan.checkpoint import list_checkpoints, load_checkpoint
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_torchrun(2), "-m", "fastgan", "train", *_CLI_ARGS, "--steps", "1000000",
+                             "--checkpoint-every", "1000000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        for line in proc.stdout:                 # rank 0's header: training starts now
+            if "steps ->" in line:
+                break
+        time.sleep(1.0)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)       # what the terminal does on Ctrl-C
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    written = list_checkpoints(out)
+    assert len(written) == 1, stderr[-4000:]
+    step = load_checkpoint(written[0])["step"]
+    assert 0 < step < 1000000 and step % 10 == 0     # the ranks agree on stopping every 10 steps
+    assert stderr.count(f"interrupted after step {step}; checkpoint written to {written[0]}") == 1, stderr[-4000:]
+    assert "fastgan/cli.py" not in stderr            # no traceback from a worker

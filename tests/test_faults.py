@@ -255,6 +255,22 @@ def test_guard_counts_consecutive_skips_per_network_and_names_step_and_network()
     assert "step 10" in str(err) and "generator" in str(err) and "3 consecutive" in str(err)
 
 
+def test_guard_reports_a_run_that_ended_before_the_check_and_reads_non_scalar_values():
+    guard = NonFiniteGuard(max_consecutive=2, check_every=1000)
+    ok, nan = torch.tensor(1.0), torch.tensor(float("inf"))
+    for step, loss in enumerate([ok, nan, nan, ok, ok], start=1):   # 2 in a row at steps 2-3, then good again
+        guard.observe(step, "d", loss=loss)
+    guard.observe(6, "g", loss=torch.tensor([1.0, float("nan")]), found_inf=torch.zeros(3))  # per-sample loss
+    with pytest.raises(NonFiniteTrainingError) as info:
+        guard.check(5)
+    assert info.value.network == "discriminator" and info.value.step == 3
+    assert guard.skipped() == {"discriminator": 2, "generator": 1}
+    state = guard.state_dict()
+    fresh = NonFiniteGuard(max_consecutive=2)
+    fresh.load_state_dict(state)
+    assert fresh.skipped() == {"discriminator": 2, "generator": 1}
+
+
 def test_guard_rejects_bad_options():
     for bad in (0, -1, 1.5, True, None):
         with pytest.raises(ValueError, match="max_consecutive"):
