@@ -348,29 +348,29 @@ torch::Tensor side_grad_aten(const torch::Tensor& x, int64_t kind, bool real, bo
   return (g + (x - x)) * inv_n;
 }
 
-torch::Tensor flat_contiguous(const torch::Tensor& x) { return x.reshape({-1}).contiguous(); }
+// (The 1-D case skips the dispatcher round trips: they cost as much as the loop at GAN batch sizes.)
+torch::Tensor flat_contiguous(const torch::Tensor& x) {
+  return x.dim() == 1 ? x.contiguous() : x.reshape({-1}).contiguous();
+}
+torch::Tensor shaped_like(const torch::Tensor& flat, const torch::Tensor& like) {
+  return like.dim() == 1 ? flat : flat.view(like.sizes());
+}
 
+// The loss's autograd node. The forward pass has already run (d_loss_autograd): this node only
+// records the gradients it computed, so the four statistics stay plain tensors outside autograd
+// (each further output of a Function costs its own wrapping, view and version bookkeeping).
 struct DLossFn : public torch::autograd::Function<DLossFn> {
-  static variable_list forward(AutogradContext* ctx, torch::Tensor real, torch::Tensor fake, int64_t kind,
-                               bool need_grad) {
-    auto r = d_loss_compute(flat_contiguous(real), flat_contiguous(fake), kind, need_grad);
-    const auto opts = real.options().dtype(acc_type_of(real));
-    variable_list out = {scalar_of(r.loss, opts), scalar_of(r.value, opts), scalar_of(r.jsd, opts),
-                         scalar_of(r.d_real, opts), scalar_of(r.d_fake, opts)};
-    ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
-    ctx->set_materialize_grads(false);  // no zero tensors for the four statistics' (absent) gradients
-    if (need_grad) {
-      ctx->save_for_backward({r.grad_real.view(real.sizes()), r.grad_fake.view(fake.sizes()), real, fake});
-    }
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor real, torch::Tensor fake, torch::Tensor grad_real,
+                               torch::Tensor grad_fake, double loss, int64_t kind) {
+    ctx->save_for_backward({grad_real, grad_fake, real, fake});
     ctx->saved_data["kind"] = kind;
-    return out;
+    // A fresh tensor: an input returned as the output would be re-wrapped as a view.
+    return scalar_of(loss, real.options().dtype(acc_type_of(real)));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    TORCH_CHECK(!saved.empty(), "fastgan.ops.d_loss: backward through a call made without gradients");
     const auto& g = grads[0];
-    if (!g.defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
     torch::Tensor grad_real = saved[0], grad_fake = saved[1];
     if (torch::GradMode::is_enabled()) {  // create_graph: differentiable recomputation
       const int64_t kind = ctx->saved_data["kind"].toInt();
@@ -378,14 +378,14 @@ struct DLossFn : public torch::autograd::Function<DLossFn> {
       grad_fake = side_grad_aten(saved[3], kind, false, false);
     }
     return {(g * grad_real).to(saved[0].scalar_type()), (g * grad_fake).to(saved[1].scalar_type()),
-            torch::Tensor(), torch::Tensor()};
+            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
 struct GLossFn : public torch::autograd::Function<GLossFn> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor fake, int64_t kind, bool need_grad) {
     auto r = g_loss_forward(flat_contiguous(fake), kind, need_grad);
-    if (need_grad) ctx->save_for_backward({r[1].view(fake.sizes()), fake});
+    if (need_grad) ctx->save_for_backward({shaped_like(r[1], fake), fake});
     ctx->saved_data["kind"] = kind;
     return r[0];
   }
@@ -410,8 +410,14 @@ bool needs_grad(std::initializer_list<const torch::Tensor*> inputs) {
 }
 
 // (loss, value, jsd, d_real, d_fake): only loss carries a gradient.
-variable_list d_loss_autograd(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind) {
-  return DLossFn::apply(real, fake, kind, needs_grad({&real, &fake}));
+std::vector<torch::Tensor> d_loss_autograd(const torch::Tensor& real, const torch::Tensor& fake, int64_t kind) {
+  const bool need_grad = needs_grad({&real, &fake});
+  auto r = d_loss_compute(flat_contiguous(real), flat_contiguous(fake), kind, need_grad);
+  const auto opts = real.options().dtype(acc_type_of(real));
+  auto loss = need_grad ? DLossFn::apply(real, fake, shaped_like(r.grad_real, real), shaped_like(r.grad_fake, fake),
+                                         r.loss, kind)
+                        : scalar_of(r.loss, opts);
+  return {loss, scalar_of(r.value, opts), scalar_of(r.jsd, opts), scalar_of(r.d_real, opts), scalar_of(r.d_fake, opts)};
 }
 
 torch::Tensor g_loss_autograd(const torch::Tensor& fake, int64_t kind) {
