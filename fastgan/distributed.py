@@ -1,11 +1,15 @@
 """Data-parallel training of a :class:`fastgan.Trainer` under ``torchrun`` (gloo on CPU, NCCL on CUDA).
 
+The command line does all of this: ``torchrun --nproc_per_node=N -m fastgan train ...`` (see
+:mod:`fastgan.cli`). In a script of your own:
+
     # torchrun --nproc_per_node=N train.py
     info = fastgan.distributed.init_from_env()          # process group from torchrun's variables
     trainer = fastgan.Trainer(G, D, ..., device=info.device, seed=0)
     fastgan.distributed.data_parallel(trainer)          # same start on all ranks, grads averaged
     trainer.fit(fastgan.distributed.shard(data), steps, batch_size=per_rank_batch,
-                callbacks=[CheckpointEvery(run_dir, 1000)])   # rank 0 writes
+                checkpoint_every=1000, out_dir=run_dir)  # every rank calls it; rank 0 writes
+    fastgan.distributed.destroy()
 
 What ``data_parallel`` does, and why:
 
@@ -34,8 +38,10 @@ What ``data_parallel`` does, and why:
 * **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset,
   :class:`RankSlices` each rank its slice of every batch of a stream of global batches; the
   trainer's noise generator is re-seeded per rank (``Trainer.reseed``) so ranks draw different noise.
-* **Checkpoints** are written by rank 0 only (``fastgan.checkpoint.CheckpointEvery`` checks the
-  rank); they hold ordinary, un-prefixed state dicts and load at any world size (also 1).
+* **Checkpoints** are written by rank 0 only (``fit(checkpoint_every=, out_dir=)`` /
+  ``Trainer.save_checkpoint``, which first average the BatchNorm running statistics across ranks, and
+  ``fastgan.checkpoint.CheckpointEvery`` check the rank); they hold ordinary, un-prefixed state
+  dicts and load at any world size (also 1).
 """
 from __future__ import annotations
 

@@ -79,7 +79,7 @@ from fastgan import _checkpoint
 PRIORS = ("normal", "uniform")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FORMAT = "fastgan.Trainer/1"
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.pt"  # a single-file checkpoint (Trainer.save); run folders use checkpoint-<step>.pt
 
 # Dynamic loss scaling for fp16 (the values torch.amp.GradScaler uses).
 _INIT_SCALE = 2.0 ** 16

@@ -345,3 +345,22 @@ def test_cli_two_processes_ctrl_c_writes_one_checkpoint_and_stops_both(tmp_path)
     assert 0 < step < 1000000 and step % 10 == 0     # the ranks agree on stopping every 10 steps
     assert stderr.count(f"interrupted after step {step}; checkpoint written to {written[0]}") == 1, stderr[-4000:]
     assert "fastgan/cli.py" not in stderr            # no traceback from a worker
+
+
+def test_fused_optimizer_flat_buffers_are_what_it_steps_on():
+    from fastgan.optim import FusedAdam
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
+    opt = FusedAdam([p, q], lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    (2 * p.sum() + q.sum()).backward()
+    (flat,) = opt.flat_grad_buffers()
+    assert flat.numel() == 17 and p.grad.data_ptr() == flat.data_ptr()
+    flat.mul_(0.5)                                   # what an in-place all-reduce average does
+    assert torch.equal(p.grad, torch.ones(3, 4)) and torch.equal(q.grad, torch.full((5,), 0.5))
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+    state = opt.flat_state_buffers()                 # moments, step counts
+    assert len(state) >= 3 and all(t.numel() in (2, 17) for t in state)
+    assert any(torch.equal(t, torch.ones(2)) for t in state)   # one step for each parameter
