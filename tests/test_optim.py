@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import fastgan.optim.fused as fused_mod
 from fastgan._dispatch import extension
@@ -606,3 +607,77 @@ def test_large_buffer_threaded_check_then_update(kind, bad_at):
     assert float(ours.found_inf) == (0.0 if bad_at is None else 1.0)
     unchanged = all(torch.equal(p.detach(), b) for p, b in zip(ours_p, before))
     assert unchanged == (bad_at is not None)
+
+
+def _adam_step_ieee_float32(p, g, v0, step, lr, beta1, beta2, eps):
+    """torch.optim.Adam's update from exp_avg = 0, evaluated op by op in IEEE float32 (NumPy), with the
+    bias corrections in double as torch computes them. exp_avg.lerp_(g, 1 - beta1) from 0 is one
+    rounded product (the FMA's addend is 0), so every operation here is a single float32 rounding."""
+    np = pytest.importorskip("numpy")
+    f32 = np.float32
+    p, g, v0 = p.numpy(), g.numpy(), v0.numpy()
+    m = f32(1 - beta1) * g
+    v = v0 * f32(beta2) + f32(1 - beta2) * g * g
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    denom = np.sqrt(v) / f32(bc2 ** 0.5) + f32(eps)
+    return torch.from_numpy(p + f32(-(lr / bc1)) * m / denom), torch.from_numpy(m), torch.from_numpy(v)
+
+
+@pytest.mark.parametrize("n", [1_000, 100_003])  # one thread / threaded slices updated in blocks from the end
+@pytest.mark.parametrize("step", [1, 2, 7, 100, 12345])  # a different sqrt(bias_correction2) divisor each
+def test_adam_kernel_is_float32_exact(n, step):
+    """The kernel's element-wise Adam is bit-identical to the float32 evaluation of torch's formula
+    (it divides by sqrt(bias_correction2) as a double multiply, which must round identically) over
+    gradients and second moments spanning 30 orders of magnitude."""
+    ext = extension()
+    gen = torch.Generator().manual_seed(step)
+    p = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 3)
+    g = torch.randn(n, generator=gen) * torch.exp(torch.randn(n, generator=gen) * 8)
+    v0 = torch.exp(torch.randn(n, generator=gen) * 8)
+    lr, beta1, beta2, eps = 1e-3, 0.5, 0.999, 1e-8
+    param, m, v = p.clone(), torch.zeros(n), v0.clone()
+    steps, found_inf = torch.full((1,), float(step - 1)), torch.zeros(())
+    ext.optim_adam_step(param, g.clone(), m, v, steps, found_inf, None, None, lr, beta1, beta2, eps, 0.0, False,
+                        None, 0.0, True)
+    want_p, want_m, want_v = _adam_step_ieee_float32(p, g, v0, step, lr, beta1, beta2, eps)
+    assert torch.equal(m, want_m) and torch.equal(v, want_v)
+    assert torch.equal(param, want_p), f"{(param != want_p).sum().item()} of {n} elements differ"
+    assert float(steps) == step and float(found_inf) == 0.0
+
+
+def test_step_hooks_profiler_and_grad_mode():
+    """step() skips torch's profiling wrapper only while nothing needs it: hooks (own and global) and
+    the profiler range still work; grad mode is restored; a closure runs with grad enabled."""
+    params = make_params()
+    opt = FusedAdam(params, lr=0.01)
+    gen = torch.Generator().manual_seed(16)
+
+    def set_grads():
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g
+
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+               opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+               register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global"))]
+    set_grads()
+    opt.step()
+    assert calls == ["global", "pre", "post"]
+    for h in handles:
+        h.remove()
+    calls.clear()
+    set_grads()
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    assert calls == [] and not torch.equal(params[0].detach(), before[0])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any(e.name == "Optimizer.step#FusedAdam.step" for e in prof.events())
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        opt.step()
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    seen = []
+    opt.step(closure=lambda: seen.append(torch.is_grad_enabled()) or torch.zeros(()))
+    assert seen == [True] and torch.is_grad_enabled()

@@ -68,11 +68,12 @@ class EMA:
         self._lerp(range(len(self.params)), 1.0 - self.beta)
         self.copy_buffers()
 
-    @torch.no_grad()
     def copy_buffers(self) -> None:
         """Copy the model's buffers (e.g. BatchNorm running statistics) into the shadow buffers."""
-        for shadow, buf in zip(self.shadow_buffers, self.buffers):
-            shadow.copy_(buf)
+        if not self.buffers:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self.shadow_buffers, self.buffers)
 
     def _lerp(self, indices, weight) -> None:
         shadows, params = [], []
@@ -88,11 +89,11 @@ class EMA:
         else:
             torch._foreach_lerp_(shadows, params, weight)
 
-    @torch.no_grad()
     def _after_fused_step(self, found_inf: torch.Tensor) -> None:
-        """Called by the fused optimizers after their step: the shadows they did not update in their
-        pass get the same (skip-aware, sync-free) update; buffers are copied."""
-        rest = [j for j in range(len(self.params)) if j not in self._fused]
+        """Called by the fused optimizers at the end of their step (grad mode already off there): the
+        shadows they did not update in their pass get the same (skip-aware, sync-free) update;
+        buffers are copied."""
+        rest = [j for j in range(len(self.params)) if j not in self._fused] if len(self._fused) < len(self.params) else ()
         if rest:
             weight = (1.0 - found_inf) * (1.0 - self.beta)
             self._lerp(rest, weight)
