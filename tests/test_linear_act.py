@@ -178,3 +178,75 @@ def test_registered_custom_op_is_twice_differentiable(act):
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.fixture
+def gemm_backend():
+    """Sets the float32 GEMM of the C++ linear_act for one test, then restores it."""
+    from fastgan._dispatch import extension
+    ext = extension()
+    previous = ext.linear_gemm_backend("")
+    yield ext.linear_gemm_backend
+    ext.linear_gemm_backend(previous)
+
+
+@pytest.mark.parametrize("backend", ["aten", "onednn"])
+@pytest.mark.parametrize("act", ["lrelu", "tanh"])
+def test_cpu_gemm_backends(gemm_backend, backend, act):
+    """The C++ path's float32 GEMMs run through torch.mm or oneDNN's matmul (forward and both backward
+    products, contiguous and transposed operands); both match the specification, and a double
+    backward through the oneDNN setting still builds its graph from differentiable torch ops."""
+    from fastgan._dispatch import extension
+    if backend == "onednn" and not extension().linear_onednn_available():
+        pytest.skip("this torch has no oneDNN matmul")
+    gemm_backend(backend)
+    x = torch.randn(33, 70, requires_grad=True)
+    w = (torch.randn(45, 70) / 8).requires_grad_()
+    check("cpu", act, x, w, torch.randn(45, requires_grad=True), 1.0, None, 1e-5)
+    xt = torch.randn(70, 33).t().requires_grad_()  # non-contiguous x and weight
+    wt = (torch.randn(70, 45) / 8).t().requires_grad_()
+    check("cpu", act, xt, wt, None, 1.0, 0.1, 1e-5)
+    # gradient penalty through the op: d/dparams || d y / d x ||^2 against the float64 formula
+    b = torch.randn(45, requires_grad=True)
+    (gx,) = torch.autograd.grad(linear_act(x, w, b, act, impl="cpu").sum(), x, create_graph=True)
+    got = torch.autograd.grad((gx * gx).sum(), (w, b))
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    (gxd,) = torch.autograd.grad(expected(xd, wd, bd, act, 0.2, 1.0).sum(), xd, create_graph=True)
+    want = torch.autograd.grad((gxd * gxd).sum(), (wd, bd))
+    for got_t, want_t in zip(got, want):
+        close(got_t, want_t, 1e-5)
+
+
+def test_gemm_backend_argument(gemm_backend):
+    with pytest.raises(ValueError, match="linear_gemm_backend"):
+        gemm_backend("mkl")
+
+
+def test_cpu_eager_fast_path_admits_only_plain_calls():
+    """The eager shortcut (straight to the C++ autograd node) takes plain 2-D float32 CPU calls and
+    declines everything the general path must see (which then validates, casts, reshapes or raises);
+    both give the specification's values and gradients."""
+    from fastgan.ops.linear_act import _cpu_eager_fast
+    x = torch.randn(6, 9, requires_grad=True)
+    w = torch.randn(4, 9, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    y = _cpu_eager_fast(x, w, b, "lrelu", None, "auto")
+    assert y is not None and y.grad_fn is not None
+    close(y, expected(x, w, b, "lrelu", 0.2, 1.0), 1e-5)
+    check("cpu", "lrelu", x, w, b, 1.0, None, 1e-5)  # through linear_act, which takes the shortcut
+    declined = [
+        ((x.unsqueeze(0), w, b, "lrelu", None, "auto"), "3-D x"),
+        ((x.bfloat16(), w.bfloat16(), b.bfloat16(), "lrelu", None, "auto"), "bfloat16"),
+        ((x, w.double(), b, "lrelu", None, "auto"), "mixed dtypes"),
+        ((x, w, torch.randn(8)[::2], "lrelu", None, "auto"), "strided bias"),
+        ((x, w, torch.randn(5), "lrelu", None, "auto"), "wrong bias size"),
+        ((x, w[:, :5], b, "lrelu", None, "auto"), "mismatched features"),
+        ((x, w, b, "swish", None, "auto"), "unknown act"),
+        ((x, w, b, "lrelu", -1.0, "auto"), "negative alpha"),
+        ((x, w, b, "lrelu", None, "ref"), "impl=ref"),
+    ]
+    for args, what in declined:
+        assert _cpu_eager_fast(*args) is None, what
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _cpu_eager_fast(x, w, b, "lrelu", None, "auto") is None
+        assert linear_act(x, w, b, "lrelu").dtype == torch.bfloat16  # the general path casts as F.linear
