@@ -336,7 +336,8 @@ class NonFiniteGuard:
         """Read what was observed (one host sync): log newly skipped steps, raise
         NonFiniteTrainingError if a network reached ``max_consecutive`` skipped steps in a row.
         Returns the skipped steps so far per network (``{"discriminator": n, ...}`` for the
-        networks observed)."""
+        networks observed). Under torch.distributed every rank must call it at the same steps: the
+        ranks exchange what they found and all raise if one does (the earliest step is named)."""
         self._drain()
         for key in self._consecutive:
             total = self._total[key]
@@ -346,10 +347,19 @@ class NonFiniteGuard:
                 log.warning("fastgan: %d %s step(s) skipped for a non-finite loss or gradients%s "
                             "(%d in all)", new, self.NETWORKS[key], f" up to step {step}" if step is not None else "",
                             total)
-        for key in self._consecutive:
-            if key in self._hit_step:
-                raise NonFiniteTrainingError(self.NETWORKS[key], self._hit_step[key], self.max_consecutive,
-                                             self._total[key])
+        hits = [(self._hit_step[k], self.NETWORKS[k], self._total[k]) for k in self._consecutive
+                if k in self._hit_step]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank stops together: a loss can be non-finite on one rank only (the gradients,
+            # averaged before the step, are the same everywhere), and a rank that stopped alone
+            # would leave the others waiting in their next collective.
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, hits[0] if hits else None)
+            hits = sorted(h for h in gathered if h is not None)
+        if hits:
+            step_hit, network, total = min(hits)
+            raise NonFiniteTrainingError(network, step_hit, self.max_consecutive, total)
         return {self.NETWORKS[k]: v for k, v in self._total.items()}
 
     def skipped(self) -> dict[str, int]:

@@ -364,3 +364,33 @@ def test_fused_optimizer_flat_buffers_are_what_it_steps_on():
     state = opt.flat_state_buffers()                 # moments, step counts
     assert len(state) >= 3 and all(t.numel() in (2, 17) for t in state)
     assert any(torch.equal(t, torch.ones(2)) for t in state)   # one step for each parameter
+
+
+_GUARD_WORKER = textwrap.dedent("""
+    import sys, torch
+    import fastgan.distributed as fd
+    from fastgan.checkpoint import NonFiniteGuard, NonFiniteTrainingError
+    info = fd.init_from_env()
+    guard = NonFiniteGuard(max_consecutive=2, check_every=1000)
+    ok, bad = torch.tensor(0.5), torch.tensor(float("inf"))
+    outcome = "no error"
+    try:
+        for step in range(1, 7):
+            # Only rank 1 sees non-finite losses (steps 3 and 4): its data, say. Gradients, averaged
+            # before the step, would be the same on both ranks; the losses are not.
+            guard.observe(step, "g", loss=bad if info.rank == 1 and step in (3, 4) else ok)
+            if step % 3 == 0:
+                guard.check(step)
+    except NonFiniteTrainingError as exc:
+        outcome = f"stopped {exc.network} {exc.step}"
+    print(f"rank {info.rank}: {outcome}", flush=True)
+    fd.destroy()
+""")
+
+
+def test_nonfinite_guard_stops_every_rank_when_one_rank_hits_the_limit(tmp_path):
+    script = tmp_path / "guard.py"
+    script.write_text(_GUARD_WORKER)
+    result = subprocess.run([*_torchrun(2), str(script)], capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "rank 0: stopped generator 4" in result.stdout and "rank 1: stopped generator 4" in result.stdout
