@@ -120,12 +120,13 @@ def test_fit_calls_callbacks_writes_checkpoints_and_shows_progress(tmp_path, cap
                 callbacks=[lambda t, step, stats: calls.append((t, step, sorted(stats)))], progress=True)
     assert [c[1] for c in calls] == [1, 2, 3, 4, 5] and all(c[0] is trainer for c in calls)
     assert "g_loss" in calls[0][2] and "jsd" in calls[0][2]
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    state = torch.load(tmp_path / "checkpoint-000000005.pt", weights_only=True)
     assert state["step"] == 5
     err = capsys.readouterr().err
     assert "5/5" in err and "step/s" in err and "jsd" in err
-    assert not [f for f in os.listdir(tmp_path) if f != "checkpoint.pt"]  # no temporary left behind
+    # the newest two checkpoints (steps 4 and 5) with their digests; no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-000000004.pt", "checkpoint-000000004.pt.sha256",
+                                            "checkpoint-000000005.pt", "checkpoint-000000005.pt.sha256"]
 
 
 def test_two_fits_continue_one_stream():
