@@ -11,18 +11,28 @@ Problems (``benchmark.group``): the parameters of a GAN network at three sizes,
 updated in the same pass) vs ``torch-fused+lerp`` (Adam(fused=True) then ``torch._foreach_lerp_``).
 
 What is timed, per round: ``step()`` then ``zero_grad()``. torch's contenders use torch's default
-``zero_grad(set_to_none=True)`` and get fresh gradient tensors assigned before each round (as autograd
+``zero_grad(set_to_none=True)`` and get their gradient tensors assigned before each round (as autograd
 hands them over); fastgan uses ``zero_grad(set_to_none=False)`` -- a real fill of its flat gradient
-buffer inside the timed region -- and gets the gradients copied into that buffer before each round
-(as autograd accumulates into it). Before timing, every contender's first step is checked against
-Adam's closed-form first step (``p - lr * g / (|g| + eps)``) and, with EMA, the shadow against
-``lerp(p0, p1, 1 - beta)``.
+buffer inside the timed region -- and gets the gradients copied into that buffer (as autograd
+accumulates into it). Every contender's gradients are freshly written before each round, parameter by
+parameter from the last to the first (the order in which backward produces them): a step right after
+backward finds the most recently written gradients in the caches and has to write the dirty lines
+back, and all contenders should start from that same state (an earlier version wrote only fastgan's
+gradients, which charged it ~20 MB of write-backs per round at 5M that torch's contenders never paid).
+Before timing, every contender's first step is checked against Adam's closed-form first step
+(``p - lr * g / (|g| + eps)``) and, with EMA, the shadow against ``lerp(p0, p1, 1 - beta)``.
 
-Real timing: ``python -m pytest benchmarks/bench_optim.py --benchmark-enable``.
+Real timing: ``python -m pytest benchmarks/bench_optim.py --benchmark-enable``. pytest-benchmark runs
+one contender after another; on a shared machine whose load drifts, the interleaved run is the one to
+quote: ``python benchmarks/bench_optim.py [--threads N] [--repeats R]`` times every contender of a size
+in each round (rotating the order) and prints medians and the median of the per-round ratios.
 """
 from __future__ import annotations
 
+import argparse
 import gc
+import statistics
+import time
 import warnings
 
 import pytest
@@ -73,10 +83,11 @@ def _build(contender: str, size: str):
         opt = FusedAdam(params, lr=LR, betas=BETAS, eps=EPS, ema=ema)
         (bucket,) = opt._buckets[0]
         opt.zero_grad(set_to_none=False)  # .grad of every parameter = its view of the flat buffer
-        flat_src = torch.cat([g.reshape(-1) for g in grads])
+        views = [p.grad for p in params]
 
         def setup():
-            bucket.flat_grad.copy_(flat_src)  # what autograd's accumulation left in the buffer
+            for view, g in zip(reversed(views), reversed(grads)):
+                view.copy_(g)  # what autograd's accumulation leaves in the buffer, output layer first
 
         def step():
             opt.step()
@@ -87,10 +98,12 @@ def _build(contender: str, size: str):
           "torch-fused+lerp": dict(fused=True)}[contender]
     opt = torch.optim.Adam(params, lr=LR, betas=BETAS, eps=EPS, **kw)
     shadows = [p.detach().clone() for p in params] if contender == "torch-fused+lerp" else None
+    fresh = [torch.empty_like(g) for g in grads]
 
     def setup():
-        for p, g in zip(params, grads):
-            p.grad = g  # what autograd hands over after zero_grad(set_to_none=True)
+        for p, f, g in zip(reversed(params), reversed(fresh), reversed(grads)):
+            f.copy_(g)
+            p.grad = f  # what autograd hands over after zero_grad(set_to_none=True), output layer first
 
     if shadows is None:
         def step():
@@ -149,3 +162,64 @@ def bench_adam_step(benchmark, contender, size):
 @pytest.mark.parametrize("size", list(SIZES))
 def bench_adam_ema_step(benchmark, contender, size):
     _run(benchmark, "adam-ema-step", contender, size)
+
+
+# ---- interleaved run (python benchmarks/bench_optim.py) -------------------------------------------------
+CONTENDERS = ["fastgan", "torch-foreach", "torch-fused", "fastgan+ema", "torch-fused+lerp"]
+RATIOS = [("torch-foreach", "fastgan"), ("torch-fused", "fastgan"), ("torch-fused+lerp", "fastgan+ema")]
+
+
+def interleaved(sizes, rounds: dict[str, int], contenders=CONTENDERS) -> dict[str, dict[str, list[float]]]:
+    """Seconds per step of every contender, each round timing all contenders of a size back to back
+    in a rotating order (two warm-up rounds dropped). Same setup/step/check as the pytest suite."""
+    results = {}
+    for size in sizes:
+        gc.collect()
+        built = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            for name in contenders:
+                step, setup, params, grads, shadows, _ = _build(name, size)
+                _check_first_step(name, size, step, setup, params, grads, shadows)
+                built[name] = (step, setup)
+        times = {name: [] for name in contenders}
+        for r in range(rounds[size] + 2):
+            k = r % len(contenders)
+            for name in contenders[k:] + contenders[:k]:
+                step, setup = built[name]
+                setup()
+                t0 = time.perf_counter()
+                step()
+                t1 = time.perf_counter()
+                if r >= 2:
+                    times[name].append(t1 - t0)
+        results[size] = times
+        del built
+        gc.collect()
+    return results
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per size = ROUNDS[size] * repeats")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes.split(",")
+    results = interleaved(sizes, {s: ROUNDS[s] * args.repeats for s in sizes})
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    for size, times in results.items():
+        meds = {n: statistics.median(t) for n, t in times.items()}
+        print(f"{size}: " + "  ".join(f"{n} {meds[n] * 1e3:.3f} ms" for n in times))
+        for slow, fast in RATIOS:
+            per_round = sorted(a / b for a, b in zip(times[slow], times[fast]))
+            q = len(per_round) // 4
+            print(f"  {slow} / {fast}: {statistics.median(per_round):.2f}x per-round median "
+                  f"(quartiles {per_round[q]:.2f}-{per_round[-q - 1]:.2f}, {len(per_round)} rounds); "
+                  f"ratio of medians {meds[slow] / meds[fast]:.2f}x")
+
+
+if __name__ == "__main__":
+    _main()

@@ -681,3 +681,22 @@ def test_step_hooks_profiler_and_grad_mode():
     seen = []
     opt.step(closure=lambda: seen.append(torch.is_grad_enabled()) or torch.zeros(()))
     assert seen == [True] and torch.is_grad_enabled()
+
+
+def test_large_flat_buffers_are_2mb_aligned_zeroed_and_freed():
+    """Flat buffers from 2 MB up are fresh 2 MB aligned mappings (huge-page candidates); smaller ones
+    and non-kernel devices use torch.zeros. Both are zero-filled and behave as ordinary tensors."""
+    big = fused_mod.flat_zeros(1 << 20, torch.float32, torch.device("cpu"))
+    small = fused_mod.flat_zeros(1000, torch.bfloat16, "cpu")
+    assert big.data_ptr() % (2 << 20) == 0 and big.shape == (1 << 20,) and big.dtype == torch.float32
+    assert small.dtype == torch.bfloat16 and not small.any() and not big.any()
+    big[-1] = 3.0  # the whole mapping is writable, including the last element
+    view = big[-10:].clone()
+    del big  # unmapped by the deleter; the clone stays valid
+    assert float(view[-1]) == 3.0
+    params = make_params([(1024, 1024), (5,)])
+    opt = FusedAdam(params, lr=0.01)
+    (bucket,) = opt._buckets[0]
+    assert bucket.flat_param.data_ptr() % (2 << 20) == 0 and bucket.flat_grad.data_ptr() % (2 << 20) == 0
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # storages of mapped buffers serialise as any other

@@ -36,6 +36,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -575,6 +577,37 @@ void optim_zero(const at::Tensor& buffer) {
   parallel_slices(bytes, [&](int64_t lo, int64_t hi, int) { zero_bytes(base + lo, hi - lo, streaming); });
 }
 
+// ---- flat buffers on 2 MB pages -----------------------------------------------------------------
+// A step streams every flat buffer once; at 4 KB pages each stream crosses a page every 1024 fp32
+// elements, and beyond the TLB's reach (a few thousand entries, ~12 MB) each crossing is a page walk --
+// two-dimensional under a hypervisor, so expensive: measured here (KVM guest, THP in "madvise" mode), a
+// 5 M-parameter Adam step ran 1.4x faster on 2 MB pages than on 4 KB pages. Large buffers are therefore
+// mapped fresh, 2 MB aligned, and advised MADV_HUGEPAGE before their first touch (what torch's own
+// allocator does under THP_MEM_ALLOC_ENABLE=1). Where the kernel declines (THP "never", no free huge
+// pages) they are ordinary zeroed pages; values and results are the same either way.
+constexpr size_t kHugePage = size_t(2) << 20;
+
+at::Tensor optim_flat_buffer(int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(numel >= 0, "numel must be >= 0");
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  if (bytes < kHugePage) return at::zeros({numel}, at::TensorOptions().dtype(dtype));
+  const size_t len = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* raw = mmap(nullptr, len + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return at::zeros({numel}, at::TensorOptions().dtype(dtype));
+  // Trim the mapping to a 2 MB aligned start (anonymous pages are zero until written).
+  const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t start = (base + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
+  if (start > base) munmap(raw, start - base);
+  const uintptr_t end = start + len, raw_end = base + len + kHugePage;
+  if (raw_end > end) munmap(reinterpret_cast<void*>(end), raw_end - end);
+  void* data = reinterpret_cast<void*>(start);
+#ifdef MADV_HUGEPAGE
+  madvise(data, len, MADV_HUGEPAGE);  // advice only: refused, the pages are ordinary ones
+#endif
+  return at::from_blob(
+      data, {numel}, [len](void* p) { munmap(p, len); }, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
 }  // namespace
 
 void register_optim(pybind11::module_& m) {
@@ -594,6 +627,9 @@ void register_optim(pybind11::module_& m) {
         "found_inf := 1 if any grad * inv_scale is inf/NaN (left unchanged otherwise).", py::arg("grad"),
         py::arg("inv_scale"), py::arg("found_inf"));
   m.def("optim_zero", &optim_zero, "Zero a contiguous buffer (the flat-gradient zero_grad).", py::arg("buffer"));
+  m.def("optim_flat_buffer", &optim_flat_buffer,
+        "A zero-filled 1-D CPU buffer; from 2 MB up, freshly mapped, 2 MB aligned and advised onto huge pages.",
+        py::arg("numel"), py::arg("dtype"));
 }
 
 }  // namespace fastgan

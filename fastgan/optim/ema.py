@@ -106,7 +106,9 @@ class EMA:
         index = {id(p): j for j, p in enumerate(self.params)}
         if not any(id(p) in index for p in params):
             return None
-        flat = torch.empty(flat_param.numel(), dtype=torch.float32, device=flat_param.device)
+        from fastgan.optim.fused import flat_zeros  # late: fused imports this module
+
+        flat = flat_zeros(flat_param.numel(), torch.float32, flat_param.device)
         with torch.no_grad():
             for p, off in zip(params, offsets):
                 seg = flat[off:off + p.numel()]
