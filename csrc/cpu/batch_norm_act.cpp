@@ -104,7 +104,8 @@ int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 
 // Planar (NCHW) kernels work on groups of G channels whose N planes together fit kStageBytes: pass A
 // walks n outer and the group's channels inner (contiguous runs of G*H*W values, not one plane of
 // H*W values C*H*W apart), reducing each plane into per-channel lane sums: kLanes float partials per
-// plane (no horizontal reduction per plane, which dominated at H*W = 16 or 64), added to double lanes.
+// channel (no horizontal reduction per plane, which dominated at H*W = 16 or 64), moved into double
+// lanes after each plane (after several for planes shorter than 32 values: see flush_interval).
 // Pass A also copies the group into a contiguous buffer (planes C*H*W apart map to the same few L2
 // sets at DCGAN's power-of-two sizes and evict each other), which pass B reads while it is in L2.
 // A channel's result depends only on its own values in a fixed order: not on G or the thread count.
@@ -117,11 +118,17 @@ inline int64_t channel_group(int64_t C, int64_t channel_bytes) {
   return std::clamp<int64_t>(std::min(fit, per_thread), 1, std::max<int64_t>(C, 1));
 }
 
-// Adds one plane's sum(d) and sum(d^2), d = x - ref, into double lanes A and Q (and copies the plane to st).
+// Adds one plane's sum(d) and sum(d^2), d = x - ref, into the channel's float lanes A and Q (and
+// copies the plane to st). The caller moves the lanes into double every few planes (flush_interval).
 template <bool STAGE, typename scalar_t, typename opm>
 inline void plane_moments(const scalar_t* __restrict__ p, scalar_t* __restrict__ st, int64_t HW, opm ref,
-                          double* __restrict__ A, double* __restrict__ Q) {
-  opm a[kLanes] = {}, q[kLanes] = {};
+                          opm* __restrict__ A, opm* __restrict__ Q) {
+  opm a[kLanes], q[kLanes];
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    a[j] = A[j];
+    q[j] = Q[j];
+  }
   int64_t i = 0;
   for (; i + kLanes <= HW; i += kLanes) {
 #pragma omp simd
@@ -140,8 +147,29 @@ inline void plane_moments(const scalar_t* __restrict__ p, scalar_t* __restrict__
   }
 #pragma omp simd
   for (int j = 0; j < kLanes; ++j) {
-    A[j] += a[j];
-    Q[j] += q[j];
+    A[j] = a[j];
+    Q[j] = q[j];
+  }
+}
+
+// Planes whose lane sums stay in float before they move to double: every plane from 2 vectors a
+// plane up (the move is then cheap next to the plane), else up to 256 values per lane (4x4 maps:
+// the per-plane move would cost as much as the plane itself).
+inline int64_t flush_interval(int64_t HW) {
+  if (HW >= 2 * kLanes) return 1;
+  return std::max<int64_t>(1, 256 / std::max<int64_t>(1, (HW + kLanes - 1) / kLanes));
+}
+
+// Moves n float lane pairs into their double lanes and clears them.
+template <typename opm>
+inline void flush_lanes(opm* __restrict__ fa, opm* __restrict__ fq, double* __restrict__ da, double* __restrict__ dq,
+                        int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    da[j] += fa[j];
+    dq[j] += fq[j];
+    fa[j] = opm(0);
+    fq[j] = opm(0);
   }
 }
 
@@ -164,21 +192,27 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
   at::parallel_for(0, groups, 1, [=](int64_t g0, int64_t g1) {
     std::vector<scalar_t> staged(stage ? group * L.count() : 0);
     std::vector<double> lane_s(group * kLanes), lane_q(group * kLanes);
+    std::vector<opm> float_s(group * kLanes), float_q(group * kLanes);
     std::vector<opm> scale(group), shift(group), ref(group);
+    const int64_t flush_every = flush_interval(HW);
     for (int64_t gi = g0; gi < g1; ++gi) {
       const int64_t c0 = gi * group, G = std::min(C, c0 + group) - c0;
       if (training) {
         std::fill(lane_s.begin(), lane_s.end(), 0.0);
         std::fill(lane_q.begin(), lane_q.end(), 0.0);
+        std::fill(float_s.begin(), float_s.end(), opm(0));
+        std::fill(float_q.begin(), float_q.end(), opm(0));
         for (int64_t k = 0; k < G; ++k) ref[k] = static_cast<opm>(x[(c0 + k) * HW]);
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* p = x + (n * C + c0) * HW;
           for (int64_t k = 0; k < G; ++k, p += HW) {
-            double* A = lane_s.data() + k * kLanes;
-            double* Q = lane_q.data() + k * kLanes;
+            opm* A = float_s.data() + k * kLanes;
+            opm* Q = float_q.data() + k * kLanes;
             if (stage) plane_moments<true>(p, staged.data() + (n * G + k) * HW, HW, ref[k], A, Q);
             else plane_moments<false>(p, static_cast<scalar_t*>(nullptr), HW, ref[k], A, Q);
           }
+          if ((n + 1) % flush_every == 0 || n + 1 == N)
+            flush_lanes(float_s.data(), float_q.data(), lane_s.data(), lane_q.data(), G * kLanes);
         }
         const double cnt = double(L.count());
         for (int64_t k = 0; k < G; ++k) {
@@ -327,14 +361,19 @@ inline ChannelGrad channel_grad(double sum_dz, double sum_dzx, double mean, doub
   return {p, q, -p * sum_dz / cnt - q * mean};
 }
 
-// Adds one plane's sum(dz) and sum(dz (x - m)) into double lanes A and Q. MODE 0: stage gy and x
+// Adds one plane's sum(dz) and sum(dz (x - m)) into the channel's float lanes A and Q. MODE 0: stage gy and x
 // (training), 1: training unstaged, 2: eval, also writes dx = dz * p (no reduction needed for it).
 template <int MODE, int64_t ACT, typename scalar_t, typename opm>
 inline void plane_grad_moments(const scalar_t* __restrict__ g, const scalar_t* __restrict__ xv,
                                scalar_t* __restrict__ sg, scalar_t* __restrict__ sx, scalar_t* __restrict__ o,
                                int64_t HW, opm scale, opm shift, opm m, opm p_eval, opm alpha,
-                               double* __restrict__ A, double* __restrict__ Q) {
-  opm a[kLanes] = {}, q[kLanes] = {};
+                               opm* __restrict__ A, opm* __restrict__ Q) {
+  opm a[kLanes], q[kLanes];
+#pragma omp simd
+  for (int j = 0; j < kLanes; ++j) {
+    a[j] = A[j];
+    q[j] = Q[j];
+  }
   auto element = [&](int64_t i, int j) {
     if constexpr (MODE == 0) {
       sg[i] = g[i];
@@ -354,8 +393,8 @@ inline void plane_grad_moments(const scalar_t* __restrict__ g, const scalar_t* _
   for (int j = 0; i + j < HW; ++j) element(i + j, j);
 #pragma omp simd
   for (int j = 0; j < kLanes; ++j) {
-    A[j] += a[j];
-    Q[j] += q[j];
+    A[j] = a[j];
+    Q[j] = q[j];
   }
 }
 
@@ -384,6 +423,8 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
   at::parallel_for(0, groups, 1, [=](int64_t g0, int64_t g1) {
     std::vector<scalar_t> staged_g(stage ? group * L.count() : 0), staged_x(stage ? group * L.count() : 0);
     std::vector<double> lane_s(group * kLanes), lane_q(group * kLanes), invstd(group);
+    std::vector<opm> float_s(group * kLanes), float_q(group * kLanes);
+    const int64_t flush_every = flush_interval(HW);
     std::vector<opm> scale(group), shift(group), p_eval(group), kp(group), kq(group), ko(group);
     for (int64_t gi = g0; gi < g1; ++gi) {
       const int64_t c0 = gi * group, G = std::min(C, c0 + group) - c0;
@@ -396,11 +437,15 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
       }
       std::fill(lane_s.begin(), lane_s.end(), 0.0);
       std::fill(lane_q.begin(), lane_q.end(), 0.0);
+      std::fill(float_s.begin(), float_s.end(), opm(0));
+      std::fill(float_q.begin(), float_q.end(), opm(0));
       for (int64_t n = 0; n < N; ++n) {
+        if (n > 0 && n % flush_every == 0)
+          flush_lanes(float_s.data(), float_q.data(), lane_s.data(), lane_q.data(), G * kLanes);
         for (int64_t k = 0; k < G; ++k) {
           const int64_t off = (n * C + c0 + k) * HW, soff = (n * G + k) * HW;
-          double* A = lane_s.data() + k * kLanes;
-          double* Q = lane_q.data() + k * kLanes;
+          opm* A = float_s.data() + k * kLanes;
+          opm* Q = float_q.data() + k * kLanes;
           const opm m = mean[c0 + k];
           if (stage) {
             plane_grad_moments<0, ACT>(gy + off, x + off, staged_g.data() + soff, staged_x.data() + soff,
@@ -417,6 +462,7 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
           }
         }
       }
+      flush_lanes(float_s.data(), float_q.data(), lane_s.data(), lane_q.data(), G * kLanes);
       for (int64_t k = 0; k < G; ++k) {
         double s_dz = 0, s_dzx = 0;
         for (int j = 0; j < kLanes; ++j) {
