@@ -26,6 +26,12 @@ Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
   ``track_running_stats=True``, and spectral normalisation (its power iteration advances at every
   forward). With any of those D runs twice (real, then fake), so results equal the eager loop's.
   Modules fastgan cannot see through (a minibatch-stddev layer, say) need ``joint_d_forward=False``.
+* **channels_last.** On CPU, when G or D has 2-D convolutions, 4-D real batches and latents are
+  handed to the networks in ``torch.channels_last`` layout (a real batch is copied into a buffer kept
+  per shape; a (N, C, 1, 1) latent only gets channels_last strides), so oneDNN runs every convolution
+  and the fused BatchNorm kernels in NHWC without reordering at each call (measured ~15% of a DCGAN step
+  on CPU). Same values and noise draws; results equal the NCHW run's to rounding.
+  ``channels_last=False`` turns it off.
 * **Sigmoid.** A D whose last executed layer is ``nn.Sigmoid`` (as the DCGAN example's) is detected
   on the first step by a probe forward (eval mode, no autograd); the trainer then uses the Sigmoid's
   input as the logit (one warning). Called outside the trainer, D still returns probabilities.
@@ -137,6 +143,11 @@ def _batch_dependent_layers(module: nn.Module) -> list[str]:
                     found.append(name or type(m).__name__)
                     break
     return found
+
+
+def _has_conv2d(module: nn.Module) -> bool:
+    """Whether ``module`` has 2-D (transposed) convolutions, which oneDNN runs faster in channels_last."""
+    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in module.modules())
 
 
 class _SigmoidTap(nn.Module):
@@ -285,6 +296,9 @@ class Trainer:
             keys). D is fused on the first step, after the Sigmoid check.
         joint_d_forward: ``None`` decides from D's layers (see the module docstring); True / False
             force one joint real+fake forward of D or two separate ones.
+        channels_last: ``None`` (on for CPU training when G or D has 2-D convolutions), True or False:
+            feed 4-D real batches and latents to the networks in ``torch.channels_last`` layout (see
+            the module docstring).
         device: where to train; default: where G's parameters are. The networks are moved there.
         seed: seeds the trainer's own generator (noise, WGAN-GP's eps, the order of ``fit``'s data).
     """
@@ -305,6 +319,7 @@ class Trainer:
                  cuda_graphs: bool | str = "auto",
                  fuse: bool = True,
                  joint_d_forward: bool | None = None,
+                 channels_last: bool | None = None,
                  device: torch.device | str | None = None,
                  seed: int | None = None) -> None:
         # ---- the networks, their device and dtype --------------------------------------------
@@ -381,6 +396,11 @@ class Trainer:
         self.fuse = fuse
         if joint_d_forward not in (None, True, False):
             raise ValueError(f"joint_d_forward must be None, True or False, got {joint_d_forward!r}")
+        if channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be None, True or False, got {channels_last!r}")
+        if channels_last is None:
+            channels_last = self.device.type == "cpu" and (_has_conv2d(generator) or _has_conv2d(discriminator))
+        self.channels_last = channels_last
         self.batch_dependent_layers = _batch_dependent_layers(discriminator)
         self.joint_d_forward = (not self.batch_dependent_layers) if joint_d_forward is None else joint_d_forward
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
@@ -437,6 +457,7 @@ class Trainer:
         self.step_count = 0     # G updates (iterations of Algorithm 1) done
         self.d_step_count = 0   # D updates done
         self._z_cache: dict[int, torch.Tensor] = {}
+        self._layout_cache: dict[tuple, torch.Tensor] = {}  # channels_last copies of real batches, per shape
         self._eps_cache: dict[tuple, torch.Tensor] = {}
         self._checked_real: tuple | None = None
         self._sample_shape: torch.Size | None = None
@@ -596,7 +617,7 @@ class Trainer:
         first call is ``g_step``), find a final Sigmoid, then fuse D."""
         d = self.discriminator
         probe_n = 2 * self.pack if real.shape[0] >= 2 * self.pack else self.pack
-        probe = self._pack(real[:probe_n])
+        probe = self._pack(self._layout(real[:probe_n]))
         leaves = [m for m in d.modules() if not m._modules]
         calls: list[tuple[nn.Module, torch.Tensor]] = []
 
@@ -677,7 +698,25 @@ class Trainer:
             z.normal_(generator=self._gen)
         else:
             z.uniform_(-1.0, 1.0, generator=self._gen)
-        return z
+        return self._layout(z)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the layout the networks run fastest on: with ``channels_last`` a 4-D batch becomes
+        channels_last (same values; a (N, C, 1, 1) latent is only given channels_last strides, a view of
+        the same memory; a real batch is copied into a buffer kept per shape). Other inputs as they are."""
+        if not self.channels_last or x.dim() != 4:
+            return x
+        n, c, h, w = x.shape
+        if x.stride() == (h * w * c, 1, w * c, c):
+            return x
+        if h * w == 1 and x.is_contiguous():
+            # torch.contiguous(channels_last) keeps the (C, 1, 1, 1) strides, which convolutions read as NCHW
+            return x.as_strided(x.shape, (c, 1, c, c))
+        key = (x.shape, x.dtype)
+        buf = self._layout_cache.get(key)
+        if buf is None:
+            buf = self._layout_cache[key] = torch.empty_like(x, memory_format=torch.channels_last)
+        return buf.copy_(x)
 
     def _draw_eps(self, real: torch.Tensor) -> torch.Tensor:
         key = (real.shape[0], real.dim())
@@ -789,18 +828,16 @@ class Trainer:
     # the three kinds of call, eager (the CUDA-graph runner calls these too)
 
     def _eager_d_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
-        if z is None:
-            z = self._draw_z(real.shape[0])
-        return self._d_update(real, z, None, r1_due)
+        z = self._draw_z(real.shape[0]) if z is None else self._layout(z)
+        return self._d_update(self._layout(real), z, None, r1_due)
 
     def _eager_g_step(self, batch: int, z: torch.Tensor | None, _r1_due: bool = False) -> dict[str, torch.Tensor]:
-        if z is None:
-            z = self._draw_z(batch)
+        z = self._draw_z(batch) if z is None else self._layout(z)
         return self._g_update(z, None)
 
     def _eager_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
-        if z is None:
-            z = self._draw_z(real.shape[0])
+        z = self._draw_z(real.shape[0]) if z is None else self._layout(z)
+        real = self._layout(real)
         with self._autocast():
             fake = self.generator(z)  # with autograd: the G update below reuses this forward
         self._check_fake(fake, real.shape)

@@ -348,6 +348,61 @@ def test_joint_d_forward_can_be_forced():
     assert Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=False, joint_d_forward=True).joint_d_forward is True
 
 
+def _is_channels_last(x):
+    n, c, h, w = x.shape
+    return x.stride() == (h * w * c, 1, w * c, c)
+
+
+@pytest.mark.parametrize("fuse", fuse_options())
+def test_channels_last_is_automatic_for_conv_nets_on_cpu_and_changes_no_result(fuse):
+    """CPU conv nets get their 4-D inputs in channels_last (oneDNN's fast layout); the parameters after
+    ten steps (noise drawn by the trainer, lazy R1 on the channels_last real batch) equal the NCHW run's."""
+    g, d = dcgan_pair()
+    g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
+    seen = []
+    g.register_forward_pre_hook(lambda m, i: seen.append(("G", _is_channels_last(i[0]))))
+    d.register_forward_pre_hook(lambda m, i: seen.append(("D", _is_channels_last(i[0]))))
+    # (R1 only unfused: the fused BatchNormAct's double backward fails when a convolution follows it)
+    r1 = {} if fuse else dict(r1_gamma=1.0, r1_every=2)
+    fast = Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=fuse, seed=3, **r1)
+    plain = Trainer(g2, d2, latent_dim=(NZ, 1, 1), fuse=fuse, seed=3, channels_last=False, **r1)
+    assert fast.channels_last is True and plain.channels_last is False
+    gen = torch.Generator().manual_seed(1)
+    for i in range(10):
+        real = real_batch("dcgan", 8, gen)
+        if i % 3 == 2:
+            fast.d_step(real)
+            plain.d_step(real)
+            fast.g_step()
+            plain.g_step()
+        else:
+            fast.step(real)
+            plain.step(real)
+    assert seen and all(is_cl for _, is_cl in seen) and {who for who, _ in seen} == {"G", "D"}
+    assert_rel_close(g, g2, what="G ")
+    assert_rel_close(d, d2, what="D ")
+    z = torch.randn(4, NZ, 1, 1)
+    torch.testing.assert_close(fast.sample(4, z=z), plain.sample(4, z=z), rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_off_for_mlps_and_checked():
+    g, d = mlp_pair()
+    assert Trainer(g, d, latent_dim=NZ, fuse=False).channels_last is False
+    with pytest.raises(ValueError, match="channels_last"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, channels_last="yes")
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 1, 1), (5, 3, 4, 6), (1, 2, 3, 3)])
+def test_channels_last_layout_keeps_values(shape):
+    g, d = dcgan_pair()
+    trainer = Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=False)
+    x = torch.randn(shape)
+    y = trainer._layout(x)
+    assert torch.equal(y, x) and _is_channels_last(y)
+    assert trainer._layout(y) is y  # already channels_last: no copy
+    assert trainer._layout(torch.randn(4, 6)).dim() == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # penalties against torch.autograd.grad
 # ---------------------------------------------------------------------------------------------
