@@ -391,9 +391,9 @@ def test_custom_ops_opcheck_and_second_order(impl, training):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_cpu_channel_larger_than_staging_buffer(training):
-    """The C++ planar kernels stage a channel in a buffer between passes only when it fits (384 KiB);
-    this channel (2 x 230 x 230 float32 = 413 KiB) takes the unstaged path."""
+def test_cpu_large_planes(training):
+    """Large planes in the C++ planar kernels (2 x 230 x 230 per channel, 413 KiB: many lane vectors,
+    a tail, one float->double move of the lane sums per plane)."""
     x = make_x((2, 2, 230, 230), "contiguous", torch.float32).requires_grad_(True)
     w, b = (torch.rand(2) + 0.5).requires_grad_(True), torch.randn(2).requires_grad_(True)
     rm, rv = torch.randn(2), torch.rand(2) + 0.5
