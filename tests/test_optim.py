@@ -700,3 +700,32 @@ def test_large_flat_buffers_are_2mb_aligned_zeroed_and_freed():
     assert bucket.flat_param.data_ptr() % (2 << 20) == 0 and bucket.flat_grad.data_ptr() % (2 << 20) == 0
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)  # storages of mapped buffers serialise as any other
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [37, 100_003])  # one thread / threaded slices
+def test_nonfinite_check_detects_exactly_inf_and_nan(dtype, n):
+    """optim_nonfinite_check tests the exponent bits: every inf/NaN (either sign, any payload) is found
+    anywhere in the buffer; the largest finite values, subnormals and -0.0 are not; with an inverse
+    scale the unscaled value is tested."""
+    ext = extension()
+    finfo = torch.finfo(dtype)
+    neg_nan = -torch.tensor(float("nan"))
+    bad_values = [float("inf"), float("-inf"), float("nan"), float(neg_nan)]
+    fine_values = [finfo.max, -finfo.max, finfo.tiny / 4, -0.0]
+
+    def found(values_at, inv_scale=None):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        for i, value in values_at:
+            g[i] = value
+        flag = torch.zeros(())
+        ext.optim_nonfinite_check(g, inv_scale, flag)
+        return float(flag)
+
+    for value in bad_values:
+        for i in (0, n // 2, n - 1):
+            assert found([(i, value)]) == 1.0, (value, i)
+    assert found([(i, v) for i, v in zip((0, n // 3, n // 2, n - 1), fine_values)]) == 0.0
+    assert found([(n - 1, finfo.max)], inv_scale=torch.tensor(4.0)) == 1.0  # overflows once unscaled
+    assert found([(n - 1, float("inf"))], inv_scale=torch.tensor(0.0)) == 1.0  # inf * 0 = NaN
+    assert found([(n - 1, finfo.max)], inv_scale=torch.tensor(0.5)) == 0.0
