@@ -93,7 +93,9 @@ class EMA:
         """Called by the fused optimizers at the end of their step (grad mode already off there): the
         shadows they did not update in their pass get the same (skip-aware, sync-free) update;
         buffers are copied."""
-        rest = [j for j in range(len(self.params)) if j not in self._fused] if len(self._fused) < len(self.params) else ()
+        rest = ()
+        if len(self._fused) < len(self.params):
+            rest = [j for j in range(len(self.params)) if j not in self._fused]
         if rest:
             weight = (1.0 - found_inf) * (1.0 - self.beta)
             self._lerp(rest, weight)

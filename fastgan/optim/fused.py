@@ -513,9 +513,8 @@ class FusedAdam(_FusedOptimizer):
             b.kernels.optim_adam_step(*args, lr_tensor, lr, beta1, beta2, eps, weight_decay, decoupled, shadow,
                                       ema_beta, check_inside)
         else:
-            kw = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                      ema_shadow=shadow, ema_beta=ema_beta)
-            _adam_torch(*args, lr=group["lr"], **{k: v for k, v in kw.items() if k not in ("lr", "check_nonfinite")})
+            _adam_torch(*args, lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                        decoupled=decoupled, ema_shadow=shadow, ema_beta=ema_beta)
 
 
 class FusedSGD(_FusedOptimizer):
