@@ -392,6 +392,25 @@ def test_channels_last_off_for_mlps_and_checked():
         Trainer(g, d, latent_dim=NZ, fuse=False, channels_last="yes")
 
 
+def test_channels_last_with_pack_and_r1_matches_nchw():
+    """pack=2 merges sample pairs along channels (a reshape of the channels_last batch) and R1 takes
+    the gradient with respect to the channels_last real batch: same parameters as the NCHW run."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 3 * 6 * 6), nn.Unflatten(1, (3, 6, 6)))
+    d = nn.Sequential(nn.Conv2d(6, 4, 3), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(64, 1))
+    g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
+    kw = dict(latent_dim=NZ, pack=2, fuse=False, seed=0, r1_gamma=2.0, r1_every=1)
+    fast, plain = Trainer(g, d, **kw), Trainer(g2, d2, channels_last=False, **kw)
+    assert fast.channels_last and not plain.channels_last
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        real = torch.randn(8, 3, 6, 6, generator=gen)
+        a, b = fast.step(real), plain.step(real)
+        torch.testing.assert_close(a["r1"], b["r1"], rtol=1e-4, atol=1e-6)
+    assert_rel_close(g, g2, what="G ")
+    assert_rel_close(d, d2, what="D ")
+
+
 @pytest.mark.parametrize("shape", [(5, 7, 1, 1), (5, 3, 4, 6), (1, 2, 3, 3)])
 def test_channels_last_layout_keeps_values(shape):
     g, d = dcgan_pair()
