@@ -5,6 +5,11 @@
 Prints, per contender, the median step time and the ops with the most self CPU time (CUDA time too
 on a GPU), so that a missed target can be traced to an op, a copy or Python overhead (the gap between
 the step time and the sum of op self times).
+
+``--phases`` (CPU) instead times the phases of the step in place: G's and D's forward calls, the
+backward passes, the optimizer steps and zero_grad calls, the loss functions (the time each takes
+within a step, median over the steps; "rest" is the median of what a step spends outside them). fastgan's C++ layers run their GEMMs outside torch's
+op profiler, so the op table cannot show them; the phases can.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
+    parser.add_argument("--phases", action="store_true", help="time the phases of the step instead (CPU)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         contender = common.make_contender(name, problem, device, initial)
         for _ in range(5):
             contender.step(*inputs.next())
+        if args.phases:
+            print_phases(name, problem, contender, inputs, args.steps)
+            continue
         common.synchronize(device)
         times = []
         for _ in range(args.steps):
@@ -61,6 +70,60 @@ def main(argv: list[str] | None = None) -> int:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=args.rows))
     return 0
+
+
+def _phase_targets(contender) -> list[tuple[object, str, str]]:
+    """(object, method name, phase label) of what to time in place for this contender."""
+    targets = [(contender.generator, "forward", "G forward"), (contender.discriminator, "forward", "D forward"),
+               (torch.Tensor, "backward", "backward")]
+    trainer = getattr(contender, "trainer", None)
+    if trainer is not None:
+        targets += [(trainer.d_optimizer, "step", "D optimizer step"), (trainer.g_optimizer, "step", "G optimizer step"),
+                    (trainer.d_optimizer, "zero_grad", "D zero_grad"), (trainer.g_optimizer, "zero_grad", "G zero_grad"),
+                    (trainer, "_d_loss_fn", "d_loss"), (trainer, "_g_loss_fn", "g_loss")]
+    else:
+        targets += [(contender.opt_d, "step", "D optimizer step"), (contender.opt_g, "step", "G optimizer step")]
+    return targets
+
+
+def print_phases(name: str, problem, contender, inputs, steps: int) -> None:
+    """Median wall time per step of each phase (see the module docstring), timed in place."""
+    from collections import defaultdict
+    current: dict[str, float] = defaultdict(float)  # phase -> wall time within the running step
+    undo = []
+    for obj, attr, label in _phase_targets(contender):
+        original = getattr(obj, attr)
+        had_own = attr in vars(obj)  # an instance attribute to restore, else a class attribute to reveal
+
+        def timed(*a, _original=original, _label=label, **k):
+            t0 = time.perf_counter()
+            try:
+                return _original(*a, **k)
+            finally:
+                current[_label] += time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+        undo.append((obj, attr, original if had_own or isinstance(obj, type) else None))
+    try:
+        step_times, per_step = [], []
+        for _ in range(steps):
+            current.clear()
+            t0 = time.perf_counter()
+            contender.step(*inputs.next())
+            step_times.append(time.perf_counter() - t0)
+            per_step.append(dict(current))
+    finally:
+        for obj, attr, original in reversed(undo):
+            if original is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, original)
+    print(f"\n=== {problem.name} / {name}: median step {statistics.median(step_times) * 1e3:.3f} ms; "
+          "phases (median over steps of the time spent in each per step) ===")
+    for label in per_step[0]:
+        print(f"  {label:18s} {statistics.median(p.get(label, 0.0) for p in per_step) * 1e3:8.3f} ms")
+    rest = statistics.median(t - sum(p.values()) for t, p in zip(step_times, per_step))
+    print(f"  {'rest':18s} {rest * 1e3:8.3f} ms  (step minus its phases: Python, stats, other ops)")
 
 
 if __name__ == "__main__":
