@@ -442,3 +442,21 @@ def test_cpu_planar_channel_groups(training, shape):
         close(got, want, 1e-5, what)
     close(single[4], rm_exp, 1e-5, "running_mean")
     close(single[5], rv_exp, 1e-5, "running_var")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_eager_autograd_nodes_without_affine(training, layout):
+    """Eager impl="cpu" calls record C++ autograd nodes (BatchNormActFn; its backward node re-derives
+    second-order terms with ATen ops): first and second derivatives without weight and bias, against
+    gradcheck / gradgradcheck in float64, and the node really is the C++ one."""
+    x = make_x((3, 4, 2, 3), layout, torch.float64).requires_grad_(True)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    y = batch_norm_act(x, None, None, rm.clone(), rv.clone(), training, act="tanh", impl="cpu")
+    assert "BatchNormActFn" in y.grad_fn.name()
+
+    def fn(x_):
+        return batch_norm_act(x_, None, None, rm.clone(), rv.clone(), training, act="tanh", impl="cpu")
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))

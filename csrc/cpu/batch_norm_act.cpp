@@ -617,9 +617,160 @@ void batch_norm_update_running_stats(Tensor running_mean, Tensor running_var, co
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Eager autograd in C++ (as LinearActFn in layers.cpp): the same kernels and gradient structure as
+// the torch.library ops of fastgan/ops/batch_norm_act.py (which torch.compile uses), without the
+// per-call cost of Python autograd.Functions. The backward is BatchNormActBackwardFn, whose own
+// backward re-derives (dx, dweight, dbias) with the reference formulas in differentiable ATen ops
+// and differentiates them (as _backward_backward in Python): R1 / gradient penalties work.
+// Absent weight / bias / statistics travel as empty tensors plus a flag (an undefined tensor cannot be
+// a Function input; an empty one can also be a real zero-channel tensor).
+// ---------------------------------------------------------------------------------------------
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::optional<Tensor> present(const Tensor& t, bool has) { return has ? std::optional<Tensor>(t) : std::nullopt; }
+
+at::MemoryFormat memory_format_of(const Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+Tensor act_reference(const Tensor& z, int64_t act, double alpha) {
+  switch (act) {
+    case kActLinear: return z;
+    case kActRelu: return at::relu(z);
+    case kActLrelu: return at::leaky_relu(z, alpha);
+    case kActTanh: return at::tanh(z);
+    case kActSigmoid: return at::sigmoid(z);
+    default: TORCH_CHECK(false, "unknown activation id ", act);
+  }
+  return z;
+}
+
+struct BatchNormActBackwardFn : public torch::autograd::Function<BatchNormActBackwardFn> {
+  static variable_list forward(AutogradContext* ctx, Tensor grad_out, Tensor x, Tensor weight, Tensor bias,
+                               Tensor mean, Tensor var, bool training, double eps, int64_t act, double alpha,
+                               bool has_w, bool has_b) {
+    auto r = batch_norm_act_backward(grad_out, x, present(weight, has_w), present(bias, has_b), mean, var, training,
+                                     eps, act, alpha);
+    if (has_w && r[1].scalar_type() != weight.scalar_type()) r[1] = r[1].to(weight.scalar_type());
+    if (has_b && r[2].scalar_type() != bias.scalar_type()) r[2] = r[2].to(bias.scalar_type());
+    ctx->save_for_backward({grad_out, x, weight, bias, mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["has_w"] = has_w;
+    ctx->saved_data["has_b"] = has_b;
+    return {r[0], r[1], r[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list gg) {
+    const auto saved = ctx->get_saved_variables();
+    const bool training = ctx->saved_data["training"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble(), alpha = ctx->saved_data["alpha"].toDouble();
+    const int64_t act = ctx->saved_data["act"].toInt();
+    const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+    const bool create = at::GradMode::is_enabled();
+    at::AutoGradMode enable(true);
+    auto leaf = [](const Tensor& t) { return t.requires_grad() ? t : t.detach().requires_grad_(true); };
+    const Tensor go = leaf(saved[0]), x = leaf(saved[1]);
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const int64_t C = x.size(1);
+    const Tensor w = has_w ? leaf(saved[2]) : at::ones({C}, x.options().dtype(acc)).requires_grad_(true);
+    const Tensor b = has_b ? leaf(saved[3]) : at::zeros({C}, x.options().dtype(acc)).requires_grad_(true);
+    // the reference (fastgan/ops/batch_norm_act.py: _reference_core), differentiable
+    std::vector<int64_t> dims{0}, shape{1, C};
+    for (int64_t d = 2; d < x.dim(); ++d) {
+      dims.push_back(d);
+      shape.push_back(1);
+    }
+    const Tensor xf = x.to(acc);
+    Tensor mean, var;
+    if (training) {
+      mean = xf.mean(dims);
+      var = xf.var(dims, /*unbiased=*/false);
+    } else {
+      mean = saved[4].to(acc);
+      var = saved[5].to(acc);
+    }
+    Tensor z = (xf - mean.view(shape)) * at::rsqrt(var.view(shape) + eps);
+    z = z * w.to(acc).view(shape) + b.to(acc).view(shape);
+    const Tensor y = act_reference(z, act, alpha).to(x.scalar_type());
+    const auto first = torch::autograd::grad({y}, {x, w, b}, {go}, /*retain_graph=*/true, /*create_graph=*/true);
+    std::vector<Tensor> outs, grads;
+    for (int i = 0; i < 3; ++i) {
+      if (gg[i].defined() && first[i].defined()) {
+        outs.push_back(first[i]);
+        grads.push_back(gg[i].to(first[i].scalar_type()));
+      }
+    }
+    std::vector<Tensor> wrt{go, x};
+    if (has_w) wrt.push_back(w);
+    if (has_b) wrt.push_back(b);
+    std::vector<Tensor> res(wrt.size());
+    if (!outs.empty()) res = torch::autograd::grad(outs, wrt, grads, /*retain_graph=*/create, create, /*allow_unused=*/true);
+    size_t k = 0;
+    const Tensor g_go = res[k++], g_x = res[k++];
+    const Tensor g_w = has_w ? res[k++] : Tensor();
+    const Tensor g_b = has_b ? res[k++] : Tensor();
+    return {g_go, g_x, g_w, g_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
+  static variable_list forward(AutogradContext* ctx, Tensor x, Tensor weight, Tensor bias, Tensor mean_in,
+                               Tensor var_in, bool training, double eps, int64_t act, double alpha, bool has_w,
+                               bool has_b, bool has_stats) {
+    auto r = batch_norm_act_forward(x, present(weight, has_w), present(bias, has_b), present(mean_in, has_stats),
+                                    present(var_in, has_stats), training, eps, act, alpha);
+    ctx->save_for_backward({x, weight, bias, r[1], r[2]});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["has_w"] = has_w;
+    ctx->saved_data["has_b"] = has_b;
+    ctx->mark_non_differentiable({r[1], r[2]});
+    return {r[0], r[1], r[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor grad_y = grads[0].defined() ? grads[0].contiguous(memory_format_of(x))
+                                             : at::zeros_like(x, x.options(), memory_format_of(x));
+    const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+    auto r = BatchNormActBackwardFn::apply(grad_y, x, saved[1], saved[2], saved[3], saved[4],
+                                           ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+                                           ctx->saved_data["act"].toInt(), ctx->saved_data["alpha"].toDouble(), has_w,
+                                           has_b);
+    return {r[0], has_w ? r[1] : Tensor(), has_b ? r[2] : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 }  // namespace
 
 void register_batch_norm_act(pybind11::module_& m) {
+  m.def("batch_norm_act_autograd",
+        [](const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+           const std::optional<Tensor>& mean, const std::optional<Tensor>& var, bool training, double eps,
+           int64_t act, double alpha) {
+          const auto has = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined(); };
+          const auto empty = [&](const std::optional<Tensor>& t) { return has(t) ? *t : at::empty({0}, x.options()); };
+          auto r = BatchNormActFn::apply(x, empty(weight), empty(bias), empty(mean), empty(var), training, eps, act,
+                                         alpha, has(weight), has(bias), has(mean) && has(var));
+          return std::make_tuple(r[0], r[1], r[2]);
+        },
+        "BatchNorm + activation forward with its backward recorded by C++ autograd nodes (eager CPU path): "
+        "(y, mean, biased var)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"),
+        pybind11::arg("var"), pybind11::arg("training"), pybind11::arg("eps"), pybind11::arg("act"),
+        pybind11::arg("alpha"));
   m.def("batch_norm_act_forward", &batch_norm_act_forward,
         "BatchNorm + activation forward (CPU): (y, mean, biased var); batch statistics when training",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("mean"),

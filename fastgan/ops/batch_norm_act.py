@@ -116,8 +116,10 @@ def _reference_input_grads(grad_out, x, weight, bias, mean, var, training, eps, 
 
 # Each op is a plain function (``_forward_impl``, ``_backward_impl``) exposed twice: as a
 # torch.library custom op (what torch.compile traces: fake implementation + registered autograd) and,
-# for eager calls, as a torch.autograd.Function with the same backward logic. The custom-op
-# dispatcher costs some 0.1-0.3 ms a call in eager mode, as much as the whole kernel at small sizes.
+# for eager calls, as a torch.autograd.Function with the same backward logic (eager CPU calls use the
+# C++ twins BatchNormActFn / BatchNormActBackwardFn in csrc/cpu/batch_norm_act.cpp instead: the
+# Python Functions cost ~60 us a training step). The custom-op dispatcher costs some 0.1-0.3 ms a
+# call in eager mode, as much as the whole kernel at small sizes.
 
 def _forward_impl(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float, impl: str):
     """(y, mean, biased var): batch statistics in training (mean/var inputs unused), else copies of
@@ -289,6 +291,11 @@ class _ForwardFunction(torch.autograd.Function):
         return _forward_backward(ctx, grad_y, grad_mean, grad_var, backward=_BackwardFunction.apply)
 
 
+def _cpu_autograd_forward(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float, impl: str):
+    """(y, mean, biased var) through the C++ autograd nodes (impl "cpu", eager)."""
+    return extension().batch_norm_act_autograd(x, weight, bias, mean, var, training, eps, act, alpha)
+
+
 def _update_running_stats(running_mean, running_var, batch_mean, batch_var, count: int, momentum: float,
                           num_batches_tracked: Optional[torch.Tensor]) -> None:
     """In place, as nn.BatchNorm: factor = momentum, or 1 / num_batches_tracked when that is given
@@ -394,7 +401,12 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     x4 = x.unsqueeze(-1) if x.dim() == 3 else x  # (N, C, L) walks as (N, C, L, 1)
     x4 = _normalise_layout(x4)
     stats_in = (None, None) if use_batch_stats else (running_mean, running_var)
-    forward = _forward_op if torch.compiler.is_compiling() else _ForwardFunction.apply
+    if torch.compiler.is_compiling():
+        forward = _forward_op
+    elif impl == "cpu":  # the same kernels and backward with the autograd nodes in C++ (no Python per call)
+        forward = _cpu_autograd_forward
+    else:
+        forward = _ForwardFunction.apply
     y, mean, var = forward(x4, weight, bias, stats_in[0], stats_in[1], use_batch_stats, float(eps),
                                spec.index, float(alpha), impl)
     if training and running_mean is not None:
