@@ -20,12 +20,15 @@ Usage::
 
 Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
 
-* **Joint D forward.** D sees ``cat([real, fake])`` in one forward pass when none of its layers
-  makes one sample's output depend on the rest of the batch or on how many times D ran:
-  ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, lazy variants), InstanceNorm with
-  ``track_running_stats=True``, and spectral normalisation (its power iteration advances at every
-  forward). With any of those D runs twice (real, then fake), so results equal the eager loop's.
-  Modules fastgan cannot see through (a minibatch-stddev layer, say) need ``joint_d_forward=False``.
+* **Joint D forward.** D sees ``cat([real, fake])`` in one forward pass (bigger GEMMs, half the
+  per-layer calls) when every one of its modules is of a type known to compute each sample on its
+  own: ``nn.Sequential``, Linear, Conv*/ConvTranspose*, activations, pooling, padding, Flatten /
+  Unflatten, Upsample, LayerNorm / GroupNorm, InstanceNorm without running statistics, fastgan's
+  fused versions of these (exact types, no forward hooks; ``_PER_SAMPLE_MODULES``). Anything else
+  (BatchNorm, spectral norm, dropout, a minibatch-stddev layer, a D class with its own ``forward``)
+  makes D run twice (real, then fake), so results equal the eager loop's. ``joint_d_forward=True``
+  turns it on for a D whose own code is known to be per-sample; ``trainer.batch_dependent_layers``
+  names what kept it off.
 * **channels_last.** On CPU, when G or D has 2-D convolutions, 4-D real batches and latents are
   handed to the networks in ``torch.channels_last`` layout (a real batch is copied into a buffer kept
   per shape; a (N, C, 1, 1) latent only gets channels_last strides), so oneDNN runs every convolution
@@ -126,23 +129,47 @@ def _check_real(name: str, value, low: float, high: float | None = None, *, low_
     return float(value)
 
 
-def _batch_dependent_layers(module: nn.Module) -> list[str]:
-    """Names of submodules whose output for one sample depends on the rest of the batch or on how
-    many forward passes ran (so a joint real+fake forward would differ from two separate ones)."""
-    found = []
-    for name, m in module.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            found.append(name or type(m).__name__)
-        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
-            found.append(name or type(m).__name__)
-        elif any(type(h).__name__ == "SpectralNorm" for h in m._forward_pre_hooks.values()):
-            found.append(name or type(m).__name__)
-        elif torch.nn.utils.parametrize.is_parametrized(m):
-            for plist in m.parametrizations.values():
-                if any(type(p).__name__ == "_SpectralNorm" for p in plist):
-                    found.append(name or type(m).__name__)
-                    break
-    return found
+# Module types whose output for one sample depends on that sample alone (and on nothing random or
+# stateful), by exact type: a subclass may override forward. D runs real and fake in one joint
+# forward only when all its modules are of these types (``_modules_blocking_joint_forward``).
+_PER_SAMPLE_MODULES: tuple[type, ...] = (
+    nn.Sequential, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+    nn.LayerNorm, nn.GroupNorm,
+)
+
+
+def _per_sample_module(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None):
+        return False  # a hook (spectral_norm's, a user's) may do anything
+    if type(m) in _PER_SAMPLE_MODULES or isinstance(m, _SigmoidTap):
+        return True
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and type(m).__module__ == "torch.nn.modules.instancenorm":
+        return not m.track_running_stats  # with running statistics, eval mode mixes the batch in
+    try:  # fastgan's fused replacements of the types above (not those with BatchNorm)
+        from fastgan.nn.layers import BiasAct, FusedLinear, _ConvActMixin
+    except ImportError:
+        return False
+    return type(m).__module__ == "fastgan.nn.layers" and isinstance(m, (BiasAct, FusedLinear, _ConvActMixin))
+
+
+def _modules_blocking_joint_forward(module: nn.Module) -> list[str]:
+    """Names of D's modules that are not known to be per-sample (see ``_PER_SAMPLE_MODULES``): with
+    any of them, real and fake go through D separately, as in the eager loop. Deliberately
+    conservative: BatchNorm, a minibatch-stddev layer, spectral norm (its power iteration advances at
+    every forward), dropout (the random masks would be drawn in another order) and any module with its
+    own forward code (the user's D class itself, say) are on this list."""
+    return [name or type(m).__name__ for name, m in module.named_modules() if not _per_sample_module(m)]
 
 
 def _has_conv2d(module: nn.Module) -> bool:
@@ -401,7 +428,8 @@ class Trainer:
         if channels_last is None:
             channels_last = self.device.type == "cpu" and (_has_conv2d(generator) or _has_conv2d(discriminator))
         self.channels_last = channels_last
-        self.batch_dependent_layers = _batch_dependent_layers(discriminator)
+        # D's modules not known to be per-sample; the joint real+fake forward needs none
+        self.batch_dependent_layers = _modules_blocking_joint_forward(discriminator)
         self.joint_d_forward = (not self.batch_dependent_layers) if joint_d_forward is None else joint_d_forward
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")

@@ -308,15 +308,28 @@ def test_user_frozen_discriminator_parameter_stays_frozen():
     assert torch.equal(d[0].bias, before)
 
 
+class BatchMeanShift(nn.Module):
+    """Couples the samples of a batch (as a minibatch-stddev layer does): not on the per-sample list."""
+
+    def forward(self, x):
+        return x + 0.5 * x.mean(0, keepdim=True)
+
+
 @pytest.mark.parametrize("kind, expected_joint", [("plain", True), ("batchnorm", False), ("instancenorm_stats", False),
-                                                  ("instancenorm", True), ("spectral", False), ("spectral_param", False)])
+                                                  ("instancenorm", True), ("spectral", False), ("spectral_param", False),
+                                                  ("batch_mean", False), ("dropout", False), ("groupnorm", True),
+                                                  ("hooked", False)])
 def test_joint_forward_only_without_batch_dependent_layers(kind, expected_joint):
     torch.manual_seed(0)
     g = nn.Sequential(nn.Linear(NZ, 12), nn.ReLU(), nn.Linear(12, 2 * 4 * 4), nn.Unflatten(1, (2, 4, 4)))
     norm = {"plain": nn.Identity(), "batchnorm": nn.BatchNorm2d(4),
             "instancenorm_stats": nn.InstanceNorm2d(4, track_running_stats=True),
             "instancenorm": nn.InstanceNorm2d(4, affine=True), "spectral": nn.Identity(),
-            "spectral_param": nn.Identity()}[kind]
+            "spectral_param": nn.Identity(), "batch_mean": BatchMeanShift(),
+            "dropout": nn.Dropout(0.0),  # p=0 keeps the comparison exact; dropout still keeps D separate
+            "groupnorm": nn.GroupNorm(2, 4), "hooked": nn.Identity()}[kind]
+    if kind == "hooked":
+        norm.register_forward_hook(lambda m, i, o: o)
     first = nn.Conv2d(2, 4, 3, padding=1, bias=False)  # a bias before a norm layer has no gradient (only noise)
     if kind == "spectral":
         first = nn.utils.spectral_norm(first)
@@ -346,6 +359,32 @@ def test_joint_d_forward_can_be_forced():
     assert Trainer(g, d, latent_dim=NZ, fuse=False, joint_d_forward=False).joint_d_forward is False
     g, d = dcgan_pair()
     assert Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=False, joint_d_forward=True).joint_d_forward is True
+
+
+class WrappedMLPDiscriminator(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_joint_forward_stays_off_for_own_forward_code_and_on_for_fused_layers():
+    """A D class with its own forward is not known to be per-sample (joint off, named in
+    batch_dependent_layers; joint_d_forward=True turns it on); a D already made of fastgan's fused
+    layers is."""
+    import fastgan
+    g, d = mlp_pair()
+    trainer = Trainer(g, WrappedMLPDiscriminator(d), latent_dim=NZ, fuse=False)
+    assert trainer.joint_d_forward is False and trainer.batch_dependent_layers == ["WrappedMLPDiscriminator"]
+    g, d = mlp_pair()
+    assert Trainer(g, WrappedMLPDiscriminator(d), latent_dim=NZ, fuse=False, joint_d_forward=True).joint_d_forward
+    g, d = mlp_pair()
+    fused = fastgan.fuse(d)
+    assert any(type(m).__name__ == "FusedLinear" for m in fused.modules())
+    trainer = Trainer(g, fused, latent_dim=NZ)
+    assert trainer.joint_d_forward is True and trainer.batch_dependent_layers == []
 
 
 def _is_channels_last(x):
