@@ -149,11 +149,16 @@ _PER_SAMPLE_MODULES: tuple[type, ...] = (
 )
 
 
+_PER_SAMPLE_FASTGAN_MODELS = ("MLPDiscriminator", "DCGANDiscriminator")
+
+
 def _per_sample_module(m: nn.Module) -> bool:
     if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None):
         return False  # a hook (spectral_norm's, a user's) may do anything
     if type(m) in _PER_SAMPLE_MODULES or isinstance(m, _SigmoidTap):
         return True
+    if type(m).__module__ == "fastgan.models" and type(m).__name__ in _PER_SAMPLE_FASTGAN_MODELS:
+        return True  # fastgan's own discriminators: their forward only reshapes around self.net
     if isinstance(m, nn.modules.instancenorm._InstanceNorm) and type(m).__module__ == "torch.nn.modules.instancenorm":
         return not m.track_running_stats  # with running statistics, eval mode mixes the batch in
     try:  # fastgan's fused replacements of the types above (not those with BatchNorm)

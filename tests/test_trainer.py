@@ -380,6 +380,9 @@ def test_joint_forward_stays_off_for_own_forward_code_and_on_for_fused_layers():
     assert trainer.joint_d_forward is False and trainer.batch_dependent_layers == ["WrappedMLPDiscriminator"]
     g, d = mlp_pair()
     assert Trainer(g, WrappedMLPDiscriminator(d), latent_dim=NZ, fuse=False, joint_d_forward=True).joint_d_forward
+    from fastgan.models import MLPDiscriminator, MLPGenerator
+    trainer = Trainer(MLPGenerator(NZ, (6,), hidden=(8,)), MLPDiscriminator((6,), hidden=(8,)), latent_dim=NZ)
+    assert trainer.joint_d_forward is True  # fastgan's own D classes only reshape around their Sequential
     g, d = mlp_pair()
     fused = fastgan.fuse(d)
     assert any(type(m).__name__ == "FusedLinear" for m in fused.modules())
