@@ -20,9 +20,15 @@ import time
 
 import pytest
 import torch
+import torch._dynamo
 from torch import nn
 
 from fastgan.nn import BatchNormAct2d
+
+# Every torch.compile contender goes through the same wrapper code object, so each new problem is a
+# recompile of it: past torch's default limit (8) dynamo would silently run the later problems eagerly
+# under the "torch_compile" name.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 BATCH = 64
 # (channels, height = width, layout): a DCGAN's BatchNorm inputs at 64x64 images, largest map first.
