@@ -460,3 +460,28 @@ def test_cpu_eager_autograd_nodes_without_affine(training, layout):
 
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_r1_penalty_through_a_nonlinear_use_matches_the_reference(impl, training):
+    """R1 as the Trainer computes it: grad of D's output w.r.t. its input with create_graph=True, then
+    one backward of output + penalty. Downstream of the op the output is used non-linearly (a
+    convolution then a square), so the incoming gradient depends on the op's own output: the double
+    backward must take partial derivatives (not follow that history again, which double counted or
+    freed the forward's saved tensors: 'backward through the graph a second time')."""
+    torch.manual_seed(0)
+    x0, w0, b0 = torch.randn(4, 6, 5, 5), torch.rand(6) + 0.5, torch.randn(6)
+    conv_w0 = torch.randn(2, 6, 3, 3)
+    results = {}
+    for name in ("ref", impl):
+        x = x0.clone().requires_grad_()
+        w, b, conv_w = w0.clone().requires_grad_(), b0.clone().requires_grad_(), conv_w0.clone().requires_grad_()
+        rm, rv = torch.zeros(6), torch.ones(6)
+        y = batch_norm_act(x, w, b, rm, rv, training, act="lrelu", impl=name)
+        out = F.conv2d(y, conv_w).pow(2).sum()
+        (g,) = torch.autograd.grad(out, x, create_graph=True)
+        (out + 0.1 * g.pow(2).sum()).backward()
+        results[name] = [t.grad.clone() for t in (x, w, b, conv_w)]
+    for actual, expected in zip(results[impl], results["ref"]):
+        torch.testing.assert_close(actual, expected, rtol=2e-4, atol=1e-4)

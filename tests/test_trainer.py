@@ -404,8 +404,7 @@ def test_channels_last_is_automatic_for_conv_nets_on_cpu_and_changes_no_result(f
     seen = []
     g.register_forward_pre_hook(lambda m, i: seen.append(("G", _is_channels_last(i[0]))))
     d.register_forward_pre_hook(lambda m, i: seen.append(("D", _is_channels_last(i[0]))))
-    # (R1 only unfused: the fused BatchNormAct's double backward fails when a convolution follows it)
-    r1 = {} if fuse else dict(r1_gamma=1.0, r1_every=2)
+    r1 = dict(r1_gamma=1.0, r1_every=2)  # R1's double backward through the (fused) BatchNorm too
     fast = Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=fuse, seed=3, **r1)
     plain = Trainer(g2, d2, latent_dim=(NZ, 1, 1), fuse=fuse, seed=3, channels_last=False, **r1)
     assert fast.channels_last is True and plain.channels_last is False
@@ -849,3 +848,20 @@ def test_discriminator_output_with_more_than_one_value_per_sample_is_an_error():
     trainer = Trainer(g, d, latent_dim=NZ, seed=0)
     with pytest.raises(ValueError, match="one value per D input"):
         trainer.step(real_batch("mlp", 8, torch.Generator().manual_seed(0)))
+
+
+def test_r1_through_fused_batchnorm_equals_the_unfused_network():
+    """Lazy R1 on a DCGAN D (conv -> BatchNorm -> LeakyReLU -> conv): the fused BatchNormAct's double
+    backward gives the same parameters as torch's own layers (it once failed with 'backward through
+    the graph a second time' once a convolution followed it)."""
+    g, d = dcgan_pair()
+    g2, d2 = copy.deepcopy(g), copy.deepcopy(d)
+    fused = Trainer(g, d, latent_dim=(NZ, 1, 1), fuse=True, seed=3, r1_gamma=1.0, r1_every=1)
+    plain = Trainer(g2, d2, latent_dim=(NZ, 1, 1), fuse=False, seed=3, r1_gamma=1.0, r1_every=1)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        real = real_batch("dcgan", 8, gen)
+        fused.step(real)
+        plain.step(real)
+    assert_rel_close(g, g2, what="G ")
+    assert_rel_close(d, d2, what="D ")

@@ -676,7 +676,12 @@ struct BatchNormActBackwardFn : public torch::autograd::Function<BatchNormActBac
     const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
     const bool create = at::GradMode::is_enabled();
     at::AutoGradMode enable(true);
-    auto leaf = [](const Tensor& t) { return t.requires_grad() ? t : t.detach().requires_grad_(true); };
+    // Partial derivatives need local variables: differentiating with respect to the saved tensors
+    // themselves would also follow their own history (grad_out usually depends on this op's output,
+    // hence on x), counting those paths twice and running -- and freeing -- the forward's node from
+    // inside its own double backward. A fresh view keeps the result connected to the saved tensor
+    // (for a further derivative) while no other path reaches it.
+    auto leaf = [](const Tensor& t) { return t.requires_grad() ? t.view_as(t) : t.detach().requires_grad_(true); };
     const Tensor go = leaf(saved[0]), x = leaf(saved[1]);
     const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const int64_t C = x.size(1);
