@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/vec_math.h"
+
 namespace fastgan {
 
 enum ActKind : int64_t { kActLinear = 0, kActRelu = 1, kActLrelu = 2, kActTanh = 3, kActSigmoid = 4 };
@@ -24,12 +26,9 @@ inline T apply_act_ct(T x, T alpha) {
   } else if constexpr (ACT == kActLrelu) {
     return x > T(0) ? x : x * alpha;
   } else if constexpr (ACT == kActTanh) {
-    return std::tanh(x);
+    return tanh_float(x);  // vectorisable (cpu/vec_math.h); std::tanh is a scalar library call
   } else if constexpr (ACT == kActSigmoid) {
-    // exp(-|x|) never overflows; both branches are accurate.
-    const T e = std::exp(-std::abs(x));
-    const T inv = T(1) / (T(1) + e);
-    return x >= T(0) ? inv : e * inv;
+    return sigmoid_stable(x);
   } else {
     return x;
   }

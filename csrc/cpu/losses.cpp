@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/vec_math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,43 +17,7 @@ namespace {
 // Loss kinds, in the order of fastgan.ops.losses.LOSS_KINDS.
 enum LossKind : int64_t { kMinimax = 0, kNonSaturating = 1, kHinge = 2, kWasserstein = 3, kLeastSquares = 4 };
 
-// exp(y) for y <= 0 and log1p(e) for e in [0, 1], in float, branch-free so that the loops below
-// vectorise (std::exp / std::log1p are scalar library calls, ~10x slower than the whole rest of
-// the op). exp: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp); values below
-// -87 flush to 0 (the float range ends there). log1p: 2 atanh(e / (2 + e)) as an odd series in
-// s = e / (2 + e) <= 1/3, truncated after s^15 (relative error < 2e-9). NaN propagates through both.
-inline float exp_nonpositive(float y) {
-  const float yc = y < -87.0f ? -87.0f : y;
-  const float n = std::floor(yc * 1.44269504088896341f + 0.5f);
-  float r = yc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y < -87.0f ? 0.0f : p * scale;
-}
-inline double exp_nonpositive(double y) { return std::exp(y); }
-
-inline float log1p_unit(float e) {
-  const float s = e / (2.0f + e), s2 = s * s;
-  float t = 1.0f / 15.0f;
-  t = t * s2 + 1.0f / 13.0f;
-  t = t * s2 + 1.0f / 11.0f;
-  t = t * s2 + 1.0f / 9.0f;
-  t = t * s2 + 1.0f / 7.0f;
-  t = t * s2 + 1.0f / 5.0f;
-  t = t * s2 + 1.0f / 3.0f;
-  t = t * s2 + 1.0f;
-  return 2.0f * s * t;
-}
-inline double log1p_unit(double e) { return std::log1p(e); }
+// exp_nonpositive / log1p_unit (cpu/vec_math.h): branch-free, so that the loops below vectorise.
 
 // softplus(x) = log(1 + exp(x)) and sigmoid(x) from one exp(-|x|): no overflow for any finite x.
 template <typename T> struct SoftplusSigmoid {
