@@ -98,9 +98,13 @@ def short_name(info: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description="Describe this machine (CPU/GPU, driver, versions) as JSON.")
+    parser.add_argument("out", nargs="?", help="write the JSON to this file (default: print it)")
+    args = parser.parse_args(argv[1:])
     text = json.dumps(describe(), indent=2)
-    if len(argv) > 1:
-        Path(argv[1]).write_text(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     else:
         print(text)
     return 0
