@@ -95,6 +95,25 @@ def test_values_and_grads_fp32(impl, act, case, gain, clamp):
     close(gb, gbe, 1e-5)
 
 
+@pytest.mark.parametrize("act", ["lrelu", "tanh"])
+@pytest.mark.parametrize("shape,layout", [((5, 3, 67, 71), "channels_last"), ((1001, 1), "contiguous"),
+                                          ((3, 2, 7, 5), "channels_last")])
+def test_short_rows_in_runs_of_rows(act, shape, layout):
+    """The C++ path takes rows of few features (an RGB channels_last map: 3; a 1-unit linear output)
+    in runs of many rows against a tiled bias: many runs, several fixed chunks of the bias-gradient
+    sum and a last, shorter run must all match the formula."""
+    x = make_x(shape, layout).requires_grad_()
+    b = torch.randn(shape[1]).requires_grad_()
+    y = bias_act(x, b, 1, act, impl="cpu")
+    close(y, expected(x.detach(), b.detach(), 1, act, 0.2, 1.0, None), 1e-5)
+    g = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    gxe, gbe = torch.autograd.grad(expected(xd, bd, 1, act, 0.2, 1.0, None), (xd, bd), g.double())
+    close(gx, gxe, 1e-5)
+    close(gb, gbe, 1e-5)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

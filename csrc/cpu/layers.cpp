@@ -114,6 +114,19 @@ void check_view3d(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3 && t.is_contiguous(), name, " must be a contiguous (outer, C, inner) view");
 }
 
+// Rows of C features handled per call of the row loops: enough for a few vectors' worth of
+// elements when rows are short (C = 3 for an RGB channels_last output), 1 for wide rows.
+inline int64_t rows_per_run(int64_t C) { return C >= 256 ? 1 : std::max<int64_t>(1, 256 / std::max<int64_t>(C, 1)); }
+
+// The bias vector repeated k times (for runs of k rows).
+template <typename T>
+std::vector<T> tiled(const std::vector<T>& b, int64_t k) {
+  std::vector<T> out;
+  out.reserve(b.size() * k);
+  for (int64_t t = 0; t < k; ++t) out.insert(out.end(), b.begin(), b.end());
+  return out;
+}
+
 // Bias as a float/double vector of length C (zeros when absent): the loops then need no branch.
 template <typename scalar_t>
 std::vector<acc_type_t<scalar_t>> bias_vector(const std::optional<torch::Tensor>& bias, int64_t C) {
@@ -142,8 +155,18 @@ void epilogue(const torch::Tensor& x3, const std::optional<torch::Tensor>& bias,
       auto run = [&](auto clamp_c) {
         constexpr bool CLAMP = decltype(clamp_c)::value;
         if (inner == 1) {  // rows of C features: one bias per column
-          at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) forward_run<ACT, CLAMP, 1>(x + r * C, b.data(), y + r * C, C, a, g, cl);
+          // Runs of k whole rows against the bias tiled k times: a channels_last map with 3
+          // channels (G's RGB output) would otherwise be a 3-element loop per pixel (no vectors).
+          const int64_t k = rows_per_run(C);
+          const auto bk = tiled(b, k);
+          const int64_t runs = (outer + k - 1) / k;
+          at::parallel_for(0, runs, std::max<int64_t>(1, 16384 / (k * std::max<int64_t>(C, 1))), [&](int64_t q0, int64_t q1) {
+            const scalar_t* __restrict xs = x;
+            scalar_t* __restrict ys = y;
+            for (int64_t q = q0; q < q1; ++q) {
+              const int64_t r = q * k, rows = std::min(k, outer - r);
+              forward_run<ACT, CLAMP, 1>(xs + r * C, bk.data(), ys + r * C, rows * C, a, g, cl);
+            }
           });
         } else {  // planes of `inner` elements sharing one bias
           at::parallel_for(0, outer * C, std::max<int64_t>(1, 16384 / inner), [&](int64_t p0, int64_t p1) {
@@ -190,22 +213,28 @@ torch::Tensor bias_act_backward(const torch::Tensor& gy3, const torch::Tensor& y
       auto run = [&](auto clamp_c) {
         constexpr bool CLAMP = decltype(clamp_c)::value;
         if (inner == 1) {
-          // Rows in fixed chunks; each chunk sums its rows into its own length-C slot.
-          const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+          // Rows in fixed chunks (a multiple of k rows); each chunk sums runs of k rows into its
+          // own slot of k * C sums (see the forward: vectors even for 3 channels), folded at the end.
+          const int64_t k = rows_per_run(C), width = k * C;
+          const int64_t grain = k * std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
           const int64_t chunks = (outer + grain - 1) / grain;
-          std::vector<acc_t> partial(need_bias_grad ? chunks * C : 0, acc_t(0));
+          std::vector<acc_t> partial(need_bias_grad ? chunks * width : 0, acc_t(0));
           at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-            for (int64_t k = c0; k < c1; ++k) {
-              acc_t* sums = need_bias_grad ? partial.data() + k * C : nullptr;
-              for (int64_t r = k * grain; r < std::min(outer, (k + 1) * grain); ++r)
-                backward_row<ACT, CLAMP>(gy + r * C, y + r * C, gx + r * C, sums, C, a, g, ig, cl);
+            for (int64_t chunk = c0; chunk < c1; ++chunk) {
+              acc_t* sums = need_bias_grad ? partial.data() + chunk * width : nullptr;
+              const int64_t end = std::min(outer, (chunk + 1) * grain);
+              for (int64_t r = chunk * grain; r < end; r += k) {
+                const int64_t n = std::min(k, end - r) * C;
+                backward_row<ACT, CLAMP>(gy + r * C, y + r * C, gx + r * C, sums, n, a, g, ig, cl);
+              }
             }
           });
           if (need_bias_grad) {
             scalar_t* gb = grad_bias.data_ptr<scalar_t>();
             for (int64_t c = 0; c < C; ++c) {
               acc_t s = 0;
-              for (int64_t k = 0; k < chunks; ++k) s += partial[k * C + c];
+              for (int64_t chunk = 0; chunk < chunks; ++chunk)
+                for (int64_t t = 0; t < k; ++t) s += partial[chunk * width + t * C + c];
               gb[c] = static_cast<scalar_t>(s);
             }
           }
