@@ -148,13 +148,17 @@ def test_nonfinite_logits_give_nan_results(impl, kind, bad, side):
         assert torch.isnan(g_loss(f, kind, impl=impl))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_cpu_float64(kind):
-    # Hinge has kinks at +-1; keep the sample away from them so finite differences are valid.
+def float64_logits_away_from_kinks():
+    """(real, fake) float64 logits requiring grad. Hinge has kinks at +-1: the real logits keep away
+    from them so that finite differences are valid."""
     r = (torch.rand(6, dtype=torch.float64) * 0.8 + 1.1) * torch.tensor([1, -1, 1, -1, 1, -1.0], dtype=torch.float64)
     f = torch.randn(5, 1, dtype=torch.float64) * 0.3
-    r.requires_grad_()
-    f.requires_grad_()
+    return r.requires_grad_(), f.requires_grad_()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_cpu_float64(kind):
+    r, f = float64_logits_away_from_kinks()
     assert torch.autograd.gradcheck(lambda a, b: d_loss(a, b, kind, impl="cpu").loss, (r, f))
     assert torch.autograd.gradcheck(lambda b: g_loss(b, kind, impl="cpu"), (f,))
 
@@ -163,10 +167,7 @@ def test_gradcheck_cpu_float64(kind):
 def test_gradgradcheck_cpu_float64(kind):
     """Double backward (create_graph=True, as a penalty on the loss's input gradient needs) is exact,
     not the silent zero a gradient saved as a constant would give."""
-    r = (torch.rand(6, dtype=torch.float64) * 0.8 + 1.1) * torch.tensor([1, -1, 1, -1, 1, -1.0], dtype=torch.float64)
-    f = torch.randn(5, 1, dtype=torch.float64) * 0.3
-    r.requires_grad_()
-    f.requires_grad_()
+    r, f = float64_logits_away_from_kinks()
     assert torch.autograd.gradgradcheck(lambda a, b: d_loss(a, b, kind, impl="cpu").loss, (r, f))
     assert torch.autograd.gradgradcheck(lambda b: g_loss(b, kind, impl="cpu"), (f,))
 
