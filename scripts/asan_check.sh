@@ -68,6 +68,15 @@ if ! grep -q "__asan_report" <<<"$symbols"; then
   exit 1
 fi
 
+# ASan intercepts __cxa_throw and finds the real one when it starts: python does not link
+# libstdc++, so without it preloaded as well the first C++ exception (a TORCH_CHECK that a test
+# expects to fail) aborts with "CHECK failed ... real___cxa_throw != 0" instead of being thrown.
+preload="$libasan"
+libstdcxx=$(${CXX:-g++} -print-file-name=libstdc++.so.6)
+if [ -e "$libstdcxx" ] && [ "$libstdcxx" != "libstdc++.so.6" ]; then
+  preload="$libasan:$libstdcxx"
+fi
+
 # --- 3. the tests, under ASan -------------------------------------------------------------------
 if [ "$#" -gt 0 ]; then
   tests=("$@")
@@ -85,7 +94,7 @@ export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:log_path=$reports/asan:${ASAN_OPTIONS:-}"
 
 # The copy, not the editable install in the repo, must be the fastgan that is imported.
-LD_PRELOAD="$libasan" "$PYTHON" - "$WORK/src" <<'EOF'
+LD_PRELOAD="$preload" "$PYTHON" - "$WORK/src" <<'EOF'
 import sys, fastgan, fastgan._C as C
 root = sys.argv[1]
 assert fastgan.__file__.startswith(root) and C.__file__.startswith(root), (fastgan.__file__, C.__file__)
@@ -108,7 +117,7 @@ EOF
 fi
 
 set +e
-LD_PRELOAD="$libasan" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:randomly "${canary[@]}" "${tests[@]}"
+LD_PRELOAD="$preload" "$PYTHON" -m pytest -q -p no:cacheprovider -p no:randomly "${canary[@]}" "${tests[@]}"
 status=$?
 set -e
 
