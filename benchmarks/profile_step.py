@@ -53,19 +53,14 @@ def main(argv: list[str] | None = None) -> int:
             print_phases(name, problem, contender, inputs, args.steps)
             continue
         common.synchronize(device)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            contender.step(*inputs.next())
-            common.synchronize(device)
-            times.append(time.perf_counter() - t0)
+        median = common.median_step_time(contender, inputs, args.steps)
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 contender.step(*inputs.next())
             common.synchronize(device)
         events = prof.key_averages()
         op_total = sum(e.self_cpu_time_total for e in events) / args.steps / 1e3
-        print(f"\n=== {problem.name} / {name}: median step {statistics.median(times) * 1e3:.3f} ms "
+        print(f"\n=== {problem.name} / {name}: median step {median * 1e3:.3f} ms "
               f"(unprofiled), op self CPU time {op_total:.3f} ms/step (profiled) ===")
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=args.rows))

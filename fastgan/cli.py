@@ -76,47 +76,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
 # train: option resolution
 # ------------------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
+def _checked(text: str, convert, ok, expected: str):
+    """``convert(text)`` for argparse, or an ArgumentTypeError saying what was ``expected``."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
+    return _checked(text, float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _max_skipped(text: str) -> int:
     """--max-skipped-steps: a count >= 1, or 0 / none / off (no watching, training never stops)."""
     if text.lower() in ("none", "off"):
         return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'none', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'none', got {value}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "a number of steps >= 0 or 'none'")
 
 
 def _ema(text: str) -> float | None:
@@ -688,7 +675,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import statistics
     import torch
     device = torch.device(_check_device(args.device))
     common = _load_bench_common()
@@ -722,13 +708,7 @@ def _bench(args: argparse.Namespace) -> int:
             for _ in range(args.warmup):
                 contender.step(*inputs.next())
             common.synchronize(device)
-            samples = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                contender.step(*inputs.next())
-                common.synchronize(device)
-                samples.append(time.perf_counter() - t0)
-            times[name] = statistics.median(samples)
+            times[name] = common.median_step_time(contender, inputs, args.steps)
         ours = times.get("fastgan")
         for name, seconds in times.items():
             ratio = "" if ours is None or name == "fastgan" else f"{seconds / ours:.2f}x"

@@ -92,6 +92,17 @@ def _params(run):
     return state["step"], state["generator"], state["discriminator"]
 
 
+def assert_same_final_parameters(run_a, run_b, steps):
+    """Both runs' newest checkpoints are at ``steps`` and hold bit-equal G and D parameters."""
+    step_a, g_a, d_a = _params(run_a)
+    step_b, g_b, d_b = _params(run_b)
+    assert step_a == step_b == steps
+    for key in g_a:
+        assert torch.equal(g_a[key], g_b[key]), key
+    for key in d_a:
+        assert torch.equal(d_a[key], d_b[key]), key
+
+
 @pytest.mark.parametrize("data", ["ring8", "digits"])
 def test_resume_continues_exactly(tmp_path, data):
     common = ["--data", data, "--batch-size", "16", "--log-every", "2", "--eval-samples", "50", *FAST]
@@ -99,13 +110,7 @@ def test_resume_continues_exactly(tmp_path, data):
     assert _train(*common, "--steps", "8", "--out", str(straight)) == 0
     assert _train(*common, "--steps", "4", "--out", str(split)) == 0
     assert _train("--resume", "--out", str(split), "--steps", "8", "--no-progress") == 0
-    step_a, g_a, d_a = _params(straight)
-    step_b, g_b, d_b = _params(split)
-    assert step_a == step_b == 8
-    for key in g_a:
-        assert torch.equal(g_a[key], g_b[key]), key
-    for key in d_a:
-        assert torch.equal(d_a[key], d_b[key]), key
+    assert_same_final_parameters(straight, split, 8)
     assert [int(r["step"]) for r in _history(split)] == [2, 4, 6, 8]  # the history continues
     assert json.loads((split / "metrics.json").read_text())["steps"] == 8
 
@@ -248,13 +253,7 @@ def test_resume_names_a_corrupted_newest_checkpoint_and_continues_from_the_previ
     assert f"resuming from {run / 'checkpoint-000000003.pt'}" in captured.out
     assert "resuming at step 3, 5 steps" in captured.out
     # From step 3 the run redoes steps 4..8 exactly as the uninterrupted one did.
-    step_a, g_a, d_a = _params(straight)
-    step_b, g_b, d_b = _params(run)
-    assert step_a == step_b == 8
-    for key in g_a:
-        assert torch.equal(g_a[key], g_b[key]), key
-    for key in d_a:
-        assert torch.equal(d_a[key], d_b[key]), key
+    assert_same_final_parameters(straight, run, 8)
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000000008.pt", "checkpoint-000000006.pt"]
 
 

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
+from fastgan.ops._autograd import partial_variable
 from fastgan.ops.activations import ACTIVATION_BY_INDEX, Activation, resolve_act
 
 register_op("batch_norm_act", "batch_norm_act_forward")
@@ -100,11 +101,9 @@ def _reference_input_grads(grad_out, x, weight, bias, mean, var, training, eps, 
     c = x.shape[1]
     acc = _acc_dtype(x.dtype)
     with torch.enable_grad():
-        def leaf(t):  # a local variable for a partial derivative (see _backward_backward)
-            return t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
-        x_l = leaf(x)
-        w_l = leaf(weight) if weight is not None else torch.ones(c, dtype=acc, device=x.device, requires_grad=True)
-        b_l = leaf(bias) if bias is not None else torch.zeros(c, dtype=acc, device=x.device, requires_grad=True)
+        x_l = partial_variable(x)
+        w_l = partial_variable(weight) if weight is not None else torch.ones(c, dtype=acc, device=x.device, requires_grad=True)
+        b_l = partial_variable(bias) if bias is not None else torch.zeros(c, dtype=acc, device=x.device, requires_grad=True)
         y, _, _ = _reference_core(x_l, w_l, b_l, mean, var, training, eps, spec, alpha)
         dx, dw, db = torch.autograd.grad(y, (x_l, w_l, b_l), grad_out, create_graph=create_graph)
     return dx, dw, db
@@ -236,15 +235,8 @@ def _backward_backward(ctx, gg_x, gg_w, gg_b):
     spec = _activation_by_index(act)
     create = torch.is_grad_enabled()
     with torch.enable_grad():
-        # Partial derivatives need local variables: differentiating with respect to the saved tensors
-        # themselves would also follow their own history (grad_out usually depends on this op's
-        # output, hence on x), counting those paths twice and freeing the forward's saved tensors.
-        # A fresh view stays connected (for a further derivative) while no other path reaches it.
-        def leaf(t):
-            if t is None:
-                return None
-            return t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
-        go_l, x_l, w_l, b_l = leaf(grad_out), leaf(x), leaf(weight), leaf(bias)
+        # partial derivatives: see fastgan.ops._autograd.partial_variable
+        go_l, x_l, w_l, b_l = (partial_variable(t) for t in (grad_out, x, weight, bias))
         dx, dw, db = _reference_input_grads(go_l, x_l, w_l, b_l, mean, var, training, eps, spec, alpha,
                                             create_graph=True)
         outs, grads = [], []

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
+from fastgan.ops._autograd import partial_variable
 
 
 class LossKind(NamedTuple):
@@ -145,13 +146,6 @@ def _d_loss_setup(ctx, inputs, output):
     ctx.kind = inputs[2]
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    """A variable for a partial derivative: a fresh view stays connected to ``x`` (for a further
-    derivative) but no other path of the graph reaches it, so the derivative does not also follow
-    ``x``'s own history (which may lead back through the other argument)."""
-    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
-
-
 def _kind_name(index: int) -> str:
     return next(name for name, spec in LOSS_KINDS.items() if spec.index == index)
 
@@ -166,7 +160,7 @@ def _d_loss_backward(ctx, grad_stats, _grad_real_out, _grad_fake_out):
         # create_graph=True (double backward): the saved gradient is a constant to autograd, so take
         # the differentiable gradient of the reference instead of a silently zero second derivative.
         with torch.enable_grad():
-            real, fake = _local(real), _local(fake)
+            real, fake = partial_variable(real), partial_variable(fake)
             loss = d_loss_reference(real, fake, _kind_name(ctx.kind)).loss
             gr, gf = torch.autograd.grad(loss, (real, fake), g, create_graph=True)
         return gr, gf, None, None, None
@@ -199,7 +193,7 @@ def _g_loss_backward(ctx, grad_loss, _grad_out):
                            "(grad mode was off or no input required grad)")
     if torch.is_grad_enabled():  # create_graph: see _d_loss_backward
         with torch.enable_grad():
-            fake = _local(fake)
+            fake = partial_variable(fake)
             loss = g_loss_reference(fake, _kind_name(ctx.kind))
             (gf,) = torch.autograd.grad(loss, (fake,), grad_loss, create_graph=True)
         return gf, None, None, None
