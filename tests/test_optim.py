@@ -514,6 +514,87 @@ def test_zero_grad_both_ways():
     torch.testing.assert_close(model.weight.detach(), before[0] - 0.1)
 
 
+def _foreign_bucket(params, order, gap_after_first=0):
+    """A flat gradient storage of another owner (DDP's bucket, say): the gradients of ``params`` end to
+    end in ``order`` (optionally with a gap after the first). Returns (storage, per-parameter views)."""
+    flat = torch.zeros(sum(p.numel() for p in params) + gap_after_first)
+    views, off = [None] * len(params), 0
+    for k, i in enumerate(order):
+        n = params[i].numel()
+        views[i] = flat[off:off + n].view(params[i].shape)
+        off += n + (gap_after_first if k == 0 else 0)
+    return flat, views
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_adopted_gradient_buckets_match_torch_and_copy_nothing(kind):
+    """adopt_gradient_buckets (the Trainer's DDP route): gradients living end to end in one foreign
+    storage make it the flat gradient buffer, parameters, state and EMA re-laid out in its order;
+    a second storage is adopted again; one with a gap is declined (copied). Every step, the EMA and
+    the state_dict match torch throughout."""
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    holder = nn.Module()
+    holder.ps = nn.ParameterList(ours_p)
+    ema = EMA(holder, beta=0.8)
+    if kind == "adam":
+        ours = FusedAdam(ours_p, lr=0.01, weight_decay=0.01, ema=ema)
+        ref = torch.optim.Adam(ref_p, lr=0.01, weight_decay=0.01)
+    else:
+        ours = FusedSGD(ours_p, lr=0.01, momentum=0.9, ema=ema)
+        ref = torch.optim.SGD(ref_p, lr=0.01, momentum=0.9)
+    ours.adopt_gradient_buckets()
+    (bucket,) = ours._buckets[0]
+    shadow_ref = [p.detach().clone() for p in ref_p]
+    gen = torch.Generator().manual_seed(21)
+    n = len(ours_p)
+    storages = {2: _foreign_bucket(ours_p, list(reversed(range(n)))),       # DDP's first buckets: reversed
+                6: _foreign_bucket(ours_p, [2, 0, 4, 1, 3]),                 # re-bucketed in another order
+                10: _foreign_bucket(ours_p, list(range(n)), gap_after_first=3)}  # not one flat buffer
+    flat, views = None, None
+    for it in range(13):
+        flat, views = storages.get(it, (flat, views))
+        grads = random_grads(ref_p, gen)
+        for i, (p, q, g) in enumerate(zip(ours_p, ref_p, grads)):
+            q.grad = g.clone()
+            if views is None:
+                p.grad = g.clone()
+            elif p.grad is not None and p.grad.data_ptr() == views[i].data_ptr():
+                p.grad.copy_(g)  # in place, as DDP writes its bucket
+            else:
+                views[i].copy_(g)
+                p.grad = views[i]
+        ours.step()
+        ref.step()
+        for s, q in zip(shadow_ref, ref_p):
+            s.lerp_(q.detach(), 1 - 0.8)
+        assert_close_fp32(ours_p, ref_p)
+        assert_close_fp32(ema.shadow_params, shadow_ref, rtol=1e-5)
+        adopted = bucket.flat_grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() \
+            if flat is not None else False
+        assert adopted == (2 <= it < 10), it
+        if adopted:  # the parameters sit where their gradients sit, in one new flat buffer
+            for p, v in zip(ours_p, views):
+                assert p.grad is not None and p.grad.data_ptr() == v.data_ptr()
+                offset = (v.data_ptr() - flat.data_ptr()) // 4
+                assert p.data_ptr() == bucket.flat_param.data_ptr() + 4 * offset
+    # torch's layout of the state, also after two re-layouts
+    theirs = ref.state_dict()["state"]
+    for i, entry in ours.state_dict()["state"].items():
+        for key, value in entry.items():
+            torch.testing.assert_close(torch.as_tensor(value).float(), torch.as_tensor(theirs[i][key]).float(),
+                                       rtol=1e-6, atol=1e-6)
+    # zero_grad on an adopted storage: one fill of it, the .grad views kept
+    ours.adopt_gradient_buckets()
+    flat, views = storages[6]
+    for p, v in zip(ours_p, views):
+        p.grad = v
+    ours.step()
+    ours.zero_grad(set_to_none=False)
+    assert torch.count_nonzero(flat) == 0
+    assert all(p.grad.data_ptr() == v.data_ptr() for p, v in zip(ours_p, views))
+
+
 def test_validation_errors():
     ps = make_params()
     with pytest.raises(ValueError, match="lr"):

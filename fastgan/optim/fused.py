@@ -16,6 +16,11 @@ parameter) and handled:
 * ``p.grad = tensor`` assigned by hand: copied into the buffer and the view re-attached.
 * Parameters skipped while others step get their own step counts; from then on that bucket runs one
   kernel call per parameter (still exact, slower).
+* With ``adopt_gradient_buckets()`` (``fastgan.Trainer`` turns it on under DDP): gradients that all
+  live in one storage of another owner, laid end to end -- DDP's bucket, which
+  ``gradient_as_bucket_view=True`` makes ``.grad`` views of -- make that storage the bucket's flat
+  gradient buffer. The parameters and the state are re-laid out once in its order; from then on no
+  gradient is copied.
 
 A step: (1) gradients gathered as above; (2) when the step covers several buffers, a read-only
 non-finite check over all of them first (a step that touches one buffer checks inside its kernel
@@ -120,6 +125,9 @@ class _Bucket:
         self.state: dict[str, torch.Tensor] = {}  # flat float32 state buffers, allocated at the first step
         self.shadow: torch.Tensor | None = None  # flat EMA shadow (float32), when an EMA is attached
         self.kernels = _kernels(self.device, self.dtype)
+        self.adopt_external = False  # see _FusedOptimizer.adopt_gradient_buckets
+        self.relaid_out = False      # set when the layout changed; the optimizer re-publishes its views
+        self._declined: tuple | None = None  # (storage, offsets) last found not to tile this bucket
         self.hook_handles = []
         ref = weakref.ref(self)
         for i, p in enumerate(params):
@@ -130,10 +138,15 @@ class _Bucket:
         """Make every present gradient a view of the flat buffer. Returns None when all parameters
         have a gradient, else a per-parameter list of which ones do."""
         present = None
+        try_adopting = self.adopt_external
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
             g = p.grad
             if g is view:
                 continue
+            if try_adopting:  # once per call, at the first gradient that is not ours
+                try_adopting = False
+                if g is not None and self._adopt_grad_storage():
+                    return None
             if g is None:
                 if present is None:
                     present = [True] * len(self.params)
@@ -145,6 +158,55 @@ class _Bucket:
             if not g.requires_grad:  # a differentiable .grad (create_graph=True) is left to its owner
                 p.grad = view
         return present
+
+    def _adopt_grad_storage(self) -> bool:
+        """Make the one storage all gradients of this bucket live in, laid end to end (DDP's bucket
+        under ``gradient_as_bucket_view=True``), this bucket's flat gradient buffer, re-laying the
+        parameters and the state out in that storage's order. False (the caller copies instead) if
+        the gradients do not tile one storage exactly."""
+        grads = [p.grad for p in self.params]
+        for g in grads:
+            if (g is None or g.is_sparse or g.requires_grad or g.dtype != self.dtype or g.device != self.device
+                    or not g.is_contiguous()):
+                return False
+        storage = grads[0].untyped_storage()
+        starts = [g.storage_offset() for g in grads]
+        key = (storage.data_ptr(), tuple(starts))
+        if key == self._declined:
+            return False
+        if any(g.untyped_storage().data_ptr() != key[0] for g in grads):
+            return False
+        base = min(starts)
+        end = base
+        for start, n in sorted(zip(starts, self.numels)):
+            if start != end:  # a gap or an overlap: not one flat buffer of exactly these gradients
+                self._declined = key
+                return False
+            end += n
+        offsets = [s - base for s in starts]
+        flat_grad = torch.empty(0, dtype=self.dtype, device=self.device).set_(storage, base, (self.total,))
+        if offsets != self.offsets:
+            self._relayout(offsets)
+        self.flat_grad = flat_grad
+        self.grad_views = grads
+        self.relaid_out = True
+        return True
+
+    @torch.no_grad()
+    def _relayout(self, offsets: list[int]) -> None:
+        """Move every parameter and every flat state buffer to the given offsets (new buffers)."""
+        flat_param = flat_zeros(self.total, self.dtype, self.device)
+        for p, off, n in zip(self.params, offsets, self.numels):
+            flat_param[off:off + n].copy_(p.detach().reshape(-1))
+            p.data = flat_param[off:off + n].view(p.shape)
+        for key, buf in self.state.items():
+            if isinstance(buf, torch.Tensor):
+                moved = flat_zeros(self.total, buf.dtype, buf.device)
+                for old, new, n in zip(self.offsets, offsets, self.numels):
+                    moved[new:new + n].copy_(buf[old:old + n])
+                self.state[key] = moved
+        self.flat_param = flat_param
+        self.offsets = list(offsets)
 
     def segments(self, present: list[bool] | None):
         """(lo, hi, steps) ranges for the kernel calls of one step."""
@@ -259,6 +321,25 @@ class _FusedOptimizer(Optimizer):
                     handle.remove()
                 b.hook_handles.clear()
 
+    def adopt_gradient_buckets(self, enabled: bool = True) -> None:
+        """Let the flat gradient buffers be taken over from another owner: when every gradient of a
+        bucket is a view of one storage, laid end to end (DDP's bucket, which
+        ``gradient_as_bucket_view=True`` makes ``.grad`` point into), that storage becomes the
+        bucket's flat gradient buffer and the parameters and state are re-laid out in its order (once,
+        and again if the owner re-buckets). From then on the step reads the gradients where the owner
+        left them -- no copy per step. Otherwise (other layouts) gradients are copied as usual."""
+        for buckets in self._buckets:
+            for b in buckets:
+                b.adopt_external = bool(enabled)
+
+    def _after_relayout(self, group, b: _Bucket) -> None:
+        """A bucket moved its parameters and state: re-point the EMA's shadows and ``self.state``'s views."""
+        b.relaid_out = False
+        if b.shadow is not None:
+            b.shadow = self.ema._adopt_flat(b.params, b.offsets, b.flat_param)
+        if b.state:
+            self._publish_state(b, group)
+
     # ---- flat buffers (for data-parallel training) ------------------------------------------------
     @torch.no_grad()
     def flat_grad_buffers(self) -> list[torch.Tensor]:
@@ -268,9 +349,11 @@ class _FusedOptimizer(Optimizer):
         ``step`` changes the gradients the step applies; entries of parameters without a gradient
         are stale and ignored by the step."""
         buffers = []
-        for buckets in self._buckets:
+        for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 b.gather_grads()
+                if b.relaid_out:
+                    self._after_relayout(group, b)
                 buffers.append(b.flat_grad)
         return buffers
 
@@ -340,6 +423,8 @@ class _FusedOptimizer(Optimizer):
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 present = b.gather_grads()
+                if b.relaid_out:
+                    self._after_relayout(group, b)
                 if present is not None and not any(present):
                     continue
                 if not b.state:
@@ -388,7 +473,7 @@ class _FusedOptimizer(Optimizer):
     def _init_state(self, group, b: _Bucket) -> None:
         raise NotImplementedError
 
-    def _publish_state(self, b: _Bucket) -> None:
+    def _publish_state(self, b: _Bucket, group=None) -> None:
         """Expose the flat state as torch's per-parameter ``self.state[p]`` (views), for state_dict."""
         raise NotImplementedError
 
@@ -498,7 +583,7 @@ class FusedAdam(_FusedOptimizer):
                    "exp_avg_sq": flat_zeros(b.total, b.state_dtype, b.device)}
         self._publish_state(b)
 
-    def _publish_state(self, b: _Bucket) -> None:
+    def _publish_state(self, b: _Bucket, group=None) -> None:
         for i, p in enumerate(b.params):
             self.state[p] = {"step": b.steps[i], "exp_avg": b.view_of(b.state["exp_avg"], i),
                              "exp_avg_sq": b.view_of(b.state["exp_avg_sq"], i)}
@@ -573,7 +658,7 @@ class FusedSGD(_FusedOptimizer):
 
     def _publish_state(self, b: _Bucket, group=None) -> None:
         # torch keeps a momentum buffer only when momentum != 0.
-        if group is not None and group["momentum"] == 0:
+        if (group is not None and group["momentum"] == 0) or b.state.get("momentum_buffer") is None:
             return
         for i, p in enumerate(b.params):
             self.state[p] = {"momentum_buffer": b.view_of(b.state["momentum_buffer"], i)}
