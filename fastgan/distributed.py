@@ -15,24 +15,27 @@ What ``data_parallel`` does, and why:
 
 * **Same start.** G's and D's parameters and buffers, the EMA and the optimizer state are
   broadcast from rank 0, so every rank starts from one model whatever its local initialisation.
-* **Gradients: the fused optimizer's flat buffer is the bucket.** fastgan's fused optimizers keep
-  each network's gradients in one flat buffer per (dtype, device) (``fastgan.optim.fused``). Right
-  before the optimizer steps, that buffer is averaged across ranks with one ``all_reduce`` in place
-  -- no copy into a separate bucket and back, one collective per network per step. (DDP cannot
-  adopt an existing buffer as its bucket: its reducer allocates its own buckets, in reverse
-  parameter order, and ``gradient_as_bucket_view=True`` re-points ``.grad`` at *those*, which the
-  fused optimizer would then copy into its buffer at every step. See :func:`ddp_wrap` for the DDP
-  route.) Optimizers without flat buffers get their gradients averaged through one flattened
-  all-reduce per step. Because the average happens before the step, the fused optimizer's
-  non-finite check sees the global gradient: all ranks skip a step together.
-* **R1 / gradient penalties** need nothing special here: the Trainer computes them with
-  ``autograd.grad(create_graph=True)`` followed by one ordinary backward, and the average is taken
-  on the final gradients.
+* **One DistributedDataParallel wrapper per network** (``Trainer.wrap_data_parallel``):
+  ``find_unused_parameters=False``, ``broadcast_buffers=False``, ``gradient_as_bucket_view=True``.
+  Forwards whose gradients are synchronised (D in the D step, G in the G step) go through the
+  wrappers; the frozen D of the G step and G's no-grad forward in a D step call the networks
+  themselves, so DDP never waits for gradients that do not come.
+* **The flat gradient buffer is DDP's bucket.** The bucket cap holds each network in one bucket per
+  dtype; with ``gradient_as_bucket_view=True`` DDP points every ``.grad`` into that bucket, and the
+  fused optimizer adopts the bucket as its flat gradient buffer (parameters and state re-laid out
+  once in DDP's order, and again after DDP re-buckets at its second iteration; see
+  ``FusedAdam.adopt_gradient_buckets``). DDP all-reduces (averages) the buffer in place during
+  backward, the optimizer steps on it, ``zero_grad`` fills it: no gradient is copied. Because the
+  average happens before the step, the fused optimizer's non-finite check sees the global gradient:
+  all ranks skip a step together.
+* **R1 / gradient penalties** need nothing special: the Trainer computes them with
+  ``autograd.grad(create_graph=True)`` with respect to D's input (no DDP hook fires) followed by one
+  ordinary backward of loss + penalty.
 * **BatchNorm.** Each rank normalises with its own batch statistics and keeps its own running
-  statistics (what DDP does with ``broadcast_buffers=False``); nothing is broadcast during a step,
-  so D's several forwards per step (real, fake, penalty) never meet the in-place buffer update that
-  breaks ``broadcast_buffers=True``. :func:`average_buffers` averages the running statistics across
-  ranks (call it before evaluating or saving, ``CheckpointEvery(extra=...)``-style); convert BatchNorm
+  statistics (``broadcast_buffers=False``): nothing is broadcast during a step, so D's several
+  forwards per step (real, fake, penalty) never meet the in-place buffer update that breaks
+  ``broadcast_buffers=True``. :func:`average_buffers` averages the running statistics across
+  ranks (call it before evaluating or saving; ``Trainer.save_checkpoint`` does); convert BatchNorm
   to ``nn.SyncBatchNorm`` yourself before building the Trainer if you need global batch statistics
   (CUDA only in torch).
 * **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset,
@@ -45,6 +48,7 @@ What ``data_parallel`` does, and why:
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -173,27 +177,16 @@ def all_reduce_gradients(opt: torch.optim.Optimizer) -> None:
             g.copy_(synced)
 
 
-def _averaging_step(opt: torch.optim.Optimizer) -> None:
-    if getattr(opt, "_fastgan_dp", False):
-        return
-    original = opt.step
-
-    def step(*args, **kwargs):
-        all_reduce_gradients(opt)
-        return original(*args, **kwargs)
-
-    opt.step = step
-    opt._fastgan_dp = True
-
-
 # ------------------------------------------------------------------------------------------------
 # The Trainer
 # ------------------------------------------------------------------------------------------------
 
 def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
     """Make ``trainer`` train data-parallel across the ranks of the default process group (a no-op
-    in a single process). Call it once, after building the Trainer and before the first step (or
-    after ``load_state_dict`` when resuming: rank 0's state is broadcast). See the module docstring."""
+    without one): rank 0's parameters, buffers, optimizer state and EMA broadcast, then one DDP
+    wrapper per network (``Trainer.wrap_data_parallel``). Call it once, after building the Trainer
+    and before the first step (or after ``load_state_dict`` when resuming: rank 0's state is
+    broadcast). See the module docstring."""
     if not is_initialized():
         return trainer
     r = rank()
@@ -202,11 +195,11 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
     ema = getattr(trainer, "ema", None)
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         _broadcast_optimizer_state(opt)
-        _averaging_step(opt)
     if ema is not None:   # an EMA outside the fused optimizer (its fused shadow was broadcast above)
         with torch.no_grad():
             for t in list(getattr(ema, "shadow_params", [])) + list(getattr(ema, "shadow_buffers", [])):
                 dist.broadcast(t, 0)
+    trainer.wrap_data_parallel()
     if seed_offset_per_rank:
         # Every rank draws its own noise (and its own order of its data shard). A fresh trainer
         # starts from seed + rank offset (rank 0 then draws what a single process would); a resumed
@@ -272,19 +265,23 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def ddp_wrap(module: nn.Module, device: torch.device | None = None) -> nn.parallel.DistributedDataParallel:
-    """A DDP wrapper configured for GAN training, for loops of your own:
+def ddp_wrap(module: nn.Module, device: torch.device | None = None, *, process_group=None,
+             bucket_cap_mb: float | None = None) -> nn.parallel.DistributedDataParallel:
+    """A DDP wrapper configured for GAN training (``fastgan.Trainer`` wraps G and D with it; use it in
+    loops of your own too):
 
     * ``find_unused_parameters=False``: every step uses every parameter (no extra graph traversal);
-    * ``broadcast_buffers=False``: BatchNorm buffers are not re-broadcast at each forward (the
-      in-place broadcast breaks D's second forward before backward);
+    * BatchNorm buffers are not re-broadcast at each forward (``broadcast_buffers=False``, spelled
+      ``forward_sync_buffers=False`` from torch 2.13 on): the in-place broadcast breaks D's second
+      forward before backward;
     * ``gradient_as_bucket_view=True``: ``.grad`` are views of DDP's buckets (no copy after the
-      all-reduce).
+      all-reduce); ``bucket_cap_mb`` as DDP takes it (None: DDP's default).
 
-    Two rules for GAN steps (DDP prepares its gradient reduction at every forward with grad on):
+    Rules for GAN steps (DDP prepares its gradient reduction at every forward with grad on):
 
-    * several forwards before one backward (D on real, then on fake): run all but the last under
-      ``wrapper.no_sync()``; the one backward then all-reduces the summed gradients once;
+    * several forwards before one backward (D on real, then on fake) are fine: every parameter's
+      gradient still arrives once, from the one backward (``wrapper.no_sync()`` around all but the
+      last is allowed and changes nothing);
     * a *frozen* network's forward (D in the G step) goes through ``wrapper.module``: through the
       wrapper, DDP would wait for gradients that never come.
 
@@ -293,5 +290,16 @@ def ddp_wrap(module: nn.Module, device: torch.device | None = None) -> nn.parall
     (tests/test_distributed.py runs exactly this loop against one process of twice the batch.)
     """
     device_ids = [device.index] if device is not None and device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False,
-                                               broadcast_buffers=False, gradient_as_bucket_view=True)
+    if device_ids == [None]:
+        device_ids = [torch.cuda.current_device()]
+    kwargs = {"bucket_cap_mb": bucket_cap_mb} if bucket_cap_mb is not None else {}
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, process_group=process_group,
+                                               find_unused_parameters=False, gradient_as_bucket_view=True,
+                                               **_no_buffer_sync(), **kwargs)
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword for "do not broadcast buffers at each forward": torch 2.13 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and warns on the old name."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}

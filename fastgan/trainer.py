@@ -422,6 +422,7 @@ class Trainer:
         if cuda_graphs is True and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, but the networks are on {self.device}")
         self._graphs_on = self.device.type == "cuda" and cuda_graphs in ("auto", True)
+        self._graphs_asked = cuda_graphs is True
         self._graphs: dict[tuple, _GraphEntry] = {}
         if not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True or False, got {fuse!r}")
@@ -510,6 +511,67 @@ class Trainer:
                     opt.gather_grads_in_step()
         from fastgan.ops.losses import d_loss, g_loss
         self._d_loss_fn, self._g_loss_fn = d_loss, g_loss
+        # What the forwards whose gradients are synchronised go through: the networks themselves, or
+        # their DistributedDataParallel wrappers after wrap_data_parallel().
+        self._g_net: nn.Module = generator
+        self._d_net: nn.Module = discriminator
+
+    # ------------------------------------------------------------------------------------------
+    # data-parallel training
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether G and D train through DistributedDataParallel wrappers (see wrap_data_parallel)."""
+        return self._d_net is not self.discriminator
+
+    def wrap_data_parallel(self, process_group=None) -> None:
+        """Train G and D data-parallel: one ``torch.nn.parallel.DistributedDataParallel`` wrapper per
+        network, over the default process group (or ``process_group``). ``fastgan.distributed.
+        data_parallel(trainer)`` calls this after synchronising the ranks' starting state; call that.
+
+        * ``find_unused_parameters=False``: every step reaches every trainable parameter.
+        * ``broadcast_buffers=False``: D runs several forwards before one backward (real, fake,
+          the penalty's); re-broadcasting BatchNorm buffers in place at each forward breaks that
+          backward. Each rank keeps its own running statistics (``fastgan.distributed.
+          average_buffers`` averages them for evaluation and checkpoints).
+        * Forwards whose gradients are synchronised go through the wrappers: D in the D step, G in
+          the G step (and G's forward that ``step`` shares). The frozen D of the G step and G's
+          no-grad forward of a D step call the networks themselves, so DDP never waits for
+          gradients that do not come. R1 and WGAN-GP take ``autograd.grad(create_graph=True)`` with
+          respect to D's input, which fires no DDP hook, then one ordinary backward.
+        * The flat gradient buffer is DDP's bucket: ``gradient_as_bucket_view=True`` makes ``.grad``
+          views of DDP's buckets, the bucket cap holds each network in one bucket per dtype, and the
+          fused optimizers adopt that bucket as their flat gradient buffer (``adopt_gradient_buckets``:
+          parameters and state re-laid out once in DDP's order, and again after DDP re-buckets at its
+          second iteration). DDP all-reduces the buffer the optimizer then steps on, in place; no
+          gradient is copied. ``zero_grad`` is one fill of that bucket.
+        * CUDA graphs are turned off (DDP's collectives run outside them).
+        """
+        if self.data_parallel:
+            return
+        from fastgan.distributed import ddp_wrap
+
+        def wrap(net: nn.Module, trainable: list) -> nn.Module:
+            # One bucket per dtype: the optimizer's whole flat gradient buffer (a GAN network is
+            # small enough that overlapping several buckets' all-reduces with backward gains little).
+            megabytes = sum(p.numel() * p.element_size() for p in trainable) / 2 ** 20
+            return ddp_wrap(net, self.device, process_group=process_group, bucket_cap_mb=megabytes + 1.0)
+
+        self._g_net = wrap(self.generator, self._g_trainable)
+        self._d_net = wrap(self.discriminator, self._d_trainable)
+        if self._graphs_on:
+            if self._graphs_asked:
+                warnings.warn("fastgan.Trainer: cuda_graphs=True is turned off under DistributedDataParallel",
+                              RuntimeWarning, stacklevel=2)
+            self._graphs_on = False
+            self._graphs.clear()
+        # Zero the (adopted) bucket in one fill; autograd then accumulates into DDP's views in place.
+        self._grads_to_none = False
+        for opt, fused in ((self.d_optimizer, self._d_fused), (self.g_optimizer, self._g_fused)):
+            if fused:
+                opt.gather_grads_in_step()
+                opt.adopt_gradient_buckets()
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -766,8 +828,9 @@ class Trainer:
                                                      device=self.device, dtype=self.param_dtype)
         return eps.uniform_(generator=self._gen)
 
-    def _d_logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.discriminator(self._pack(x))
+    def _d_logits(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """D's logits through ``net`` (D's DDP wrapper in the D update; D itself by default)."""
+        out = (net if net is not None else self.discriminator)(self._pack(x))
         # One value per input in any trailing shape, e.g. the DCGAN example's (N, 1, 1, 1).
         return out if out.dim() <= 2 else out.reshape(out.shape[0], 1)
 
@@ -787,12 +850,13 @@ class Trainer:
             fake = fake.detach()
             real_in = real.detach().requires_grad_(True) if r1_due else real
             n_real = real.shape[0] // self.pack
+            d_net = self._d_net
             if self.joint_d_forward:
-                logits = self._d_logits(torch.cat([real_in, fake.to(real_in.dtype)]))
+                logits = self._d_logits(torch.cat([real_in, fake.to(real_in.dtype)]), d_net)
                 real_logits, fake_logits = logits[:n_real], logits[n_real:]
             else:
-                real_logits = self._d_logits(real_in)
-                fake_logits = self._d_logits(fake)
+                real_logits = self._d_logits(real_in, d_net)
+                fake_logits = self._d_logits(fake, d_net)
         out = d_loss(real_logits, fake_logits, kind=self.loss)
         total = out.loss
         stats = {"d_loss": out.loss.detach(), "value": out.value, "jsd": out.jsd,
@@ -814,7 +878,7 @@ class Trainer:
             eps = self._draw_eps(real)
             x_hat = torch.lerp(fake.to(real.dtype), real.detach(), eps).requires_grad_(True)
             with self._autocast():
-                hat_logits = self._d_logits(x_hat)
+                hat_logits = self._d_logits(x_hat, self._d_net)
             outputs = hat_logits.float().sum()
             if scaler is not None:
                 outputs = outputs * scaler.scale
@@ -845,9 +909,9 @@ class Trainer:
         try:
             with self._autocast():
                 if fake is None:
-                    fake = self.generator(z)
+                    fake = self._g_net(z)
                     self._check_fake(fake, None)
-                fake_logits = self._d_logits(fake)
+                fake_logits = self._d_logits(fake)  # D frozen: D itself, not its DDP wrapper
             loss = g_loss(fake_logits, kind=self.loss)
             opt = self.g_optimizer
             opt.zero_grad(set_to_none=self._grads_to_none or not self._g_fused)
@@ -879,7 +943,7 @@ class Trainer:
         z = self._draw_z(real.shape[0]) if z is None else self._layout(z)
         real = self._layout(real)
         with self._autocast():
-            fake = self.generator(z)  # with autograd: the G update below reuses this forward
+            fake = self._g_net(z)  # with autograd: the G update below reuses this forward
         self._check_fake(fake, real.shape)
         stats = self._d_update(real, z, fake, r1_due)
         stats.update(self._g_update(z, fake))

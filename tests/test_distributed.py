@@ -45,6 +45,7 @@ _WORKER = textwrap.dedent("""
         trainer.load_state_dict(state)
         start = trainer.step_count
     fd.data_parallel(trainer)
+    assert trainer.data_parallel == (world > 1)
 
     def batches(step):   # the global batch of a step (2m samples), the same in every run
         g = torch.Generator().manual_seed(1000 + step)
@@ -57,6 +58,11 @@ _WORKER = textwrap.dedent("""
         trainer.step(real[lo:lo + per_rank], z[lo:lo + per_rank])
         if step + 1 == steps and mode == "fresh" and fd.is_main_process():
             save_checkpoint(trainer.state_dict(), out_dir, trainer.step_count)
+    if world > 1:  # each network's gradients: one storage, DDP's bucket, the optimizer's flat buffer
+        for net, opt in ((G, trainer.g_optimizer), (D, trainer.d_optimizer)):
+            (flat,) = opt.flat_grad_buffers()
+            assert {p.grad.untyped_storage().data_ptr() for p in net.parameters()} == \
+                {flat.untyped_storage().data_ptr()}
     if fd.is_main_process():
         torch.save({"G": G.state_dict(), "D": D.state_dict(), "step": trainer.step_count,
                     "world": world}, f"{out_dir}/final-{mode}-{world}.pt")
@@ -364,6 +370,80 @@ def test_fused_optimizer_flat_buffers_are_what_it_steps_on():
     state = opt.flat_state_buffers()                 # moments, step counts
     assert len(state) >= 3 and all(t.numel() in (2, 17) for t in state)
     assert any(torch.equal(t, torch.ones(2)) for t in state)   # one step for each parameter
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process (DDP runs; its all-reduce is the identity)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _small_gan(batch_norm: bool):
+    torch.manual_seed(0)
+    norm = [torch.nn.BatchNorm1d(16)] if batch_norm else []
+    G = torch.nn.Sequential(torch.nn.Linear(4, 16), *norm, torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    D = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
+    return G, D
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(batch_norm=True, r1_gamma=1.0, r1_every=2, ema_beta=0.9),
+    dict(loss="wasserstein", gp_lambda=10.0, joint_d_forward=False),
+    dict(d_steps=2, fuse=False),
+], ids=["default", "bn-r1-ema", "wgan-gp-two-forwards", "k2-unfused"])
+def test_trainer_under_ddp_is_exact_and_steps_on_ddps_bucket(one_rank_group, options):
+    """wrap_data_parallel: one DDP wrapper per network; at one rank the run equals the unwrapped one
+    bit for bit, and the buffer DDP all-reduces is the fused optimizer's flat gradient buffer (a
+    comm hook records the bucket DDP hands over; after DDP re-buckets, the new bucket is adopted)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from fastgan.trainer import Trainer
+
+    options = dict(options)
+    batch_norm = options.pop("batch_norm", False)
+    d_steps = options.pop("d_steps", 1)
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(3)) * 0.5 + 1
+
+    def run(ddp: bool):
+        G, D = _small_gan(batch_norm)
+        trainer = Trainer(G, D, latent_dim=4, seed=1, lr=1e-3, d_steps=d_steps, **options)
+        seen = {"G": [], "D": []}
+        if ddp:
+            fd.data_parallel(trainer, seed_offset_per_rank=False)
+            assert trainer.data_parallel
+            for name, net in (("G", trainer._g_net), ("D", trainer._d_net)):
+                assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+
+                def hook(state, bucket, name=name):
+                    seen[name].append(bucket.buffer().data_ptr())
+                    return allreduce_hook(state, bucket)
+                net.register_comm_hook(dist.group.WORLD, hook)
+        for it in range(4):
+            trainer.fit(data, steps=1, batch_size=16, log_every=100, progress=False) if it % 2 else \
+                trainer.step(data[16 * it:16 * it + 16])
+            if ddp:
+                for name, opt in (("G", trainer.g_optimizer), ("D", trainer.d_optimizer)):
+                    (flat,) = opt.flat_grad_buffers()
+                    assert seen[name][-1] == flat.data_ptr(), (name, it)
+        return G, D, trainer
+
+    G0, D0, t0 = run(False)
+    G1, D1, t1 = run(True)
+    for a, b in zip([*G0.state_dict().values(), *D0.state_dict().values()],
+                    [*G1.state_dict().values(), *D1.state_dict().values()]):
+        assert torch.equal(a, b)
+    if t0.ema is not None:
+        assert all(torch.equal(a, b) for a, b in zip(t0.ema.shadow_params, t1.ema.shadow_params))
+    # checkpoints hold the networks' own names (no DDP "module." prefix) and load without DDP
+    state = t1.state_dict()
+    assert not any(k.startswith("module.") for k in state["generator"])
+    t0.load_state_dict(state)
 
 
 _GUARD_WORKER = textwrap.dedent("""
