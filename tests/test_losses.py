@@ -203,6 +203,38 @@ def test_backward_twice_with_retain_graph_and_a_scaled_gradient(impl):
     assert not any(t.requires_grad for t in out[1:])  # the statistics are detached
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_node_hands_over_its_gradients_and_recomputes_them_when_retained(dtype):
+    """The C++ node gives autograd the gradients the forward computed (scaled in place when the
+    incoming gradient is not 1); a retained graph's second backward recomputes them; G's node too;
+    2-D logits get 2-D gradients; modifying a logit in place before backward is caught."""
+    r0, f0 = logits(33, dtype), logits(21, dtype, shape_2d=True)
+    expected = {}
+    for impl in ("ref", "cpu"):
+        r, f = r0.clone().requires_grad_(), f0.clone().requires_grad_()
+        out = d_loss(r, f, "minimax", impl=impl)
+        out.loss.backward(retain_graph=True)           # incoming gradient exactly 1
+        first = r.grad.clone(), f.grad.clone()
+        (out.loss * -0.5).backward()                   # recomputed, scaled, accumulated
+        g = f0.clone().requires_grad_()
+        loss = g_loss(g, "least_squares", impl=impl)
+        loss.backward(torch.tensor(2.0, dtype=loss.dtype), retain_graph=True)
+        loss.backward()
+        expected.setdefault(impl, (first, r.grad, f.grad, g.grad))
+    tol = dict(rtol=1e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    (first, gr, gf, gg), (first_ref, gr_ref, gf_ref, gg_ref) = expected["cpu"], expected["ref"]
+    for actual, wanted in zip((*first, gr, gf, gg), (*first_ref, gr_ref, gf_ref, gg_ref)):
+        assert actual.dtype == dtype and actual.shape == wanted.shape
+        torch.testing.assert_close(actual, wanted, **tol)
+    r, f = r0.clone().requires_grad_(), f0.clone().requires_grad_()
+    a, b = r * 1, f * 1
+    out = d_loss(a, b, impl="cpu")
+    with torch.no_grad():
+        a.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
 def test_no_grad_calls_skip_the_gradient_and_backward_then_fails_clearly():
     r, f = torch.randn(10), torch.randn(10)
     for impl in IMPLS:

@@ -3,6 +3,9 @@
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include "cpu/vec_math.h"
 
@@ -286,7 +289,6 @@ std::vector<torch::Tensor> g_loss_forward(const torch::Tensor& fake, int64_t kin
 // derivative is right rather than silently zero.
 // ---------------------------------------------------------------------------------------------
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // d (mean term) / d logits for one side, differentiable; +-inf and NaN logits give NaN, as in the
@@ -322,49 +324,91 @@ torch::Tensor shaped_like(const torch::Tensor& flat, const torch::Tensor& like) 
   return like.dim() == 1 ? flat : flat.view(like.sizes());
 }
 
-// The loss's autograd node. The forward pass has already run (d_loss_autograd): this node only
-// records the gradients it computed, so the four statistics stay plain tensors outside autograd
-// (each further output of a Function costs its own wrapping, view and version bookkeeping).
-struct DLossFn : public torch::autograd::Function<DLossFn> {
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor real, torch::Tensor fake, torch::Tensor grad_real,
-                               torch::Tensor grad_fake, double loss, int64_t kind) {
-    ctx->save_for_backward({grad_real, grad_fake, real, fake});
-    ctx->saved_data["kind"] = kind;
-    // A fresh tensor: an input returned as the output would be re-wrapped as a view.
-    return scalar_of(loss, real.options().dtype(acc_type_of(real)));
+// The losses' autograd node, written against torch::autograd::Node directly (as torch's generated
+// backward nodes are) instead of through torch::autograd::Function, whose apply() bookkeeping
+// (saved-variable packing, the IValue map, output wrapping) cost as much as the fused kernel at
+// GAN batch sizes. The four statistics stay plain tensors outside autograd.
+//
+// The forward pass already computed d loss / d logits. The first backward hands those tensors to
+// autograd, scaled in place by the incoming gradient unless it is exactly 1 (loss.backward()), so
+// AccumulateGrad takes them over as .grad without an allocation or a copy. A second backward
+// through a retained graph recomputes them with the same kernel; under create_graph (double
+// backward: a penalty on the loss's input gradient) they are recomputed from the logits with
+// differentiable ATen ops, so the second derivative is right rather than silently zero.
+struct LossBackward : public torch::autograd::Node {
+  LossBackward(int64_t kind, bool generator, const std::vector<torch::Tensor>& inputs,
+               std::vector<torch::Tensor> grads_from_forward)
+      : kind(kind), generator(generator), grads(std::move(grads_from_forward)) {
+    set_next_edges(torch::autograd::collect_next_edges(inputs));
+    for (const auto& x : inputs) logits.emplace_back(x, /*is_output=*/false);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& g = grads[0];
-    torch::Tensor grad_real = saved[0], grad_fake = saved[1];
+  int64_t kind;
+  bool generator;                                    // G's loss (one input: fake) or D's (real, fake)
+  std::vector<torch::autograd::SavedVariable> logits;
+  std::vector<torch::Tensor> grads;                  // from the forward; empty once handed over
+
+  std::string name() const override { return generator ? "GLossBackward" : "DLossBackward"; }
+
+  void release_variables() override {
+    for (auto& saved : logits) saved.reset_data();
+    grads.clear();
+  }
+
+  variable_list apply(variable_list&& incoming) override {
+    const torch::Tensor& g = incoming[0];
+    if (!g.defined()) return variable_list(logits.size());  // a zero incoming gradient: none out
+    std::vector<torch::Tensor> xs;
+    for (auto& saved : logits) xs.push_back(saved.unpack());
+    variable_list out(xs.size());
     if (torch::GradMode::is_enabled()) {  // create_graph: differentiable recomputation
-      const int64_t kind = ctx->saved_data["kind"].toInt();
-      grad_real = side_grad_aten(saved[2], kind, true, false);
-      grad_fake = side_grad_aten(saved[3], kind, false, false);
+      for (size_t i = 0; i < xs.size(); ++i) {
+        const bool real = !generator && i == 0;
+        out[i] = (g * side_grad_aten(xs[i], kind, real, generator)).to(xs[i].scalar_type());
+      }
+      return out;
     }
-    return {(g * grad_real).to(saved[0].scalar_type()), (g * grad_fake).to(saved[1].scalar_type()),
-            torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    std::vector<torch::Tensor> d = std::move(grads);
+    grads.clear();
+    if (d.empty()) d = recompute(xs);
+    const bool unit = g.numel() == 1 && g.device().is_cpu() && scalar_value(g) == 1.0;
+    for (size_t i = 0; i < xs.size(); ++i) out[i] = unit ? std::move(d[i]) : d[i].mul_(g);
+    return out;
+  }
+
+ private:
+  std::vector<torch::Tensor> recompute(const std::vector<torch::Tensor>& xs) const {
+    if (generator) return {shaped_like(g_loss_forward(flat_contiguous(xs[0]), kind, true)[1], xs[0])};
+    auto r = d_loss_compute(flat_contiguous(xs[0]), flat_contiguous(xs[1]), kind, true);
+    return {shaped_like(r.grad_real, xs[0]), shaped_like(r.grad_fake, xs[1])};
+  }
+
+  static double scalar_value(const torch::Tensor& t) {
+    if (t.scalar_type() == at::kFloat && t.is_contiguous()) return *t.const_data_ptr<float>();
+    if (t.scalar_type() == at::kDouble && t.is_contiguous()) return *t.const_data_ptr<double>();
+    return t.item<double>();
   }
 };
 
-struct GLossFn : public torch::autograd::Function<GLossFn> {
-  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor fake, int64_t kind, bool need_grad) {
-    auto r = g_loss_forward(flat_contiguous(fake), kind, need_grad);
-    if (need_grad) ctx->save_for_backward({shaped_like(r[1], fake), fake});
-    ctx->saved_data["kind"] = kind;
-    return r[0];
-  }
+// The pointer type autograd holds nodes by: std::shared_ptr<Node> up to torch 2.12,
+// c10::intrusive_ptr<Node> from 2.13 on (the GPU image runs 2.11, CI 2.13).
+using NodePtr = decltype(torch::autograd::Edge::function);
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();  // always saved: the node exists only when need_grad
-    torch::Tensor grad = saved[0];
-    if (torch::GradMode::is_enabled()) {
-      grad = side_grad_aten(saved[1], ctx->saved_data["kind"].toInt(), false, true);
-    }
-    return {(grads[0] * grad).to(saved[0].scalar_type()), torch::Tensor(), torch::Tensor()};
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
   }
-};
+}
+
+// Attach a LossBackward to loss: the logits saved, their gradients handed over at backward.
+void attach_loss_node(torch::Tensor& loss, int64_t kind, bool generator, const std::vector<torch::Tensor>& inputs,
+                      std::vector<torch::Tensor> grads) {
+  NodePtr node = make_node<LossBackward>(kind, generator, inputs, std::move(grads));
+  torch::autograd::set_history(loss, node);
+}
 
 bool needs_grad(std::initializer_list<const torch::Tensor*> inputs) {
   if (!torch::GradMode::is_enabled()) return false;
@@ -379,14 +423,19 @@ std::vector<torch::Tensor> d_loss_autograd(const torch::Tensor& real, const torc
   const bool need_grad = needs_grad({&real, &fake});
   auto r = d_loss_compute(flat_contiguous(real), flat_contiguous(fake), kind, need_grad);
   const auto opts = real.options().dtype(acc_type_of(real));
-  auto loss = need_grad ? DLossFn::apply(real, fake, shaped_like(r.grad_real, real), shaped_like(r.grad_fake, fake),
-                                         r.loss, kind)
-                        : scalar_of(r.loss, opts);
+  auto loss = scalar_of(r.loss, opts);
+  if (need_grad) {
+    attach_loss_node(loss, kind, /*generator=*/false, {real, fake},
+                     {shaped_like(r.grad_real, real), shaped_like(r.grad_fake, fake)});
+  }
   return {loss, scalar_of(r.value, opts), scalar_of(r.jsd, opts), scalar_of(r.d_real, opts), scalar_of(r.d_fake, opts)};
 }
 
 torch::Tensor g_loss_autograd(const torch::Tensor& fake, int64_t kind) {
-  return GLossFn::apply(fake, kind, needs_grad({&fake}));
+  const bool need_grad = needs_grad({&fake});
+  auto r = g_loss_forward(flat_contiguous(fake), kind, need_grad);
+  if (need_grad) attach_loss_node(r[0], kind, /*generator=*/true, {fake}, {shaped_like(r[1], fake)});
+  return r[0];
 }
 
 }  // namespace
