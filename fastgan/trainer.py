@@ -542,7 +542,8 @@ class Trainer:
           respect to D's input, which fires no DDP hook, then one ordinary backward.
         * The flat gradient buffer is DDP's bucket: ``gradient_as_bucket_view=True`` makes ``.grad``
           views of DDP's buckets, the bucket cap holds each network in one bucket per dtype, and the
-          fused optimizers adopt that bucket as their flat gradient buffer (``adopt_gradient_buckets``:
+          fused optimizers adopt that bucket (with several param groups: the part of it holding each
+          group, when that part is contiguous) as their flat gradient buffer (``adopt_gradient_buckets``:
           parameters and state re-laid out once in DDP's order, and again after DDP re-buckets at its
           second iteration). DDP all-reduces the buffer the optimizer then steps on, in place; no
           gradient is copied. ``zero_grad`` is one fill of that bucket.
