@@ -391,8 +391,8 @@ def _is_writer() -> bool:
 
 
 class CheckpointEvery:
-    """``Trainer.fit`` callback: ``save_checkpoint(trainer.state_dict(), run_dir, step, keep)`` every
-    ``every`` steps (rank 0 only under torch.distributed). ``extra()`` may add entries (e.g. a
+    """``Trainer.fit`` callback: ``save_checkpoint(trainer.checkpoint_state(), run_dir, step, keep)``
+    every ``every`` steps (every rank calls it; rank 0 writes under torch.distributed). ``extra()`` may add entries (e.g. a
     NonFiniteGuard's state) to the saved dict under the key ``"extra"``."""
 
     def __init__(self, run_dir: str | os.PathLike, every: int, keep: int = 2,
@@ -403,9 +403,11 @@ class CheckpointEvery:
         self.last_path: Path | None = None
 
     def save(self, trainer, step: int) -> Path | None:
-        if not _is_writer():
+        # A fastgan.Trainer's checkpoint_state gathers every rank's RNG states (all ranks call it).
+        gather = getattr(trainer, "checkpoint_state", None)
+        state = gather() if gather is not None else (trainer.state_dict() if _is_writer() else None)
+        if state is None or not _is_writer():
             return None
-        state = trainer.state_dict()
         if self.extra is not None:
             state["extra"] = self.extra()
         self.last_path = save_checkpoint(state, self.run_dir, int(step), keep=self.keep)

@@ -41,7 +41,9 @@ What ``data_parallel`` does, and why:
 * **Data and noise.** :func:`shard` gives each rank a disjoint slice of a tensor or Dataset,
   :class:`RankSlices` each rank its slice of every batch of a stream of global batches; the
   trainer's noise generator is re-seeded per rank (``Trainer.reseed``) so ranks draw different noise.
-* **Checkpoints** are written by rank 0 only (``fit(checkpoint_every=, out_dir=)`` /
+* **Checkpoints** carry every rank's RNG states and data cursor (``Trainer.checkpoint_state``), so a
+  run resumed at the same world size continues exactly as if it had never stopped; at another world
+  size the ranks are re-seeded. They are written by rank 0 only (``fit(checkpoint_every=, out_dir=)`` /
   ``Trainer.save_checkpoint``, which first average the BatchNorm running statistics across ranks, and
   ``fastgan.checkpoint.CheckpointEvery`` check the rank); they hold ordinary, un-prefixed state
   dicts and load at any world size (also 1).
@@ -200,10 +202,17 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
             for t in list(getattr(ema, "shadow_params", [])) + list(getattr(ema, "shadow_buffers", [])):
                 dist.broadcast(t, 0)
     trainer.wrap_data_parallel()
-    if seed_offset_per_rank:
+    saved_ranks = getattr(trainer, "loaded_rank_states", None)
+    if saved_ranks is not None and saved_ranks.get("world_size") == world_size():
+        # Resumed at the world size that wrote the checkpoint: each rank continues its own noise,
+        # data order and global RNG streams exactly where they were (Trainer.checkpoint_state).
+        trainer._load_rank_local_state(saved_ranks["local"][r])
+        trainer.loaded_rank_states = None
+    elif seed_offset_per_rank:
         # Every rank draws its own noise (and its own order of its data shard). A fresh trainer
         # starts from seed + rank offset (rank 0 then draws what a single process would); a resumed
-        # one (all ranks loaded rank 0's state) from a base mixed from the seed and the D step count.
+        # one (all ranks loaded rank 0's state; written at another world size) from a base mixed from
+        # the seed and the D step count.
         fresh = trainer.step_count == 0 and trainer.d_step_count == 0
         base = int(trainer.seed)
         if not fresh:

@@ -452,6 +452,7 @@ class Trainer:
         self._data_gen.manual_seed(self.seed + 2)
         self._cursor: _IndexCursor | None = None
         self._pending_cursor_state: dict[str, Any] | None = None
+        self.loaded_rank_states: dict[str, Any] | None = None  # see load_state_dict
 
         # ---- fusion, EMA, optimizers ---------------------------------------------------------
         if fuse:
@@ -1384,7 +1385,7 @@ class Trainer:
         """Everything needed to continue training exactly: G, D, G's EMA, both optimizers, the loss
         scalers, the step counters, every RNG state (the trainer's generators, torch's CPU and CUDA
         generators, Python's and NumPy's) and where ``fit`` stands in its epoch."""
-        cursor = self._cursor.state_dict() if self._cursor is not None else self._pending_cursor_state
+        local = self._rank_local_state()
         return {
             "format": CHECKPOINT_FORMAT,
             "config": self.config(),
@@ -1397,12 +1398,48 @@ class Trainer:
             "d_optimizer": self.d_optimizer.state_dict(),
             "scaler": None if self._d_scaler is None else {"d": self._d_scaler.state_dict(),
                                                            "g": self._g_scaler.state_dict()},
+            **local,
+            "sample_shape": None if self._sample_shape is None else list(self._sample_shape),
+        }
+
+    def _rank_local_state(self) -> dict[str, Any]:
+        """What differs between the ranks of a data-parallel run: every RNG state, the data cursor and
+        the last R1 value (the parameters, optimizer state and counters are the same on all ranks)."""
+        cursor = self._cursor.state_dict() if self._cursor is not None else self._pending_cursor_state
+        return {
             "rng": {"trainer": self._gen.get_state(), "sample": self._sample_gen.get_state(),
                     "data": self._data_gen.get_state(), "global": _checkpoint.global_rng_states()},
             "data_cursor": cursor,
             "last_r1": self._last_r1.detach().cpu(),
-            "sample_shape": None if self._sample_shape is None else list(self._sample_shape),
         }
+
+    def _load_rank_local_state(self, local: dict[str, Any]) -> None:
+        rng = local["rng"]
+        self._gen.set_state(rng["trainer"])
+        self._sample_gen.set_state(rng["sample"])
+        self._data_gen.set_state(rng["data"])
+        _checkpoint.set_global_rng_states(rng["global"])
+        self._cursor = None
+        self._pending_cursor_state = local.get("data_cursor")
+        self._last_r1.copy_(local["last_r1"])
+
+    def checkpoint_state(self) -> dict[str, Any] | None:
+        """``state_dict()`` for a checkpoint. Under ``torch.distributed`` (every rank must call it: a
+        collective) it also holds every rank's own RNG states and data cursor under ``"ranks"``, so a
+        run resumed at the same world size continues exactly as if never interrupted (at another
+        world size the ranks are re-seeded, see ``fastgan.distributed.data_parallel``); rank 0
+        gets the dict, the other ranks None."""
+        from fastgan import distributed as fdist
+        if fdist.world_size() == 1:
+            return self.state_dict()
+        import torch.distributed as dist
+        gathered: list[Any] = [None] * fdist.world_size()
+        dist.all_gather_object(gathered, self._rank_local_state())
+        if not fdist.is_main_process():
+            return None
+        state = self.state_dict()
+        state["ranks"] = {"world_size": fdist.world_size(), "local": gathered}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (also the global RNG states, for an exact resume)."""
@@ -1431,14 +1468,10 @@ class Trainer:
             self._g_scaler.load_state_dict(state["scaler"]["g"])
         self.step_count = int(state["step"])
         self.d_step_count = int(state["d_step"])
-        rng = state["rng"]
-        self._gen.set_state(rng["trainer"])
-        self._sample_gen.set_state(rng["sample"])
-        self._data_gen.set_state(rng["data"])
-        _checkpoint.set_global_rng_states(rng["global"])
-        self._cursor = None
-        self._pending_cursor_state = state.get("data_cursor")
-        self._last_r1.copy_(state["last_r1"])
+        self._load_rank_local_state(state)
+        # Every rank's own states of a data-parallel run (checkpoint_state): data_parallel() restores
+        # this rank's when the world size matches.
+        self.loaded_rank_states = state.get("ranks")
         if state.get("sample_shape") is not None and self._sample_shape is None:
             self._sample_shape = torch.Size(state["sample_shape"])
         self._graphs.clear()  # captured graphs may point at replaced buffers
@@ -1455,16 +1488,18 @@ class Trainer:
         deleted only after the new one is complete). Returns the path written.
 
         Under ``torch.distributed`` every rank must call it (BatchNorm running statistics are first
-        averaged across ranks, a collective), and rank 0 alone writes; the others return None."""
+        averaged across ranks and every rank's RNG states gathered, see ``checkpoint_state``: both
+        collectives), and rank 0 alone writes; the others return None."""
         from fastgan import distributed as fdist
         from fastgan.checkpoint import save_checkpoint
         keep = _check_int("keep", keep, 1)
         if fdist.world_size() > 1:
             fdist.average_buffers(self.generator)
             fdist.average_buffers(self.discriminator)
-        if not fdist.is_main_process():
+        state = self.checkpoint_state()
+        if state is None:  # not rank 0
             return None
-        return save_checkpoint(self.state_dict(), run_dir, int(self.step_count), keep=keep)
+        return save_checkpoint(state, run_dir, int(self.step_count), keep=keep)
 
     def reseed(self, noise_seed: int | None = None, data_seed: int | None = None) -> None:
         """Re-seed the trainer's noise generator (latent batches, WGAN-GP's eps) and / or the generator

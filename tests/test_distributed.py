@@ -313,6 +313,27 @@ def test_cli_two_processes_equal_one_process_of_twice_the_batch_and_resume_in_on
     assert steps == [2, 4, 6, 8, 9]
 
 
+def test_cli_two_processes_resume_at_two_continues_every_ranks_noise_exactly(cli_run, tmp_path):
+    """A world-size-2 checkpoint holds both ranks' RNG states (Trainer.checkpoint_state); resumed at
+    world size 2, each rank continues its own noise stream where it stopped, so the resumed run is
+    the uninterrupted one (here: its single-process twin, continued with both ranks' noise)."""
+    out, _ = cli_run
+    state = torch.load(out / f"checkpoint-{CLI_STEPS:09d}.pt", weights_only=True)
+    assert state["ranks"]["world_size"] == 2 and len(state["ranks"]["local"]) == 2
+    trainer, noise, batches, latent = _single_process_twin(out)
+    half = CLI_BATCH // 2
+    copy = tmp_path / "resumed-at-2"
+    shutil.copytree(out, copy)
+    result = _fastgan_train(2, "--resume", "--out", str(copy), "--steps", str(CLI_STEPS + CLI_MORE),
+                            "--no-progress", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "world size 2" in result.stdout and f"resuming at step {CLI_STEPS}" in result.stdout
+    for _ in range(CLI_STEPS + CLI_MORE):
+        z = torch.cat([torch.empty(half, latent).normal_(generator=g) for g in noise])
+        trainer.step(next(batches), z)
+    _assert_params(torch.load(copy / f"checkpoint-{CLI_STEPS + CLI_MORE:09d}.pt", weights_only=True), trainer)
+
+
 def test_cli_batch_size_must_divide_by_the_processes(tmp_path):
     out = tmp_path / "run"
     result = _fastgan_train(2, *_CLI_ARGS[:2], "--batch-size", "15", "--steps", "2", "--device", "cpu",
