@@ -287,6 +287,16 @@ def _assert_params(state: dict, trainer, rtol: float = 1e-5) -> None:
                                        msg=lambda m: f"{net}.{key}: {m}")
 
 
+def _resume_copy_of(out: Path, copy: Path, world: int) -> Path:
+    """A copy of the run folder ``out``, resumed by ``world`` processes to CLI_STEPS + CLI_MORE steps."""
+    shutil.copytree(out, copy)
+    result = _fastgan_train(world, "--resume", "--out", str(copy), "--steps", str(CLI_STEPS + CLI_MORE),
+                            "--no-progress", "--device", "cpu")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert f"world size {world}" in result.stdout and f"resuming at step {CLI_STEPS}" in result.stdout
+    return copy
+
+
 def test_cli_two_processes_equal_one_process_of_twice_the_batch_and_resume_in_one(cli_run, tmp_path):
     out, _ = cli_run
     trainer, noise, batches, latent = _single_process_twin(out)
@@ -298,12 +308,7 @@ def test_cli_two_processes_equal_one_process_of_twice_the_batch_and_resume_in_on
 
     # The world-size-2 run resumed by one process: it continues rank 0's noise with the whole batch
     # and the global data stream where it stopped.
-    copy = tmp_path / "resumed"
-    shutil.copytree(out, copy)
-    result = _fastgan_train(1, "--resume", "--out", str(copy), "--steps", str(CLI_STEPS + CLI_MORE),
-                            "--no-progress", "--device", "cpu")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "world size 1" in result.stdout and f"resuming at step {CLI_STEPS}" in result.stdout
+    copy = _resume_copy_of(out, tmp_path / "resumed", world=1)
     for _ in range(CLI_MORE):
         z = torch.empty(CLI_BATCH, latent).normal_(generator=noise[0])
         trainer.step(next(batches), z)
@@ -322,12 +327,7 @@ def test_cli_two_processes_resume_at_two_continues_every_ranks_noise_exactly(cli
     assert state["ranks"]["world_size"] == 2 and len(state["ranks"]["local"]) == 2
     trainer, noise, batches, latent = _single_process_twin(out)
     half = CLI_BATCH // 2
-    copy = tmp_path / "resumed-at-2"
-    shutil.copytree(out, copy)
-    result = _fastgan_train(2, "--resume", "--out", str(copy), "--steps", str(CLI_STEPS + CLI_MORE),
-                            "--no-progress", "--device", "cpu")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "world size 2" in result.stdout and f"resuming at step {CLI_STEPS}" in result.stdout
+    copy = _resume_copy_of(out, tmp_path / "resumed-at-2", world=2)
     for _ in range(CLI_STEPS + CLI_MORE):
         z = torch.cat([torch.empty(half, latent).normal_(generator=g) for g in noise])
         trainer.step(next(batches), z)
