@@ -532,8 +532,9 @@ class Trainer:
         data_parallel(trainer)`` calls this after synchronising the ranks' starting state; call that.
 
         * ``find_unused_parameters=False``: every step reaches every trainable parameter.
-        * ``broadcast_buffers=False``: D runs several forwards before one backward (real, fake,
-          the penalty's); re-broadcasting BatchNorm buffers in place at each forward breaks that
+        * No buffer broadcast at each forward (``broadcast_buffers=False``; ``forward_sync_buffers=False``
+          from torch 2.13 on): D runs several forwards before one backward (real, fake, the
+          penalty's); re-broadcasting BatchNorm buffers in place at each forward breaks that
           backward. Each rank keeps its own running statistics (``fastgan.distributed.
           average_buffers`` averages them for evaluation and checkpoints).
         * Forwards whose gradients are synchronised go through the wrappers: D in the D step, G in
