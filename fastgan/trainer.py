@@ -553,6 +553,10 @@ class Trainer:
         """
         if self.data_parallel:
             return
+        import torch.distributed as dist
+        if process_group is None and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("wrap_data_parallel needs torch.distributed initialised first (under torchrun: "
+                               "fastgan.distributed.init_from_env()), or a process_group")
         from fastgan.distributed import ddp_wrap
 
         def wrap(net: nn.Module, trainable: list) -> nn.Module:

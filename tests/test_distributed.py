@@ -140,6 +140,17 @@ def test_shard_gives_disjoint_covering_slices():
         fd.shard(iter([data]), 0, 2)
 
 
+def test_wrap_data_parallel_without_a_process_group_says_what_is_missing():
+    from fastgan.trainer import Trainer
+    G, D = _small_gan(batch_norm=False)
+    trainer = Trainer(G, D, latent_dim=4, seed=0)
+    with pytest.raises(RuntimeError, match="torch.distributed initialised first"):
+        trainer.wrap_data_parallel()
+    assert not trainer.data_parallel
+    fd.data_parallel(trainer)  # no process group: a no-op
+    assert not trainer.data_parallel
+
+
 def test_single_process_helpers_are_no_ops():
     assert not fd.is_initialized() and fd.rank() == 0 and fd.world_size() == 1 and fd.is_main_process()
     info = fd.init_from_env() if "WORLD_SIZE" not in os.environ else None

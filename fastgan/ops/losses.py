@@ -205,7 +205,7 @@ _g_loss_op.register_autograd(_g_loss_backward, setup_context=_g_loss_setup)
 
 # Eager calls take cheaper autograd nodes around the same kernels: the torch.library dispatch of a
 # custom op costs tens of microseconds per call, more than the whole op at GAN batch sizes. The cpu
-# implementation has its node in C++ (DLossFn / GLossFn in csrc/cpu/losses.cpp, a few microseconds
+# implementation has its node in C++ (LossBackward in csrc/cpu/losses.cpp, a few microseconds
 # forward and backward); triton uses the Python autograd.Functions below. Under torch.compile the
 # custom ops above are used, so the graph stays whole.
 
