@@ -94,17 +94,27 @@ inline void backward_row(const scalar_t* gy, const scalar_t* y, scalar_t* gx, ac
   }
 }
 
-// A plane of n elements sharing one bias: writes gx, returns their sum.
-template <int64_t ACT, bool CLAMP, typename scalar_t>
-inline acc_type_t<scalar_t> backward_plane(const scalar_t* gy, const scalar_t* y, scalar_t* gx, int64_t n,
-                                           acc_type_t<scalar_t> alpha, acc_type_t<scalar_t> gain,
-                                           acc_type_t<scalar_t> inv_gain, acc_type_t<scalar_t> clamp) {
+// A plane of n elements sharing one bias: writes gx and, with SUM, returns their sum (else 0).
+// The sum is an OpenMP simd reduction: without it the compiler must add the elements in order, one
+// dependent add per element (measured: the whole backward of a 32x16x32x32 LeakyReLU map 3.5x
+// slower than eager's); a bias-free layer skips it altogether.
+template <int64_t ACT, bool CLAMP, bool SUM, typename scalar_t>
+inline acc_type_t<scalar_t> backward_plane(const scalar_t* __restrict gy, const scalar_t* __restrict y,
+                                           scalar_t* __restrict gx, int64_t n, acc_type_t<scalar_t> alpha,
+                                           acc_type_t<scalar_t> gain, acc_type_t<scalar_t> inv_gain,
+                                           acc_type_t<scalar_t> clamp) {
   using acc_t = acc_type_t<scalar_t>;
   acc_t sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t g = grad_element<ACT, CLAMP>(acc_t(gy[j]), acc_t(y[j]), alpha, gain, inv_gain, clamp);
-    gx[j] = static_cast<scalar_t>(g);
-    sum += g;
+  if constexpr (SUM) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t g = grad_element<ACT, CLAMP>(acc_t(gy[j]), acc_t(y[j]), alpha, gain, inv_gain, clamp);
+      gx[j] = static_cast<scalar_t>(g);
+      sum += g;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      gx[j] = static_cast<scalar_t>(grad_element<ACT, CLAMP>(acc_t(gy[j]), acc_t(y[j]), alpha, gain, inv_gain, clamp));
   }
   return sum;
 }
@@ -243,8 +253,12 @@ torch::Tensor bias_act_backward(const torch::Tensor& gy3, const torch::Tensor& y
           std::vector<acc_t> partial(need_bias_grad ? outer * C : 0, acc_t(0));
           at::parallel_for(0, outer * C, std::max<int64_t>(1, 16384 / inner), [&](int64_t p0, int64_t p1) {
             for (int64_t p = p0; p < p1; ++p) {
-              const acc_t s = backward_plane<ACT, CLAMP>(gy + p * inner, y + p * inner, gx + p * inner, inner, a, g, ig, cl);
-              if (need_bias_grad) partial[p] = s;
+              if (need_bias_grad) {
+                partial[p] = backward_plane<ACT, CLAMP, true>(gy + p * inner, y + p * inner, gx + p * inner, inner,
+                                                              a, g, ig, cl);
+              } else {
+                backward_plane<ACT, CLAMP, false>(gy + p * inner, y + p * inner, gx + p * inner, inner, a, g, ig, cl);
+              }
             }
           });
           if (need_bias_grad) {
