@@ -377,6 +377,62 @@ struct BiasActFn : public torch::autograd::Function<BiasActFn> {
   }
 };
 
+// The (outer, C, inner) view of a dense N-d map with channels at dim 1, NC... or channels_last(_3d):
+// what the kernels read. Undefined for other layouts (the caller then takes the out-of-place path).
+torch::Tensor channel_view3d(const torch::Tensor& t) {
+  const int64_t n = t.size(0), c = t.size(1), inner = t.numel() / std::max<int64_t>(1, n * c);
+  if (t.is_contiguous()) return t.view({n, c, inner});
+  const auto layout = t.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                      : t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
+  if (layout == at::MemoryFormat::Contiguous || !t.is_contiguous(layout)) return torch::Tensor();
+  return t.as_strided({n * inner, c, 1}, {c, 1, 1});
+}
+
+// ``t`` (dense, in some layout) in the layout of ``like`` (a copy only when they differ).
+torch::Tensor in_layout_of(const torch::Tensor& t, const torch::Tensor& like) {
+  if (like.is_contiguous()) return t.contiguous();
+  return t.contiguous(like.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
+}
+
+// bias_act in place on a convolution's fresh output (the fused Conv*dAct modules): the activation
+// pass writes where the convolution wrote, as eager's LeakyReLU(inplace=True) does, instead of into
+// a new map (on this VM a fresh 2 MB output costs more in first-touch page faults than the pass
+// itself). Safe because the convolution's backward needs its input and weight, not its output, and
+// this backward needs only the activated output. Saves that output; backward as BiasActFn's.
+struct BiasActInplaceFn : public torch::autograd::Function<BiasActInplaceFn> {
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor y, torch::Tensor bias, int64_t act, double alpha,
+                               double gain, double clamp, double clamp_threshold) {
+    auto y3 = channel_view3d(y);
+    TORCH_CHECK(y3.defined(), "bias_act_: the map must be contiguous or channels_last");
+    const bool has_bias = bias.numel() > 0;
+    std::optional<torch::Tensor> b;
+    if (has_bias) b = bias;
+    epilogue(y3, b, y3, act, alpha, gain, clamp);  // each output element depends on its own input only
+    ctx->mark_dirty({y});
+    ctx->save_for_backward({y});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["gain"] = gain;
+    ctx->saved_data["clamp"] = clamp_threshold;
+    ctx->saved_data["has_bias"] = has_bias;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto y = ctx->get_saved_variables()[0];
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
+    const auto gy = in_layout_of(grads[0], y);
+    auto r = BiasActGradFn::apply(channel_view3d(gy), channel_view3d(y), need_bias, ctx->saved_data["act"].toInt(),
+                                  ctx->saved_data["alpha"].toDouble(), ctx->saved_data["gain"].toDouble(),
+                                  ctx->saved_data["clamp"].toDouble());
+    // r[0] is a contiguous (outer, C, inner) tensor: back to y's shape and layout, as a view.
+    auto gx = y.is_contiguous() ? r[0].view(y.sizes())
+                                : r[0].as_strided(y.sizes(), y.strides());
+    return {gx, need_bias ? r[1] : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
+  }
+};
+
 // linear_act; saves x, weight and the output. Backward: BiasActGradFn, then ATen's GEMM twice.
 struct LinearActFn : public torch::autograd::Function<LinearActFn> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
@@ -447,6 +503,17 @@ void register_layers(pybind11::module_& m) {
         "linear_act with its backward recorded by a C++ autograd node (eager CPU path)", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("act"), pybind11::arg("alpha"),
         pybind11::arg("gain"));
+  m.def("bias_act_inplace_autograd",
+        [](const torch::Tensor& y, const std::optional<torch::Tensor>& bias, int64_t act, double alpha, double gain,
+           double clamp, double clamp_threshold) {
+          TORCH_CHECK(y.device().is_cpu() && y.dim() >= 3, "y must be a CPU map of at least 3 dims");
+          return BiasActInplaceFn::apply(y, bias.value_or(torch::empty({0}, y.options())), act, alpha, gain, clamp,
+                                         clamp_threshold);
+        },
+        "bias_act in place on a fresh convolution output (channels at dim 1; contiguous or channels_last), "
+        "backward recorded by a C++ autograd node (eager CPU path of the fused convolution modules)",
+        pybind11::arg("y"), pybind11::arg("bias"), pybind11::arg("act"), pybind11::arg("alpha"), pybind11::arg("gain"),
+        pybind11::arg("clamp"), pybind11::arg("clamp_threshold"));
   m.def("bias_act_autograd",
         [](const torch::Tensor& x3, const std::optional<torch::Tensor>& bias, int64_t act, double alpha, double gain,
            double clamp, double clamp_threshold) {

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgan.ops.activations import resolve_act
-from fastgan.ops.bias_act import autocast_dtype, bias_act
+from fastgan.ops.bias_act import autocast_dtype, bias_act, bias_act_fresh_
 from fastgan.ops.linear_act import linear_act
 
 __all__ = ["FusedLinear", "BiasAct", "Conv1dAct", "Conv2dAct", "Conv3dAct",
@@ -123,7 +123,8 @@ class _ConvActMixin(_ActMixin):
         return dtype in (torch.bfloat16, torch.float16)
 
     def _bias_act(self, y: Tensor, bias_in_conv: bool) -> Tensor:
-        return bias_act(y, None if bias_in_conv else self.bias, 1, self.act, self.alpha, impl=self.impl)
+        # y is the convolution's fresh output: the activation may overwrite it (bias_act_fresh_).
+        return bias_act_fresh_(y, None if bias_in_conv else self.bias, self.act, self.alpha, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._act_repr()}"

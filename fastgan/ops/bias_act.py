@@ -362,6 +362,27 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
     return _BiasActFunction.apply(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def bias_act_fresh_(y: Tensor, bias: Tensor | None, act: str, alpha: float | None = None,
+                    impl: str = "auto") -> Tensor:
+    """``bias_act(y, bias, 1, act, alpha)`` for a map ``y`` that nothing else refers to -- the output a
+    fused convolution module has just computed. On the CPU path it runs in place on ``y`` (as eager's
+    ``LeakyReLU(inplace=True)``): no second map is allocated and first-touched, and the convolution's
+    backward, which needs its input and weight but not its output, is unaffected. Anywhere else (other
+    devices or layouts, autocast dtype promotion, torch.compile) it is ``bias_act``, out of place."""
+    if (y.device.type == "cpu" and 3 <= y.dim() <= 5 and y.numel() > 0 and not torch.compiler.is_compiling()
+            and (bias is None or bias.dtype == y.dtype)
+            and (y.is_contiguous() or (y.dim() in _CHANNELS_LAST and y.is_contiguous(memory_format=_CHANNELS_LAST[y.dim()])))
+            and resolve_impl("bias_act", impl, y.device) == "cpu"):
+        spec, alpha = resolve_act(act, alpha)
+        check_bias(bias, y, y.shape[1], "the convolution's out_channels")
+        return extension().bias_act_inplace_autograd(y, None if bias is None else bias.contiguous(), spec.index, alpha,
+                                                     1.0, NO_CLAMP, NO_CLAMP)
+    return bias_act(y, bias, 1, act, alpha, impl=impl)
+
+
 def _bias_act_cpu_eager(x: Tensor, bias: Tensor | None, dim: int, act: int, alpha: float, gain: float,
                         clamp: float) -> Tensor:
     """The C++ kernels with the autograd node in C++ (same backward as the custom op: the fused
