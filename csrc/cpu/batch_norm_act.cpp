@@ -350,6 +350,19 @@ inline ChannelGrad channel_grad(double sum_dz, double sum_dzx, double mean, doub
   return {p, q, -p * sum_dz / cnt - q * mean};
 }
 
+// A channel's reductions done (both layouts): its bias and weight gradients, and the (p, q, o) the
+// input gradient pass uses.
+template <typename opm>
+inline void finish_channel(double sum_dz, double sum_dzx, double mean, double invstd, double w, double cnt,
+                           bool training, opm& db, opm& dw, opm& p, opm& q, opm& o) {
+  db = static_cast<opm>(sum_dz);
+  dw = static_cast<opm>(sum_dzx * invstd);
+  const ChannelGrad k = channel_grad(sum_dz, sum_dzx, mean, invstd, w, cnt, training);
+  p = static_cast<opm>(k.p);
+  q = static_cast<opm>(k.q);
+  o = static_cast<opm>(k.o);
+}
+
 // Adds one plane's sum(dz) and sum(dz (x - m)) into the channel's float lanes A and Q. EVAL: also
 // writes dx = dz * p (eval mode needs no reduction for it).
 template <bool EVAL, int64_t ACT, typename scalar_t, typename opm>
@@ -445,13 +458,8 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
           s_dzx += lane_q[k * kLanes + j];
         }
         const int64_t c = c0 + k;
-        db[c] = static_cast<opm>(s_dz);
-        dw[c] = static_cast<opm>(s_dzx * invstd[k]);
-        const ChannelGrad cg = channel_grad(s_dz, s_dzx, double(mean[c]), invstd[k], w ? double(w[c]) : 1.0,
-                                            double(L.count()), true);
-        kp[k] = static_cast<opm>(cg.p);
-        kq[k] = static_cast<opm>(cg.q);
-        ko[k] = static_cast<opm>(cg.o);
+        finish_channel(s_dz, s_dzx, double(mean[c]), invstd[k], w ? double(w[c]) : 1.0, double(L.count()), training,
+                       db[c], dw[c], kp[k], kq[k], ko[k]);
       }
       if (!training) continue;
       for (int64_t n = 0; n < N; ++n) {
@@ -530,13 +538,8 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
       s_dz += partial[size_t(k) * 2 * C + c];
       s_dzx += partial[size_t(k) * 2 * C + C + c];
     }
-    db[c] = static_cast<opm>(s_dz);
-    dw[c] = static_cast<opm>(s_dzx * invstd[c]);
-    const ChannelGrad k = channel_grad(s_dz, s_dzx, double(mean[c]), invstd[c], w ? double(w[c]) : 1.0,
-                                       double(L.count()), training);
-    kp[c] = static_cast<opm>(k.p);
-    kq[c] = static_cast<opm>(k.q);
-    ko[c] = static_cast<opm>(k.o);
+    finish_channel(s_dz, s_dzx, double(mean[c]), invstd[c], w ? double(w[c]) : 1.0, double(L.count()), training,
+                   db[c], dw[c], kp[c], kq[c], ko[c]);
   }
   if (!training) return;
   const opm* __restrict__ pp = kp.data();

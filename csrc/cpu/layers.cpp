@@ -348,32 +348,43 @@ struct BiasActGradFn : public torch::autograd::Function<BiasActGradFn> {
   }
 };
 
+// What BiasActFn and BiasActInplaceFn share: the fused pass x3 -> y3 (y3 may be x3: each output
+// element depends on its own input only) with the settings their backward reads, and that backward
+// ((grad_x3, grad_bias or undefined) from the saved output y3).
+void bias_act_forward_recorded(AutogradContext* ctx, const torch::Tensor& x3, const torch::Tensor& bias,
+                               torch::Tensor& y3, int64_t act, double alpha, double gain, double clamp,
+                               double clamp_threshold) {
+  const bool has_bias = bias.numel() > 0;  // x3 is never empty here (Python checks)
+  std::optional<torch::Tensor> b;
+  if (has_bias) b = bias;
+  epilogue(x3, b, y3, act, alpha, gain, clamp);
+  ctx->saved_data["act"] = act;
+  ctx->saved_data["alpha"] = alpha;
+  ctx->saved_data["gain"] = gain;
+  ctx->saved_data["clamp"] = clamp_threshold;
+  ctx->saved_data["has_bias"] = has_bias;
+}
+
+variable_list bias_act_backward_recorded(AutogradContext* ctx, const torch::Tensor& gy3, const torch::Tensor& y3) {
+  const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
+  auto r = BiasActGradFn::apply(gy3, y3, need_bias, ctx->saved_data["act"].toInt(), ctx->saved_data["alpha"].toDouble(),
+                                ctx->saved_data["gain"].toDouble(), ctx->saved_data["clamp"].toDouble());
+  return {r[0], need_bias ? r[1] : torch::Tensor()};
+}
+
 // bias_act on an (outer, C, inner) view; saves only the output.
 struct BiasActFn : public torch::autograd::Function<BiasActFn> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x3, torch::Tensor bias, int64_t act,
                                double alpha, double gain, double clamp, double clamp_threshold) {
     auto y3 = torch::empty_like(x3);
-    const bool has_bias = bias.numel() > 0;  // x3 is never empty here (Python checks)
-    std::optional<torch::Tensor> b;
-    if (has_bias) b = bias;
-    epilogue(x3, b, y3, act, alpha, gain, clamp);
+    bias_act_forward_recorded(ctx, x3, bias, y3, act, alpha, gain, clamp, clamp_threshold);
     ctx->save_for_backward({y3});
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["gain"] = gain;
-    ctx->saved_data["clamp"] = clamp_threshold;
-    ctx->saved_data["has_bias"] = has_bias;
     return y3;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto y3 = ctx->get_saved_variables()[0];
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
-    auto r = BiasActGradFn::apply(grads[0], y3, need_bias, ctx->saved_data["act"].toInt(),
-                                  ctx->saved_data["alpha"].toDouble(), ctx->saved_data["gain"].toDouble(),
-                                  ctx->saved_data["clamp"].toDouble());
-    return {r[0], need_bias ? r[1] : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
+    auto g = bias_act_backward_recorded(ctx, grads[0], ctx->get_saved_variables()[0]);
+    return {g[0], g[1], torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -404,32 +415,18 @@ struct BiasActInplaceFn : public torch::autograd::Function<BiasActInplaceFn> {
                                double gain, double clamp, double clamp_threshold) {
     auto y3 = channel_view3d(y);
     TORCH_CHECK(y3.defined(), "bias_act_: the map must be contiguous or channels_last");
-    const bool has_bias = bias.numel() > 0;
-    std::optional<torch::Tensor> b;
-    if (has_bias) b = bias;
-    epilogue(y3, b, y3, act, alpha, gain, clamp);  // each output element depends on its own input only
+    bias_act_forward_recorded(ctx, y3, bias, y3, act, alpha, gain, clamp, clamp_threshold);
     ctx->mark_dirty({y});
     ctx->save_for_backward({y});
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["gain"] = gain;
-    ctx->saved_data["clamp"] = clamp_threshold;
-    ctx->saved_data["has_bias"] = has_bias;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto y = ctx->get_saved_variables()[0];
-    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(1);
-    const auto gy = in_layout_of(grads[0], y);
-    auto r = BiasActGradFn::apply(channel_view3d(gy), channel_view3d(y), need_bias, ctx->saved_data["act"].toInt(),
-                                  ctx->saved_data["alpha"].toDouble(), ctx->saved_data["gain"].toDouble(),
-                                  ctx->saved_data["clamp"].toDouble());
-    // r[0] is a contiguous (outer, C, inner) tensor: back to y's shape and layout, as a view.
-    auto gx = y.is_contiguous() ? r[0].view(y.sizes())
-                                : r[0].as_strided(y.sizes(), y.strides());
-    return {gx, need_bias ? r[1] : torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
+    auto g = bias_act_backward_recorded(ctx, channel_view3d(in_layout_of(grads[0], y)), channel_view3d(y));
+    // g[0] is a contiguous (outer, C, inner) tensor: back to y's shape and layout, as a view.
+    auto gx = y.is_contiguous() ? g[0].view(y.sizes()) : g[0].as_strided(y.sizes(), y.strides());
+    return {gx, g[1], torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
