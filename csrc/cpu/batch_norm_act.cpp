@@ -653,6 +653,16 @@ Tensor act_reference(const Tensor& z, int64_t act, double alpha) {
   return z;
 }
 
+// The settings both BatchNorm Functions' backward passes read back.
+void save_settings(AutogradContext* ctx, bool training, double eps, int64_t act, double alpha, bool has_w, bool has_b) {
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["act"] = act;
+  ctx->saved_data["alpha"] = alpha;
+  ctx->saved_data["has_w"] = has_w;
+  ctx->saved_data["has_b"] = has_b;
+}
+
 struct BatchNormActBackwardFn : public torch::autograd::Function<BatchNormActBackwardFn> {
   static variable_list forward(AutogradContext* ctx, Tensor grad_out, Tensor x, Tensor weight, Tensor bias,
                                Tensor mean, Tensor var, bool training, double eps, int64_t act, double alpha,
@@ -662,12 +672,7 @@ struct BatchNormActBackwardFn : public torch::autograd::Function<BatchNormActBac
     if (has_w && r[1].scalar_type() != weight.scalar_type()) r[1] = r[1].to(weight.scalar_type());
     if (has_b && r[2].scalar_type() != bias.scalar_type()) r[2] = r[2].to(bias.scalar_type());
     ctx->save_for_backward({grad_out, x, weight, bias, mean, var});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["has_w"] = has_w;
-    ctx->saved_data["has_b"] = has_b;
+    save_settings(ctx, training, eps, act, alpha, has_w, has_b);
     return {r[0], r[1], r[2]};
   }
 
@@ -736,12 +741,7 @@ struct BatchNormActFn : public torch::autograd::Function<BatchNormActFn> {
     auto r = batch_norm_act_forward(x, present(weight, has_w), present(bias, has_b), present(mean_in, has_stats),
                                     present(var_in, has_stats), training, eps, act, alpha);
     ctx->save_for_backward({x, weight, bias, r[1], r[2]});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = act;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["has_w"] = has_w;
-    ctx->saved_data["has_b"] = has_b;
+    save_settings(ctx, training, eps, act, alpha, has_w, has_b);
     ctx->mark_non_differentiable({r[1], r[2]});
     return {r[0], r[1], r[2]};
   }
