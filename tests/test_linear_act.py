@@ -250,3 +250,18 @@ def test_cpu_eager_fast_path_admits_only_plain_calls():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _cpu_eager_fast(x, w, b, "lrelu", None, "auto") is None
         assert linear_act(x, w, b, "lrelu").dtype == torch.bfloat16  # the general path casts as F.linear
+
+
+def test_triton_dot_precision_follows_torchs_float32_matmul_setting():
+    """The kernel's float32 products round like torch's own: IEEE unless torch allows TF32 (an H100 run
+    with Triton's TF32 default put 1e-3 errors into float32 layers)."""
+    from fastgan.ops.triton.linear_act import dot_precision
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.bfloat16) is None and dot_precision(torch.float64) is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
