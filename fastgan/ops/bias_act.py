@@ -294,10 +294,16 @@ def _check_clamp(clamp) -> float:
     return float(clamp)
 
 
+# Device types with an autocast, read once at import: torch.compile (torch 2.11) cannot trace
+# torch.amp.is_autocast_available inside a fullgraph region, but a set lookup it can.
+_AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "privateuseone")
+                                   if torch.amp.is_autocast_available(t))
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype ``torch.autocast`` runs lower-precision ops in on ``device_type``, or None when
     autocast is off there (or the device type has no autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
