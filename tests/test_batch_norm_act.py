@@ -126,6 +126,22 @@ def test_float64_and_large_mean(impl):
     close(y32, y_exp, 2e-3, "float32 with offset 1e4")  # limited by x's own rounding at 1e4 (~5e-4)
 
 
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_with_variance_near_eps(impl, training):
+    """eps enters the float64 statistics at full precision (a kernel scalar is float32 unless passed
+    otherwise: 1e-5 rounded to float32 moves invstd by ~1e-8 where var is near eps)."""
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3e-3).requires_grad_(True)  # var ~1e-5
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64) * 1e-3, torch.rand(3, dtype=torch.float64) * 1e-5
+    y = batch_norm_act(x, w, b, rm.clone(), rv.clone(), training, act="tanh", impl=impl)
+    y_exp, _, _ = expected(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, "tanh", 0.0)
+    close(y, y_exp, 1e-11, "float64 y")
+    g = torch.randn_like(x)
+    for got, want, name in zip(torch.autograd.grad(y, (x,), g), torch.autograd.grad(y_exp, (x,), g), ("dx",)):
+        close(got, want, 1e-10, name)
+
+
 def _pair(kind, c, act, alpha, **kw):
     """(torch BatchNorm + activation, fastgan module with identical parameters)."""
     torch_bn = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d}[kind](c, **kw)

@@ -10,10 +10,15 @@ the rows; shift = x[0, c] keeps the variance free of cancellation) then ``_apply
 (y = act(x * scale + shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz,
 sum dz (x - mean), dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read)
 then ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel).
-Partial rows are summed by torch: deterministic, no atomics.
+Between them, one small per-channel kernel each way sums the partial rows in float64 (in order:
+deterministic, no atomics) and finishes the per-channel algebra (``_stats_finish_kernel``: mean, var,
+scale, shift; ``_grad_finish_kernel``: dweight, dbias, p, q, o; ``_scale_shift_kernel`` for the
+backward's and eval's scale and shift). Done with torch ops, that algebra was ~35 tiny launches per
+layer call: on an H100 they cost the DCGAN step more than the fusion saved.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -138,6 +143,99 @@ def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr
 # Launchers (called by fastgan/ops/batch_norm_act.py; arguments already validated there).
 # ---------------------------------------------------------------------------------------------
 
+@triton.jit
+def _sum_splits(partial_ptr, row, splits, C, c, c_mask, BLOCK_C: tl.constexpr):
+    """sum over k of partial[row, k, c] in float64, k in order (partial is (2, splits, C) contiguous)."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for k in range(0, splits):
+        total += tl.load(partial_ptr + (row * splits + k) * C + c, mask=c_mask, other=0.0).to(tl.float64)
+    return total
+
+
+@triton.jit
+def _load_f64(ptr, c, c_mask):
+    return tl.load(ptr + c, mask=c_mask, other=0.0).to(tl.float64)
+
+
+@triton.jit
+def _eps_f64(eps_hi, eps_lo):
+    """eps in float64 from its float32 head and tail (see _split_eps)."""
+    return tl.cast(eps_hi, tl.float64) + tl.cast(eps_lo, tl.float64)
+
+
+@triton.jit
+def _scale_shift_f64(mean, var, w_ptr, b_ptr, c, c_mask, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """(invstd, scale, shift) in float64 with z = x * scale + shift: scale = w invstd, shift = b - mean scale."""
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    if HAS_W:
+        scale = _load_f64(w_ptr, c, c_mask) * invstd
+    shift = -mean * scale
+    if HAS_B:
+        shift += _load_f64(b_ptr, c, c_mask)
+    return invstd, scale, shift
+
+
+@triton.jit
+def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, splits, R, C,
+                         eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """The batch's mean and biased var from _stats_kernel's partials (shifted by x[0, c]), then scale, shift."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    m_shifted = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C) / R
+    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(tl.float64)
+    var = tl.maximum(_sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C) / R - m_shifted * m_shifted, 0.0)
+    # scale and shift from the statistics as saved (ACC), as the backward recomputes them
+    mean = (x0 + m_shifted).to(ACC)
+    var = var.to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask,
+                                       _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
+    tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
+    tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
+
+
+@triton.jit
+def _scale_shift_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, eps_hi, eps_lo,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """scale, shift (ACC) from given per-channel mean and var."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    _, scale, shift = _scale_shift_f64(_load_f64(mean_ptr, c, c_mask), _load_f64(var_ptr, c, c_mask), w_ptr, b_ptr,
+                                       c, c_mask, _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
+    tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
+    tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
+
+
+@triton.jit
+def _grad_finish_kernel(partial_ptr, w_ptr, mean_ptr, var_ptr, dweight_ptr, dbias_ptr, p_ptr, q_ptr, o_ptr, splits,
+                        R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """dbias = sum dz, dweight = sum dz x_hat, and dx = p dz + q x + o's per-channel p, q, o: p = w invstd;
+    in training q and o subtract the mean of dz and its projection on x_hat (batch statistics)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    sum_dz = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C)
+    sum_dzx = _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C)
+    invstd = 1.0 / tl.sqrt(_load_f64(var_ptr, c, c_mask) + _eps_f64(eps_hi, eps_lo))
+    tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
+    tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
+    p = invstd
+    if HAS_W:
+        p = _load_f64(w_ptr, c, c_mask) * invstd
+    if TRAINING:
+        q = -p * invstd * invstd * sum_dzx / R
+        o = -p * sum_dz / R - q * _load_f64(mean_ptr, c, c_mask)
+    else:
+        q = tl.zeros_like(p)
+        o = tl.zeros_like(p)
+    tl.store(p_ptr + c, p.to(ACC), mask=c_mask)
+    tl.store(q_ptr + c, q.to(ACC), mask=c_mask)
+    tl.store(o_ptr + c, o.to(ACC), mask=c_mask)
+
+
 def _geometry(x: torch.Tensor):
     """(R, C, HW, W, strides n/c/h/w) of x walked as rows x channels; 2-D x is (N, C, 1, 1)."""
     if x.dim() == 2:
@@ -161,12 +259,14 @@ def _acc(x: torch.Tensor):
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _channel_vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(dtype).contiguous()
+def _channel_block(c: int) -> tuple[int, int]:
+    """(BLOCK_C, programs) of the per-channel finishing kernels."""
+    block = min(1024, triton.next_power_of_2(c))
+    return block, triton.cdiv(c, block)
 
 
-def _reduce_launch(kernel, tensors, x, r, c, hw, w, strides, scalars, act=None):
-    """Launch a two-output per-channel reduction; returns its (2, C) sums in float64."""
+def _reduce_launch(kernel, tensors, x, r, c, hw, w, strides, scalars, act=None) -> tuple[torch.Tensor, int]:
+    """Launch a two-output per-channel reduction; returns its (2, splits, C) partial rows and splits."""
     acc, acc_tl = _acc(x)
     block_r, block_c = _blocks(x, c)
     c_blocks = triton.cdiv(c, block_c)
@@ -178,22 +278,30 @@ def _reduce_launch(kernel, tensors, x, r, c, hw, w, strides, scalars, act=None):
     if act is not None:
         constexprs["ACT"] = act
     kernel[(c_blocks, splits)](*tensors, partial, *scalars, r, c, hw, w, *strides, rows_per_split, **constexprs)
-    return partial.to(torch.float64).sum(dim=1)  # the few partial rows, combined in float64
+    return partial, splits
 
 
-def _channel_shift(x: torch.Tensor) -> torch.Tensor:
-    """x[0, c] at the first spatial position: the shift the stats kernel subtracts."""
-    return x[0].reshape(x.shape[1], -1)[:, 0]
+def _split_eps(eps: float) -> tuple[float, float]:
+    """eps as float32 head + tail: a float kernel argument is float32, and eps rounded to float32 moves
+    invstd by ~1e-8 where var is near eps -- visible in float64 BatchNorm."""
+    head = float(np.float32(eps))
+    return head, float(np.float32(eps - head))
 
 
-def _scale_shift(weight, bias, mean, var, eps: float):
-    """Per-channel z = x * scale + shift (float64, cast by the caller): scale = w invstd."""
-    invstd = torch.rsqrt(var.to(torch.float64) + eps)
-    scale = invstd if weight is None else weight.to(torch.float64) * invstd
-    shift = -mean.to(torch.float64) * scale
-    if bias is not None:
-        shift = shift + bias.to(torch.float64)
-    return invstd, scale, shift
+def _param(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel parameter as a kernel argument (``like`` stands in for None: never read)."""
+    return like if t is None else t.contiguous()
+
+
+def _scale_shift(weight, bias, mean, var, eps: float, acc, acc_tl) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) in ``acc`` with z = x * scale + shift, from given mean and var."""
+    c = mean.numel()
+    scale, shift = torch.empty(c, device=mean.device, dtype=acc), torch.empty(c, device=mean.device, dtype=acc)
+    block, programs = _channel_block(c)
+    _scale_shift_kernel[(programs,)](mean, var, _param(weight, mean), _param(bias, mean), scale, shift, c,
+                                     *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+                                     ACC=acc_tl, BLOCK_C=block)
+    return scale, shift
 
 
 def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float):
@@ -201,17 +309,20 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
     if training:
-        sums = _reduce_launch(_stats_kernel, (x,), x, r, c, hw, w, strides, ())
-        m_shifted = sums[0] / r
-        mean = (_channel_shift(x).to(torch.float64) + m_shifted).to(acc)
-        var = (sums[1] / r - m_shifted * m_shifted).clamp_min(0.0).to(acc)
+        partial, splits = _reduce_launch(_stats_kernel, (x,), x, r, c, hw, w, strides, ())
+        mean, var = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)
+        scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+        block, programs = _channel_block(c)
+        _stats_finish_kernel[(programs,)](partial, x, strides[1], _param(weight, mean), _param(bias, mean), mean, var,
+                                          scale, shift, splits, r, c, *_split_eps(eps), HAS_W=weight is not None,
+                                          HAS_B=bias is not None, ACC=acc_tl, BLOCK_C=block)
     else:
-        mean, var = mean.to(acc).clone(), var.to(acc).clone()
-    _, scale, shift = _scale_shift(weight, bias, mean, var, eps)
+        mean, var = mean.to(acc).contiguous().clone(), var.to(acc).contiguous().clone()
+        scale, shift = _scale_shift(weight, bias, mean, var, eps, acc, acc_tl)
     y = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
-    _apply_kernel[grid](x, y, _channel_vector(scale, acc), _channel_vector(shift, acc), alpha, r, c, hw, w,
+    _apply_kernel[grid](x, y, scale, shift, alpha, r, c, hw, w,
                         *strides, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
     return y, mean, var
 
@@ -224,25 +335,18 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
         raise ValueError("batch_norm_act_backward (triton): grad_out and x must share strides")
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
-    invstd, scale, shift = _scale_shift(weight, bias, mean, var, eps)
-    scale_v, shift_v = _channel_vector(scale, acc), _channel_vector(shift, acc)
-    sums = _reduce_launch(_grad_stats_kernel, (grad_out, x, _channel_vector(mean, acc), scale_v, shift_v), x,
-                          r, c, hw, w, strides, (alpha,), act=act)
-    sum_dz, sum_dzx = sums[0], sums[1]
-    dbias = sum_dz.to(acc)
-    dweight = (sum_dzx * invstd).to(acc)
-    # dx = p dz + q x + o: p = w invstd; in training q, o subtract the mean of dz and its projection on x_hat.
-    p = invstd if weight is None else weight.to(torch.float64) * invstd
-    if training:
-        q = -p * invstd * invstd * sum_dzx / r
-        o = -p * sum_dz / r - q * mean.to(torch.float64)
-    else:
-        q = torch.zeros_like(p)
-        o = torch.zeros_like(p)
+    mean_v, var_v = mean.to(acc).contiguous(), var.to(acc).contiguous()
+    scale, shift = _scale_shift(weight, bias, mean_v, var_v, eps, acc, acc_tl)
+    partial, splits = _reduce_launch(_grad_stats_kernel, (grad_out, x, mean_v, scale, shift), x,
+                                     r, c, hw, w, strides, (alpha,), act=act)
+    dweight, dbias, p, q, o = (torch.empty(c, device=x.device, dtype=acc) for _ in range(5))
+    block, programs = _channel_block(c)
+    _grad_finish_kernel[(programs,)](partial, _param(weight, mean_v), mean_v, var_v, dweight, dbias, p, q, o, splits,
+                                     r, c, *_split_eps(eps), HAS_W=weight is not None, TRAINING=training, ACC=acc_tl,
+                                     BLOCK_C=block)
     dx = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
-    _grad_apply_kernel[grid](grad_out, x, scale_v, shift_v, dx, _channel_vector(p, acc), _channel_vector(q, acc),
-                             _channel_vector(o, acc), alpha, r, c, hw, w, *strides,
+    _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, w, *strides,
                              ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
     return dx, dweight, dbias
