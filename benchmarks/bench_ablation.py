@@ -63,7 +63,10 @@ class FastganVariant(common.Contender):
             fused = torch.device(device).type in ("cpu", "cuda")
             for name, net, trainable in (("g", generator, trainer._g_trainable), ("d", discriminator, trainer._d_trainable)):
                 setattr(trainer, f"{name}_optimizer",
-                        torch.optim.Adam(trainable, lr=common.LR, betas=common.BETAS, fused=fused))
+                        # capturable on CUDA, so the step is still captured in the Trainer's CUDA graph and
+                        # only the optimizer differs
+                        torch.optim.Adam(trainable, lr=common.LR, betas=common.BETAS, fused=fused,
+                                         capturable=torch.device(device).type == "cuda"))
                 setattr(trainer, f"_{name}_fused", False)
         if variant == "no-frozen-D":
             trainer._d_trainable = []  # the G update freezes exactly these

@@ -62,11 +62,26 @@ SIZES = {
 ROUNDS = {"0.5M": 200, "5M": 40, "50M": 6}
 
 
-def _params_and_grads(size: str):
+# CUDA too where there is one (the CUDA kernels in csrc/cuda/optim.cu); its groups end in " (cuda)".
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _params_and_grads(size: str, device: str = "cpu"):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in SIZES[size]]
-    grads = [torch.randn(s, generator=gen) for s in SIZES[size]]
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in SIZES[size]]
+    grads = [torch.randn(s, generator=gen).to(device) for s in SIZES[size]]
     return params, grads
+
+
+def _synchronised(fn, device: str):
+    """fn, then a wait for the device's queue: the host clock then times the kernels, not their launch."""
+    if device != "cuda":
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
 
 
 class _Model(torch.nn.Module):
@@ -75,9 +90,14 @@ class _Model(torch.nn.Module):
         self.ps = torch.nn.ParameterList(params)
 
 
-def _build(contender: str, size: str):
+def _build(contender: str, size: str, device: str = "cpu"):
     """(step_fn, setup_fn, params, grads, ema_shadows_or_None, optimizer) for one contender."""
-    params, grads = _params_and_grads(size)
+    step, setup, *rest = _build_unsynchronised(contender, size, device)
+    return (_synchronised(step, device), _synchronised(setup, device), *rest)
+
+
+def _build_unsynchronised(contender: str, size: str, device: str):
+    params, grads = _params_and_grads(size, device)
     if contender == "fastgan" or contender == "fastgan+ema":
         ema = EMA(_Model(params), EMA_BETA) if contender == "fastgan+ema" else None
         opt = FusedAdam(params, lr=LR, betas=BETAS, eps=EPS, ema=ema)
@@ -133,13 +153,13 @@ def _check_first_step(contender: str, size: str, step, setup, params, grads, sha
                                        msg=lambda m: f"{contender} ({size}) EMA differs: {m}")
 
 
-def _run(benchmark, group: str, contender: str, size: str) -> None:
+def _run(benchmark, group: str, contender: str, size: str, device: str) -> None:
     gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        step, setup, params, grads, shadows, opt = _build(contender, size)
+        step, setup, params, grads, shadows, opt = _build(contender, size, device)
     _check_first_step(contender, size, step, setup, params, grads, shadows)
-    benchmark.group = f"{group}-{size}"
+    benchmark.group = f"{group}-{size}" + ("" if device == "cpu" else f" ({device})")
     benchmark.extra_info["contender"] = contender
     benchmark.extra_info["parameters"] = sum(p.numel() for p in params)
     benchmark.extra_info["threads"] = torch.get_num_threads()
@@ -154,14 +174,16 @@ def _run(benchmark, group: str, contender: str, size: str) -> None:
 # share the machine's state (other processes' load drifts over minutes on shared machines).
 @pytest.mark.parametrize("contender", ["fastgan", "torch-foreach", "torch-fused"])
 @pytest.mark.parametrize("size", list(SIZES))
-def bench_adam_step(benchmark, contender, size):
-    _run(benchmark, "adam-step", contender, size)
+@pytest.mark.parametrize("device", DEVICES)
+def bench_adam_step(benchmark, contender, size, device):
+    _run(benchmark, "adam-step", contender, size, device)
 
 
 @pytest.mark.parametrize("contender", ["fastgan+ema", "torch-fused+lerp"])
 @pytest.mark.parametrize("size", list(SIZES))
-def bench_adam_ema_step(benchmark, contender, size):
-    _run(benchmark, "adam-ema-step", contender, size)
+@pytest.mark.parametrize("device", DEVICES)
+def bench_adam_ema_step(benchmark, contender, size, device):
+    _run(benchmark, "adam-ema-step", contender, size, device)
 
 
 # ---- interleaved run (python benchmarks/bench_optim.py) -------------------------------------------------

@@ -10,6 +10,12 @@
 # seconds, default 470), so the folder is complete enough to commit even when something breaks;
 # the exit status is non-zero when any phase failed.
 #
+# Knobs for a second call in the same lease: FASTGAN_GPU_CHECK_SKIP_BUILD=1 uses a fastgan._C carried
+# with the tree; FASTGAN_GPU_CHECK_TESTS_LIMIT (seconds, default 150) for tests/gpu, 0 to skip it;
+# FASTGAN_GPU_CHECK_SUITES="bench_losses bench_optim" runs only those suites, in that order;
+# FASTGAN_GPU_CHECK_TESTS_ARGS adds pytest arguments for tests/gpu ("-n 8" with pytest-xdist: the
+# Triton compiles, most of its time, then run on 8 cores).
+#
 # On a lent GPU machine only a few files come back from $OUT, so write the folder elsewhere and pack it:
 #   benchmarks/gpu_check.sh /tmp/gc; tar -czf "$OUT/gpu_check.tar.gz" -C /tmp gc
 # then unpack it under benchmarks/results/<date>-<gpu>/ and commit.
@@ -91,7 +97,7 @@ if [ -n "$MISSING" ]; then
 fi
 
 # 1. Build fastgan._C against this machine's torch (with the CUDA sources when torch has CUDA).
-if [ "$DRY_RUN" = 0 ]; then
+if [ "$DRY_RUN" = 0 ] && [ "${FASTGAN_GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
     LIMIT=$(( $(remaining) < 240 ? $(remaining) : 240 ))
     run_phase "build" "$LIMIT" "$OUT/build.log" "$PY" setup.py build_ext --inplace -q
 fi
@@ -99,12 +105,24 @@ fi
     || { echo "fastgan does not import (see fastgan_info.txt)" | tee -a "$SUMMARY"; FAILED=1; }
 
 # 2. tests/gpu: every kernel against its reference on the GPU (skipped on CPU machines).
-LIMIT=$(( $(remaining) - 200 )); LIMIT=$(( LIMIT > 150 ? 150 : LIMIT ))
-OK_CODES="5" run_phase "tests/gpu" "$LIMIT" "$OUT/tests_gpu.log" \
-    "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml"
+TESTS_LIMIT="${FASTGAN_GPU_CHECK_TESTS_LIMIT:-150}"
+if [ "$TESTS_LIMIT" != 0 ]; then
+    LIMIT=$(( $(remaining) - 200 )); LIMIT=$(( LIMIT > TESTS_LIMIT ? TESTS_LIMIT : LIMIT ))
+    OK_CODES="5" run_phase "tests/gpu" "$LIMIT" "$OUT/tests_gpu.log" \
+        "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" \
+        ${FASTGAN_GPU_CHECK_TESTS_ARGS:-}
+fi
 
 # 3. Benchmark suites, each with JSON output; bench_step first and with the largest share.
-mapfile -t SUITES < <(ls benchmarks/bench_step.py 2>/dev/null; ls benchmarks/bench_*.py | grep -v '/bench_step.py$')
+if [ -n "${FASTGAN_GPU_CHECK_SUITES:-}" ]; then
+    SUITES=()
+    for name in $FASTGAN_GPU_CHECK_SUITES; do
+        [ -f "benchmarks/$name.py" ] || { echo "gpu_check: no suite benchmarks/$name.py" | tee -a "$SUMMARY"; exit 2; }
+        SUITES+=("benchmarks/$name.py")
+    done
+else
+    mapfile -t SUITES < <(ls benchmarks/bench_step.py 2>/dev/null; ls benchmarks/bench_*.py | grep -v '/bench_step.py$')
+fi
 if [ "$DRY_RUN" = 1 ]; then
     TIMING=(--benchmark-min-rounds=2 --benchmark-max-time=0.05)
 else
