@@ -264,3 +264,20 @@ def test_gpu_check_refuses_without_cuda_unless_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(tmp_path / "o")], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 3 and "--dry-run" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# profile_kernels.py
+# ---------------------------------------------------------------------------------------------------
+
+def test_profile_kernels_tables_each_variant(capsys):
+    """One table per variant and the per-step summary (self CPU time here; device time on CUDA)."""
+    profile = _load("profile_kernels")
+    assert profile.main(["toy2d-b256", "--variants", "fused", "unfused", "--steps", "1", "--rows", "3"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("fused", "unfused"):
+        assert f"== toy2d-b256 {variant}: " in out
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"{variant}: "))
+        assert float(line.split()[1]) > 0
+    with pytest.raises(SystemExit):
+        profile.main(["no-such-problem"])
