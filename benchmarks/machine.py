@@ -43,11 +43,17 @@ def _nvidia_driver() -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD, with "+dirty" when tracked files differ from it: a run of an uncommitted tree must not be
+    filed under the commit it started from."""
+    here = Path(__file__).resolve().parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True, cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + "+dirty" if changed else head) or None
 
 
 def describe() -> dict:

@@ -237,6 +237,25 @@ def test_machine_description():
     assert "cores" in machine.short_name(info) or info["device"] == "cuda"
 
 
+def test_machine_commit_says_when_the_tree_is_dirty(tmp_path):
+    """A run of an uncommitted tree is recorded as HEAD+dirty, not as HEAD."""
+    import shutil
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    shutil.copy(BENCH / "machine.py", repo / "benchmarks" / "machine.py")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git[:5] + ["init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    spec = importlib.util.spec_from_file_location("_fastgan_machine_copy", repo / "benchmarks" / "machine.py")
+    copy_ = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy_)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert copy_._git_commit() == head
+    (repo / "benchmarks" / "machine.py").write_text((repo / "benchmarks" / "machine.py").read_text() + "\n# edit\n")
+    assert copy_._git_commit() == head + "+dirty"
+
+
 # ---------------------------------------------------------------------------------------------
 # gpu_check.sh
 # ---------------------------------------------------------------------------------------------
