@@ -4,7 +4,9 @@ eager module, in one run, on the same weights and inputs.
 Problems (``benchmark.group``):
 
 * ``linear+lrelu B=.. F=..``: ``nn.Linear(F, F)`` + ``nn.LeakyReLU(0.2)`` (eager) / ``torch.compile`` of
-  that module / ``fastgan.fuse`` of it (``FusedLinear``: ``linear_act``), batch 64-512, 256-1024 features.
+  that module / ``fastgan.fuse`` of it (``FusedLinear``: ``linear_act``), batch 64-512, 256-1024 features;
+  plus ``bare_matmul``, the same weight with neither bias nor activation (``nn.Linear(F, F, bias=False)``:
+  the vendor GEMMs alone, forward and backward), the floor the fused layer should come within 10% of.
 * ``conv+lrelu`` / ``convT+tanh``: DCGAN discriminator and generator layers (``Conv2d(64, 128, 4, 2, 1)``
   on 32x32 maps + LeakyReLU(0.2); ``ConvTranspose2d(64, 3, 4, 2, 1)`` to 64x64 + Tanh), batch 32,
   with a bias: fastgan runs the convolution without it, then ``bias_act`` in one pass.
@@ -37,6 +39,9 @@ torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CONTENDERS = ("eager", "torch_compile", "fastgan")
 
+# Timed only: bare_matmul computes a different function, so the agreement check leaves it out.
+LINEAR_CONTENDERS = CONTENDERS + ("bare_matmul",)
+
 LINEAR_PROBLEMS = [(b, f) for b in (64, 256, 512) for f in (256, 1024)]
 
 
@@ -62,6 +67,12 @@ CONV_INPUT = {"conv+lrelu": (32, 64, 32, 32), "convT+tanh": (32, 64, 32, 32)}
 
 def _contender(name: str, eager: nn.Module) -> nn.Module:
     model = copy.deepcopy(eager)
+    if name == "bare_matmul":
+        linear = model[0]
+        bare = nn.Linear(linear.in_features, linear.out_features, bias=False).to(DEVICE)
+        with torch.no_grad():
+            bare.weight.copy_(linear.weight)
+        return bare
     if name == "torch_compile":
         return torch.compile(model)
     if name == "fastgan":
@@ -115,12 +126,12 @@ def bench_linear_contenders_agree(batch, features):
     eager = _linear_eager(features)
     models = {name: _contender(name, eager) for name in CONTENDERS}
     x = torch.randn(batch, features, device=DEVICE, requires_grad=True)
-    # on a GPU, fp32 matmuls inside Triton may use tf32
+    # on a GPU, cuDNN / cuBLAS and Triton may still round differently (and use TF32 where torch allows it)
     tol = 3e-4 if DEVICE.type == "cuda" else 1e-5
     _check_agree(models, x, torch.randn(batch, features, device=DEVICE), tol, tol)
 
 
-@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("contender", LINEAR_CONTENDERS)
 @pytest.mark.parametrize("batch,features", LINEAR_PROBLEMS)
 def bench_linear_lrelu_forward_backward(benchmark, contender, batch, features):
     model = _contender(contender, _linear_eager(features))
