@@ -19,6 +19,9 @@ parameter from the last to the first (the order in which backward produces them)
 backward finds the most recently written gradients in the caches and has to write the dirty lines
 back, and all contenders should start from that same state (an earlier version wrote only fastgan's
 gradients, which charged it ~20 MB of write-backs per round at 5M that torch's contenders never paid).
+"limit": the fewest bytes a step must move -- read parameter, gradient and both moments, write the
+parameter and moments, 28 bytes per float32 parameter (36 with the EMA's shadow read and written) --
+over the device's copy bandwidth measured in the same run (``common.measure_copy_bandwidth``).
 Before timing, every contender's first step is checked against Adam's closed-form first step
 (``p - lr * g / (|g| + eps)``) and, with EMA, the shadow against ``lerp(p0, p1, 1 - beta)``.
 
@@ -38,6 +41,7 @@ import warnings
 import pytest
 import torch
 
+import common
 from fastgan.optim import EMA, FusedAdam
 
 LR, BETAS, EPS, EMA_BETA = 2e-4, (0.5, 0.999), 1e-8, 0.999
@@ -58,6 +62,19 @@ SIZES = {
     "5M": _dcgan_generator_shapes(76),
     "50M": _dcgan_generator_shapes(256),
 }
+# The floor of a step in bytes per float32 parameter: Adam reads p, g, m, v and writes p, m, v; the EMA
+# also reads and writes its shadow.
+BYTES_PER_PARAM = {"adam-step": 7 * 4, "adam-ema-step": 9 * 4}
+_bandwidth: dict[str, float] = {}
+
+
+def copy_bandwidth(device: str) -> float:
+    """The device's copy bandwidth (bytes/s, read + written), measured once per run."""
+    if device not in _bandwidth:
+        _bandwidth[device] = common.measure_copy_bandwidth(device)
+    return _bandwidth[device]
+
+
 # Timed rounds per size with --benchmark-enable (one round otherwise).
 ROUNDS = {"0.5M": 200, "5M": 40, "50M": 6}
 
@@ -161,7 +178,11 @@ def _run(benchmark, group: str, contender: str, size: str, device: str) -> None:
     _check_first_step(contender, size, step, setup, params, grads, shadows)
     benchmark.group = f"{group}-{size}" + ("" if device == "cpu" else f" ({device})")
     benchmark.extra_info["contender"] = contender
-    benchmark.extra_info["parameters"] = sum(p.numel() for p in params)
+    benchmark.extra_info["parameters"] = numel = sum(p.numel() for p in params)
+    bandwidth = copy_bandwidth(device)
+    benchmark.extra_info.update(bytes_per_step=numel * BYTES_PER_PARAM[group], copy_bandwidth=bandwidth,
+                                limit_s=numel * BYTES_PER_PARAM[group] / bandwidth,
+                                limit_basis="bytes moved / copy bandwidth")
     benchmark.extra_info["threads"] = torch.get_num_threads()
     enabled = not getattr(benchmark, "disabled", False)
     rounds = ROUNDS[size] if enabled else 1

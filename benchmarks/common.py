@@ -573,6 +573,39 @@ def measure_matmul_rates(device) -> dict[str, float]:
     return rates
 
 
+def measure_copy_bandwidth(device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """The device's memory bandwidth in bytes/s, counting bytes read plus bytes written: the best of
+    ``repeats`` timings of a large float32 copy (one stream in, one out) and of an in-place ``addcmul_``
+    (three in, one out), past the caches (256 MiB per buffer on CPU, 1 GiB on CUDA), after a warm-up.
+    Memory-bound benchmarks divide the bytes a step must move by it ("limit"). On a GPU both reach
+    about the same rate; a CPU's cores draw more with more concurrent streams, so a kernel with more
+    (Adam: four in, three out) can beat the limit there by a few tens of percent."""
+    device = torch.device(device)
+    nbytes = nbytes or (2 ** 30 if device.type == "cuda" else 2 ** 28)
+    a, b = torch.rand(nbytes // 4, device=device), torch.rand(nbytes // 4, device=device)
+    out = torch.empty_like(a)
+    per_byte = a.element_size() * a.numel()
+    kernels = [(lambda: out.copy_(a), 2 * per_byte), (lambda: out.addcmul_(a, b, value=0.5), 4 * per_byte)]
+    best_rate = 0.0
+    for run, moved in kernels:
+        run()
+        synchronize(device)
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                elapsed = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                run()
+                elapsed = time.perf_counter() - t0
+            best_rate = max(best_rate, moved / elapsed)
+    return best_rate
+
+
 def measure_matmul_rate(device, size: int | None = None, repeats: int = 5,
                         dtype: torch.dtype = torch.float32) -> float:
     """The device's matmul rate in FLOP/s: the best of ``repeats`` timings of a square matmul

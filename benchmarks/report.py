@@ -7,8 +7,9 @@ grouped by their pytest-benchmark group; within a group, each benchmark is one c
 ``extra_info["contender"]`` (else its parameters, else its test name). For each group the table gives
 every contender's median time per step, IQR, peak memory and compile time (when the benchmark recorded
 them), and the speed-up of ``--ours`` over it: contender time / our time (> 1: ours is faster).
-Where a benchmark recorded ``limit_s`` (matmul + conv FLOPs over the measured matmul rate), a "limit"
-row says how close each contender is to the hardware.
+Where a benchmark recorded ``limit_s`` (a floor measured in the same run: matmul + conv FLOPs over the
+measured matmul rate for steps, bytes moved over the measured copy bandwidth for optimizer steps; its
+``limit_basis`` names which), a "limit" row says how close each contender is to the hardware.
 
 Times: ``stats.median`` / ``extra_info["steps_per_round"]`` (pytest-benchmark's stats are per call;
 step benchmarks may run several steps per call), or ``extra_info["event_median_s"]`` (CUDA events)
@@ -36,6 +37,7 @@ class Entry:
     peak_memory_bytes: int | None = None
     compile_time_s: float | None = None
     limit_s: float | None = None
+    limit_basis: str = "FLOPs / matmul rate"
     timer: str = "wall"        # "wall" (pytest-benchmark) or "cuda events"
     paired_median_s: float | None = None   # from interleaved rounds with the group's other contenders
     speedup_quartiles: dict | None = None  # ours only: {contender: [q1, median, q3]} of per-round ratios
@@ -62,6 +64,10 @@ class Group:
     def limit_s(self) -> float | None:
         limits = [e.limit_s for e in self.entries if e.limit_s is not None]
         return max(limits) if limits else None
+
+    @property
+    def limit_basis(self) -> str:
+        return next((e.limit_basis for e in self.entries if e.limit_s is not None), "")
 
 
 def contender_name(bench: dict) -> str:
@@ -97,6 +103,7 @@ def load_groups(paths: list[str | Path]) -> list[Group]:
                 peak_memory_bytes=extra.get("peak_memory_bytes"),
                 compile_time_s=extra.get("compile_time_s"),
                 limit_s=extra.get("limit_s"),
+                limit_basis=extra.get("limit_basis") or "FLOPs / matmul rate",
                 timer=timer,
                 paired_median_s=extra.get("paired_median_s"),
                 speedup_quartiles=extra.get("fastgan_paired_speedup_quartiles"),
@@ -159,8 +166,10 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
     lines += [f"Speed-up of **{ours}** = contender's median time / {ours}'s median time (> 1: {ours} is "
               "faster), from paired medians where a group has them (all its contenders timed in interleaved "
               "rounds, so load drift on a shared machine hits all alike), else from each benchmark's own "
-              "median (contenders timed one after another). \"limit\" = the step's matmul + convolution FLOPs / the device's fastest matmul rate "
-              "measured in the same run (fp32; on CUDA fp32 or TF32, whichever is faster); \"% of limit\" = "
+              "median (contenders timed one after another). \"limit\" = a training step's matmul + convolution FLOPs / the "
+              "device's fastest matmul rate measured in the same run (fp32; on CUDA fp32 or TF32, whichever is "
+              "faster), or an optimizer step's fewest bytes moved / the copy bandwidth measured in the same run "
+              "(its row says which); \"% of limit\" = "
               "limit / time. \"rounds: a–b\" = the middle half (25th–75th percentile) of the per-round speed-ups "
               "of the paired rounds. Peak memory: see each benchmark's memory_method in the JSON.", ""]
     if chart:
@@ -203,7 +212,7 @@ def markdown(groups: list[Group], ours: str = DEFAULT_OURS, title: str | None = 
                          f"{_time(e.iqr_s)} | {e.rounds} | {_mib(e.peak_memory_bytes)} | {_time(e.compile_time_s)} | "
                          f"{speed} | {of_limit} |")
         if group.limit_s:
-            lines.append(f"| limit (FLOPs / matmul rate) | {_time(group.limit_s)} | | | | | | – | 100% |")
+            lines.append(f"| limit ({group.limit_basis}) | {_time(group.limit_s)} | | | | | | – | 100% |")
         lines.append("")
     return "\n".join(lines)
 

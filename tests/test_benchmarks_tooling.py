@@ -79,6 +79,32 @@ def test_report_ratios_are_exact(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
 
+def test_report_names_each_groups_limit_basis(tmp_path):
+    """An optimizer step's limit is bytes over bandwidth, and its row says so; steps keep FLOPs."""
+    basis = "bytes moved / copy bandwidth"
+    path = _synthetic(tmp_path, [
+        _bench("adam-step-5M", "torch-fused", 0.002, limit_s=0.001, limit_basis=basis),
+        _bench("adam-step-5M", "fastgan", 0.0025, limit_s=0.001, limit_basis=basis),
+        _bench("step A", "naive", 0.030, limit_s=0.002),
+        _bench("step A", "fastgan", 0.010, limit_s=0.002),
+    ])
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out-dir", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert f"| limit ({basis}) | 1.000 ms |" in text
+    assert "| limit (FLOPs / matmul rate) | 2.000 ms |" in text
+    assert "| adam-step-5M | 2.500 ms | 0.80× | – | 40.0% |" in text
+
+
+def test_copy_bandwidth_is_measured_not_assumed():
+    """Bytes read + written per second of real copies: positive, finite, and the same order of
+    magnitude across two measurements (a broken timer would give 0, inf or wildly varying numbers)."""
+    first = common.measure_copy_bandwidth("cpu", nbytes=2 ** 24, repeats=3)
+    second = common.measure_copy_bandwidth("cpu", nbytes=2 ** 24, repeats=3)
+    assert 1e8 < first < 1e13 and 1e8 < second < 1e13
+    assert 0.2 < first / second < 5
+
+
 def test_report_prefers_cuda_event_times_and_names_contenders(tmp_path):
     bench = _bench("g", "fastgan", 1.0, steps=10, event_median_s=0.05)
     other = _bench("g", "eager", 2.0, steps=10, event_median_s=0.2)
