@@ -13,8 +13,8 @@ then ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel).
 Between them, one small per-channel kernel each way sums the partial rows in float64 (in order:
 deterministic, no atomics) and finishes the per-channel algebra (``_stats_finish_kernel``: mean, var,
 scale, shift; ``_grad_finish_kernel``: dweight, dbias, p, q, o; ``_scale_shift_kernel`` for the
-backward's and eval's scale and shift). Done with torch ops, that algebra was ~35 tiny launches per
-layer call: on an H100 they cost the DCGAN step more than the fusion saved.
+backward's and eval's scale and shift). Done with torch ops, that algebra was some 25 tiny launches
+each way per layer call: on an H100 they cost the DCGAN step more than the fusion saved.
 """
 from __future__ import annotations
 

@@ -90,6 +90,6 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _linear_act_kernel[grid](x, weight, bias if bias is not None else y, y, M, N, K,
                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
                              alpha, gain, HAS_BIAS=bias is not None, ACT=act, ACC=acc,
-                             DOT_IN_ACC=x.device.type != "cuda", DOT_PRECISION=dot_precision(x.dtype),
+                             DOT_IN_ACC=x.device.type != "cuda", DOT_PRECISION=precision,
                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
