@@ -185,7 +185,8 @@ def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_pt
     c_mask = c < C
     m_shifted = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C) / R
     x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(tl.float64)
-    var = tl.maximum(_sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C) / R - m_shifted * m_shifted, 0.0)
+    var = _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C) / R - m_shifted * m_shifted
+    var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below zero; NaN (inf in x) stays NaN, as in torch
     # scale and shift from the statistics as saved (ACC), as the backward recomputes them
     mean = (x0 + m_shifted).to(ACC)
     var = var.to(ACC)
@@ -260,8 +261,8 @@ def _acc(x: torch.Tensor):
 
 
 def _channel_block(c: int) -> tuple[int, int]:
-    """(BLOCK_C, programs) of the per-channel finishing kernels."""
-    block = min(1024, triton.next_power_of_2(c))
+    """(BLOCK_C, programs) of the per-channel finishing kernels (no programs for C = 0)."""
+    block = min(1024, triton.next_power_of_2(max(c, 1)))
     return block, triton.cdiv(c, block)
 
 
@@ -317,7 +318,8 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
                                           scale, shift, splits, r, c, *_split_eps(eps), HAS_W=weight is not None,
                                           HAS_B=bias is not None, ACC=acc_tl, BLOCK_C=block)
     else:
-        mean, var = mean.to(acc).contiguous().clone(), var.to(acc).contiguous().clone()
+        mean = mean.to(acc).clone(memory_format=torch.contiguous_format)
+        var = var.to(acc).clone(memory_format=torch.contiguous_format)
         scale, shift = _scale_shift(weight, bias, mean, var, eps, acc, acc_tl)
     y = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
