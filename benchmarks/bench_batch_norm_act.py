@@ -8,7 +8,9 @@ channels_last.
 What is timed, per round: the training-mode forward (batch statistics, running-statistics update)
 and the backward to the input, weight and bias (``torch.autograd.grad``, so nothing accumulates
 across rounds). Before timing, each contender's output, gradients and running statistics are
-checked against the eager module's on the same input.
+checked against the eager module's on the same input. On CUDA each problem is also timed as a CUDA
+graph replay of the same step (groups ending in `` (graphed)``, ``common.op_timing_modes``): an eager
+call there is bound by the host, the replay shows the kernels' device time.
 
     python -m pytest benchmarks/bench_batch_norm_act.py --benchmark-enable
 """
@@ -23,6 +25,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+import common
 from fastgan.nn import BatchNormAct2d
 
 # Every torch.compile contender goes through the same wrapper code object, so each new problem is a
@@ -105,9 +108,10 @@ def _check_against_eager(name, module, params, channels, size, layout, device):
     torch.testing.assert_close(params.running_var, eager[0].running_var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", common.op_timing_modes(common.select_device()))
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("channels,size,layout", SHAPES)
-def bench_batch_norm_lrelu(benchmark, device, contender, channels, size, layout):
+def bench_batch_norm_lrelu(benchmark, device, contender, channels, size, layout, mode):
     gc.collect()
     module, params, compile_time = _contender(contender, channels, device)
     if compile_time is not None:  # compile (forward + backward graphs) outside the timed region
@@ -121,16 +125,23 @@ def bench_batch_norm_lrelu(benchmark, device, contender, channels, size, layout)
     _check_against_eager(contender, module, params, channels, size, layout, device)
     x, grad = _inputs(channels, size, layout, device)
 
-    def run():
-        out = _step(module, params, x, grad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+    iterations = 1
+    if mode == "graphed":
+        run = common.graphed(lambda: _step(module, params, x, grad))
+        iterations = run.steps
+    else:
+        def run():
+            out = _step(module, params, x, grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
 
-    benchmark.group = _problem(channels, size, layout)
+    benchmark.group = _problem(channels, size, layout) + (" (graphed)" if mode == "graphed" else "")
     benchmark.extra_info["contender"] = contender
+    benchmark.extra_info["mode"] = mode
     benchmark.extra_info["threads"] = torch.get_num_threads()
     if compile_time is not None:
         benchmark.extra_info["compile_time_s"] = compile_time
     enabled = not getattr(benchmark, "disabled", False)
-    benchmark.pedantic(run, rounds=ROUNDS if enabled else 1, iterations=1, warmup_rounds=3 if enabled else 0)
+    benchmark.pedantic(run, rounds=ROUNDS if enabled else 1, iterations=iterations,
+                       warmup_rounds=3 if enabled else 0)

@@ -15,6 +15,9 @@ Problems (``benchmark.group``):
 
 Every timed call is a full step: input and parameter gradients set to None, forward, backward with a
 fixed upstream gradient. Contenders are checked to agree (outputs and all gradients) before timing.
+On CUDA every problem is timed in two modes (``common.op_timing_modes``): as called (groups ending in
+``(cuda)``: host-bound at these sizes, Python and launches included) and as a CUDA graph replay of the
+same step (groups ending in ``(cuda, graphed)``: device time only, as inside a captured training step).
 
     python -m pytest benchmarks/bench_layers.py --benchmark-enable
 """
@@ -28,6 +31,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
 
+import common
 import fastgan
 from fastgan.ops import bias_act
 
@@ -43,6 +47,7 @@ CONTENDERS = ("eager", "torch_compile", "fastgan")
 LINEAR_CONTENDERS = CONTENDERS + ("bare_matmul",)
 
 LINEAR_PROBLEMS = [(b, f) for b in (64, 256, 512) for f in (256, 1024)]
+MODES = common.op_timing_modes(DEVICE)
 
 
 def _sync():
@@ -104,19 +109,25 @@ def _check_agree(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tens
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _time(benchmark, model, x, grad, group: str, contender: str, rounds: int, **info):
+def _time(benchmark, model, x, grad, group: str, contender: str, rounds: int, mode: str = "call", **info):
     params = list(model.parameters())
-    for _ in range(3):  # warm-up (and compilation) outside the timed rounds
-        _step(model, params, x, grad)
-    _sync()
-
-    def one_step():
-        _step(model, params, x, grad)
+    iterations = 1
+    if mode == "graphed":
+        one_step = common.graphed(lambda: _step(model, params, x, grad))
+        iterations = one_step.steps
+        group = group[:-1] + ", graphed)"  # "... (cuda)" -> "... (cuda, graphed)"
+    else:
+        for _ in range(3):  # warm-up (and compilation) outside the timed rounds
+            _step(model, params, x, grad)
         _sync()
 
+        def one_step():
+            _step(model, params, x, grad)
+            _sync()
+
     benchmark.group = group
-    benchmark.extra_info.update(contender=contender, device=DEVICE.type, **info)
-    benchmark.pedantic(one_step, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(contender=contender, device=DEVICE.type, mode=mode, **info)
+    benchmark.pedantic(one_step, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
 # --- linear + LeakyReLU ------------------------------------------------------------------------
@@ -131,15 +142,16 @@ def bench_linear_contenders_agree(batch, features):
     _check_agree(models, x, torch.randn(batch, features, device=DEVICE), tol, tol)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("contender", LINEAR_CONTENDERS)
 @pytest.mark.parametrize("batch,features", LINEAR_PROBLEMS)
-def bench_linear_lrelu_forward_backward(benchmark, contender, batch, features):
+def bench_linear_lrelu_forward_backward(benchmark, contender, batch, features, mode):
     model = _contender(contender, _linear_eager(features))
     x = torch.randn(batch, features, device=DEVICE, requires_grad=True)
     grad = torch.randn(batch, features, device=DEVICE)
     rounds = 200 if batch * features <= 64 * 1024 else 40
     _time(benchmark, model, x, grad, f"linear+lrelu B={batch} F={features} ({DEVICE.type})", contender, rounds,
-          batch=batch, features=features)
+          mode, batch=batch, features=features)
 
 
 # --- convolution + bias + activation (DCGAN layers) ---------------------------------------------
@@ -154,14 +166,15 @@ def bench_conv_contenders_agree(kind):
     _check_agree(models, x, grad, tol, tol)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("kind", list(CONV_INPUT))
-def bench_conv_act_forward_backward(benchmark, contender, kind):
+def bench_conv_act_forward_backward(benchmark, contender, kind, mode):
     eager = _conv_eager(kind)
     model = _contender(contender, eager)
     x = torch.randn(CONV_INPUT[kind], device=DEVICE, requires_grad=True)
     grad = torch.randn_like(eager(x))
-    _time(benchmark, model, x, grad, f"{kind} {tuple(x.shape)} ({DEVICE.type})", contender, 20, kind=kind)
+    _time(benchmark, model, x, grad, f"{kind} {tuple(x.shape)} ({DEVICE.type})", contender, 20, mode, kind=kind)
 
 
 # --- the element-wise tail alone ---------------------------------------------------------------
@@ -201,10 +214,11 @@ def bench_bias_act_contenders_agree(layout):
     _check_agree(_bias_models(), x, torch.randn_like(x), 1e-5, 1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def bench_bias_lrelu_forward_backward(benchmark, contender, layout):
+def bench_bias_lrelu_forward_backward(benchmark, contender, layout, mode):
     model = _bias_models()[contender]
     x = _bias_input(layout)
     _time(benchmark, model, x, torch.randn_like(x), f"bias+lrelu (32, 128, 16, 16) {layout} ({DEVICE.type})",
-          contender, 100, layout=layout)
+          contender, 100, mode, layout=layout)

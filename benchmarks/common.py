@@ -634,3 +634,50 @@ def measure_matmul_rate(device, size: int | None = None, repeats: int = 5,
             elapsed = time.perf_counter() - t0
         best = min(best, elapsed)
     return 2.0 * size ** 3 / best
+
+
+# Op-level timing modes: on CUDA, an eager op call is bound by the host (Python, dispatch, launches:
+# tens of microseconds per call against a few microseconds of kernel time at GAN layer sizes), so the
+# op suites time each contender twice there: as called ("call") and as a CUDA graph replay of the same
+# call ("graphed": device time only, what a captured training step such as fastgan.Trainer's sees).
+# On CPU only "call" exists.
+def op_timing_modes(device) -> tuple[str, ...]:
+    return ("call", "graphed") if torch.device(device).type == "cuda" else ("call",)
+
+
+GRAPHED_STEPS = 10  # steps per graph replay: the replay's launch and the sync amortised over them
+
+
+class graphed:
+    """``fn`` (a forward + backward over static input tensors) captured ``steps`` times in one CUDA
+    graph. Call it ``steps`` times per timed round (``benchmark.pedantic(..., iterations=steps)``, which
+    divides the round's time by ``steps``): the last call of each group of ``steps`` replays the graph
+    and waits for the device, the others return at once, so each round times ``steps`` steps of device
+    work plus one launch and one sync, reported per step.
+
+    Warm-up runs on a side stream first (as torch.cuda.graph's documentation prescribes: lazy
+    initialisation, cuBLAS workspaces, Triton compiles and autotuning happen there, not in the
+    capture). Gradients the capture allocates (``.grad`` set to None inside ``fn``) come from the
+    graph's private memory pool and are rewritten in place by each replay."""
+
+    def __init__(self, fn: Callable[[], object], steps: int = GRAPHED_STEPS, warmup: int = 3):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for _ in range(steps):
+                fn()
+        torch.cuda.synchronize()
+        self.steps = steps
+        self._calls = 0
+
+    def __call__(self) -> None:
+        self._calls += 1
+        if self._calls % self.steps == 0:
+            self.graph.replay()
+            torch.cuda.synchronize()

@@ -19,6 +19,13 @@ import machine
 if os.environ.get("FASTGAN_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["FASTGAN_BENCH_THREADS"]))
 
+# cuDNN picks its convolution algorithms by timing them (benchmark mode) for every contender, as the
+# PyTorch DCGAN example sets it (``cudnn.benchmark = True``) and as any tuned training loop does: its
+# heuristic choices for the 3-channel layers of a DCGAN are legacy NCHW kernels plus layout
+# conversions (seen in the H100 profiles). FASTGAN_BENCH_CUDNN_BENCHMARK=0 keeps cuDNN's heuristics.
+# Recorded in each JSON's machine_info as cudnn_benchmark.
+torch.backends.cudnn.benchmark = os.environ.get("FASTGAN_BENCH_CUDNN_BENCHMARK", "1") != "0"
+
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
@@ -42,3 +49,4 @@ def matmul_rate(matmul_rates) -> float:
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Put fastgan's machine description (GPU, driver, torch / triton versions) into the JSON."""
     machine_info["fastgan_machine"] = machine.describe()
+    machine_info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)

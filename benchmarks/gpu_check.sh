@@ -97,7 +97,13 @@ if [ -n "$MISSING" ]; then
 fi
 
 # 1. Build fastgan._C against this machine's torch (with the CUDA sources when torch has CUDA).
-if [ "$DRY_RUN" = 0 ] && [ "${FASTGAN_GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
+#    SKIP_BUILD=1 still builds when the carried module does not load here (another torch or Python).
+SKIP_BUILD="${FASTGAN_GPU_CHECK_SKIP_BUILD:-0}"
+if [ "$DRY_RUN" = 0 ] && [ "$SKIP_BUILD" = 1 ] && ! "$PY" -c "import fastgan._C" > "$OUT/carried_ext.log" 2>&1; then
+    echo "gpu_check: the carried fastgan._C does not load here (see carried_ext.log); building it" | tee -a "$SUMMARY"
+    SKIP_BUILD=0
+fi
+if [ "$DRY_RUN" = 0 ] && [ "$SKIP_BUILD" != 1 ]; then
     LIMIT=$(( $(remaining) < 240 ? $(remaining) : 240 ))
     run_phase "build" "$LIMIT" "$OUT/build.log" "$PY" setup.py build_ext --inplace -q
 fi
