@@ -13,6 +13,23 @@ from fastgan.ops import ACTIVATIONS, batch_norm_act
 from fastgan.ops.batch_norm_act import batch_norm_act_reference
 
 IMPLS = ["ref", "cpu", "triton"]
+# The Triton path has two kernel sets: single-pass (one launch each way, for few rows per channel: every
+# shape here) and split (row splits, partial sums, finishing kernels), forced by a zero row limit.
+IMPL_PATHS = [("ref", None), ("cpu", None), ("triton", "single"), ("triton", "split")]
+FAST_IMPL_PATHS = IMPL_PATHS[1:]
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    """set(path): run the Triton kernels' single-pass or split path for the rest of the test."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+
+    def set_path(path):
+        if path == "split":
+            monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_ELEMENTS", 0)
+        elif path == "single":
+            monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_ELEMENTS", 1 << 30)
+    return set_path
 ACTS = list(ACTIVATIONS)
 ACT_FNS = {"linear": lambda t, a: t, "relu": lambda t, a: torch.relu(t), "lrelu": lambda t, a: F.leaky_relu(t, a),
            "tanh": lambda t, a: torch.tanh(t), "sigmoid": lambda t, a: torch.sigmoid(t)}
@@ -67,11 +84,12 @@ CASES = [
 DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("shape,layout,dtype", [case + (torch.float32,) for case in CASES] +
                          [case + (torch.bfloat16,) for case in (CASES[1], CASES[5], CASES[7])])
 @pytest.mark.parametrize("training", [True, False])
-def test_matches_torch_batch_norm(impl, shape, layout, dtype, training):
+def test_matches_torch_batch_norm(impl, path, shape, layout, dtype, training, triton_path):
+    triton_path(path)
     rtol = DTYPES[dtype]
     c = shape[1]
     for act in ACTS:
@@ -99,10 +117,11 @@ def test_matches_torch_batch_norm(impl, shape, layout, dtype, training):
         close(db, db_exp, rtol, what + " dbias")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("shape", [(4, 5, 3, 3), (6, 3)])
-def test_affine_false_and_no_running_stats(impl, shape):
+def test_affine_false_and_no_running_stats(impl, path, shape, triton_path):
     """weight/bias None and running stats None (batch statistics also for training=False)."""
+    triton_path(path)
     x = make_x(shape, "contiguous", torch.float32).requires_grad_(True)
     for training in (True, False):
         y = batch_norm_act(x, None, None, None, None, training, act="lrelu", impl=impl)
@@ -113,9 +132,10 @@ def test_affine_false_and_no_running_stats(impl, shape):
         close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_exp, x64, g.double())[0], 1e-5, f"{impl} dx")
 
 
-@pytest.mark.parametrize("impl", ["cpu", "triton"])
-def test_float64_and_large_mean(impl):
+@pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
+def test_float64_and_large_mean(impl, path, triton_path):
     """float64 keeps float64 accuracy; a large common offset does not destroy the variance."""
+    triton_path(path)
     x = (torch.randn(4, 5, 6, 7, dtype=torch.float64) + 1e4).requires_grad_(True)
     w, b = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
     y = batch_norm_act(x, w, b, None, None, True, act="tanh", impl=impl)
@@ -126,11 +146,12 @@ def test_float64_and_large_mean(impl):
     close(y32, y_exp, 2e-3, "float32 with offset 1e4")  # limited by x's own rounding at 1e4 (~5e-4)
 
 
-@pytest.mark.parametrize("impl", ["cpu", "triton"])
+@pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
 @pytest.mark.parametrize("training", [True, False])
-def test_float64_with_variance_near_eps(impl, training):
+def test_float64_with_variance_near_eps(impl, path, training, triton_path):
     """eps enters the float64 statistics at full precision (a kernel scalar is float32 unless passed
     otherwise: 1e-5 rounded to float32 moves invstd by ~1e-8 where var is near eps)."""
+    triton_path(path)
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3e-3).requires_grad_(True)  # var ~1e-5
     w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
     rm, rv = torch.randn(3, dtype=torch.float64) * 1e-3, torch.rand(3, dtype=torch.float64) * 1e-5
@@ -260,10 +281,12 @@ def _second_order(impl, x, w, b, act, training):
     return torch.autograd.grad((dx * v).sum(), (x, w, b))
 
 
+@pytest.mark.parametrize("path", ["single", "split"])
 @pytest.mark.parametrize("act", ["lrelu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_triton_second_order_matches_reference(act, training, layout):
+def test_triton_second_order_matches_reference(act, training, layout, path, triton_path):
+    triton_path(path)
     x = make_x((3, 4, 3, 5), layout, torch.float32)
     w, b = torch.rand(4) + 0.5, torch.randn(4)
     for got, want in zip(_second_order("triton", x, w, b, act, training), _second_order("ref", x, w, b, act, training)):

@@ -80,6 +80,24 @@ def test_triton_matches_torch(cuda_device, shape, layout, dtype, training):
         run_case(cuda_device, shape, layout, dtype, training, act)
 
 
+@pytest.mark.parametrize("shape,layout", [
+    ((64, 64, 32, 32), "contiguous"),
+    ((64, 512, 4, 4), "contiguous"),
+    ((64, 128, 16, 16), "channels_last"),
+    ((7, 3, 65, 67), "contiguous"),
+    ((513, 300), "contiguous"),
+])
+@pytest.mark.parametrize("path", ["single", "split"])
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_paths_match_torch(cuda_device, monkeypatch, shape, layout, path, training):
+    """Both kernel sets at every shape, whichever the row limit would pick: the single-pass kernels (one
+    launch each way) and the split ones (row splits, partial sums, finishing kernels)."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_ELEMENTS", 1 << 30 if path == "single" else 0)
+    for act in ACTIVATIONS:
+        run_case(cuda_device, shape, layout, torch.float32, training, act)
+
+
 def test_auto_picks_triton_on_cuda(cuda_device):
     from fastgan._dispatch import resolve_impl
     assert resolve_impl("batch_norm_act", "auto", cuda_device) == "triton"

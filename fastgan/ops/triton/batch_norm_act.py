@@ -18,6 +18,8 @@ each way per layer call: on an H100 they cost the DCGAN step more than the fusio
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
@@ -27,6 +29,11 @@ from fastgan.ops.triton.activations import act_grad_from_output, apply_act
 
 MAX_SPLITS = 128        # row splits of the reduction kernels (partial rows)
 TILE = 2048             # elements per program tile
+# Largest rows x channels a single-pass program takes on (the whole forward, or backward, of its channels in
+# one launch). Below it the launches dominate: the split path's five kernels each way cost more than the
+# single pass's lost parallelism. FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS overrides it (0: always split),
+# for measuring the crossover on a GPU (benchmarks/bench_batch_norm_act.py).
+SINGLE_PASS_MAX_ELEMENTS = int(os.environ.get("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", 16384))
 
 
 @triton.jit
@@ -139,6 +146,115 @@ def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias):
+    """nn.BatchNorm's running-statistics update, in place, from the batch's mean and biased var (as saved):
+    r = (1 - factor) r + factor s with s the unbiased variance var * unbias (unbias = count / (count - 1))."""
+    rm = _load_f64(rm_ptr, c, c_mask)
+    rv = _load_f64(rv_ptr, c, c_mask)
+    f = tl.cast(factor, tl.float64)
+    rm = rm * (1.0 - f) + mean.to(tl.float64) * f
+    rv = rv * (1.0 - f) + var.to(tl.float64) * tl.cast(unbias, tl.float64) * f
+    tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias, alpha,
+                                R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The whole training forward of BLOCK_C channels in one program (few rows per channel): the sums of
+    _stats_kernel over all rows, _stats_finish_kernel's algebra (and the running-statistics update),
+    then _apply_kernel's pass, whose second read of the channels' rows mostly hits the cache."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & c_mask[None, :]
+        v = tl.load(x_ptr + _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w), mask=mask, other=0.0).to(ACC)
+        d = tl.where(mask, v - x0[None, :], 0.0)
+        acc_s += d
+        acc_ss += d * d
+    m_shifted = tl.sum(acc_s, axis=0).to(tl.float64) / R
+    var = tl.sum(acc_ss, axis=0).to(tl.float64) / R - m_shifted * m_shifted
+    var = tl.where(var < 0.0, 0.0, var)  # as in _stats_finish_kernel
+    mean = (x0.to(tl.float64) + m_shifted).to(ACC)
+    var = var.to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    if UPDATE:
+        _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias)
+    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask,
+                                       _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
+    scale = scale.to(ACC)
+    shift = shift.to(ACC)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & c_mask[None, :]
+        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dx_ptr, dweight_ptr, dbias_ptr, alpha,
+                                 R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                 HAS_B: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The whole backward of BLOCK_C channels in one program: _scale_shift_kernel's algebra, the sums of
+    _grad_stats_kernel over all rows, _grad_finish_kernel's algebra, then _grad_apply_kernel's pass."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean64 = _load_f64(mean_ptr, c, c_mask)
+    var64 = _load_f64(var_ptr, c, c_mask)
+    invstd, scale, shift = _scale_shift_f64(mean64, var64, w_ptr, b_ptr, c, c_mask, _eps_f64(eps_hi, eps_lo),
+                                            HAS_W, HAS_B)
+    scale = scale.to(ACC)
+    shift = shift.to(ACC)
+    mean = mean64.to(ACC)
+    acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & c_mask[None, :]
+        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
+        acc_dz += dz
+        acc_dzx += dz * tl.where(mask, v - mean[None, :], 0.0)
+    sum_dz = tl.sum(acc_dz, axis=0).to(tl.float64)
+    sum_dzx = tl.sum(acc_dzx, axis=0).to(tl.float64)
+    tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
+    tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
+    p = invstd
+    if HAS_W:
+        p = _load_f64(w_ptr, c, c_mask) * invstd
+    if TRAINING:
+        q = -p * invstd * invstd * sum_dzx / R
+        o = -p * sum_dz / R - q * mean64
+    else:
+        q = tl.zeros_like(p)
+        o = tl.zeros_like(p)
+    p = p.to(ACC)
+    q = q.to(ACC)
+    o = o.to(ACC)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < R)[:, None] & c_mask[None, :]
+        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        dz = _dz(gy, v, scale, shift, alpha, ACT)
+        dx = dz * p[None, :] + v * q[None, :] + o[None, :]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers (called by fastgan/ops/batch_norm_act.py; arguments already validated there).
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +293,11 @@ def _scale_shift_f64(mean, var, w_ptr, b_ptr, c, c_mask, eps, HAS_W: tl.constexp
 
 
 @triton.jit
-def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, splits, R, C,
-                         eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """The batch's mean and biased var from _stats_kernel's partials (shifted by x[0, c]), then scale, shift."""
+def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
+                         factor, unbias, splits, R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The batch's mean and biased var from _stats_kernel's partials (shifted by x[0, c]), then scale, shift
+    (and, with UPDATE, the running statistics)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     m_shifted = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C) / R
@@ -192,6 +309,8 @@ def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_pt
     var = var.to(ACC)
     tl.store(mean_ptr + c, mean, mask=c_mask)
     tl.store(var_ptr + c, var, mask=c_mask)
+    if UPDATE:
+        _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias)
     _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask,
                                        _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
     tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
@@ -305,18 +424,42 @@ def _scale_shift(weight, bias, mean, var, eps: float, acc, acc_tl) -> tuple[torc
     return scale, shift
 
 
-def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float):
-    """(y, mean, biased var); see fastgan.ops.batch_norm_act._forward_op."""
+def _single_pass_blocks(x: torch.Tensor, r: int, c: int) -> tuple[int, int] | None:
+    """(BLOCK_R, BLOCK_C) of the single-pass kernels, or None where a program would take on too many rows."""
+    block_c = min(16, triton.next_power_of_2(c)) if x.stride(1) == 1 and c > 1 else 1
+    if r * block_c > SINGLE_PASS_MAX_ELEMENTS:
+        return None
+    return min(TILE // block_c, max(16, triton.next_power_of_2(r))), block_c
+
+
+def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: float, act: int, alpha: float,
+                           running=None):
+    """(y, mean, biased var); see fastgan.ops.batch_norm_act._forward_op. ``running``: None, or
+    (running_mean, running_var, factor, count) to update in place in the same launch (training only:
+    nn.BatchNorm's r = (1 - factor) r + factor s, with the unbiased batch variance)."""
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
+    update = training and running is not None
+    rm, rv, factor, unbias = (running[0], running[1], float(running[2]), running[3] / (running[3] - 1)) if update \
+        else (x, x, 0.0, 0.0)
     if training:
-        partial, splits = _reduce_launch(_stats_kernel, (x,), x, r, c, hw, w, strides, ())
         mean, var = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)
+        single = _single_pass_blocks(x, r, c)
+        if single is not None:
+            y = torch.empty_like(x)
+            block_r, block_c = single
+            _single_pass_forward_kernel[(triton.cdiv(c, block_c),)](
+                x, y, _param(weight, mean), _param(bias, mean), mean, var, rm, rv, factor, unbias, alpha, r, c, hw, w,
+                *strides, *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
+                ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+            return y, mean, var
+        partial, splits = _reduce_launch(_stats_kernel, (x,), x, r, c, hw, w, strides, ())
         scale, shift = torch.empty_like(mean), torch.empty_like(mean)
         block, programs = _channel_block(c)
         _stats_finish_kernel[(programs,)](partial, x, strides[1], _param(weight, mean), _param(bias, mean), mean, var,
-                                          scale, shift, splits, r, c, *_split_eps(eps), HAS_W=weight is not None,
-                                          HAS_B=bias is not None, ACC=acc_tl, BLOCK_C=block)
+                                          scale, shift, rm, rv, factor, unbias, splits, r, c, *_split_eps(eps),
+                                          HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
+                                          ACC=acc_tl, BLOCK_C=block)
     else:
         mean = mean.to(acc).clone(memory_format=torch.contiguous_format)
         var = var.to(acc).clone(memory_format=torch.contiguous_format)
@@ -338,6 +481,16 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
     mean_v, var_v = mean.to(acc).contiguous(), var.to(acc).contiguous()
+    single = _single_pass_blocks(x, r, c)
+    if single is not None:
+        dx = torch.empty_like(x)
+        dweight, dbias = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)
+        block_r, block_c = single
+        _single_pass_backward_kernel[(triton.cdiv(c, block_c),)](
+            grad_out, x, _param(weight, mean_v), _param(bias, mean_v), mean_v, var_v, dx, dweight, dbias, alpha,
+            r, c, hw, w, *strides, *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+            TRAINING=training, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+        return dx, dweight, dbias
     scale, shift = _scale_shift(weight, bias, mean_v, var_v, eps, acc, acc_tl)
     partial, splits = _reduce_launch(_grad_stats_kernel, (grad_out, x, mean_v, scale, shift), x,
                                      r, c, hw, w, strides, (alpha,), act=act)
