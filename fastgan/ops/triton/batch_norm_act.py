@@ -14,7 +14,12 @@ Between them, one small per-channel kernel each way sums the partial rows in flo
 deterministic, no atomics) and finishes the per-channel algebra (``_stats_finish_kernel``: mean, var,
 scale, shift; ``_grad_finish_kernel``: dweight, dbias, p, q, o; ``_scale_shift_kernel`` for the
 backward's and eval's scale and shift). Done with torch ops, that algebra was some 25 tiny launches
-each way per layer call: on an H100 they cost the DCGAN step more than the fusion saved.
+each way per layer call: on an H100 they cost the DCGAN step more than the fusion saved. In training
+the statistics kernels also update the running statistics (eager calls; ``_update_running``).
+
+Where a channel's rows fit in one tile (small feature maps: 512 x 4x4 at batch 64), the launches cost
+more than the lost parallelism: ``_single_pass_forward_kernel`` and ``_single_pass_backward_kernel``
+then do each direction in one launch, one program per block of channels (see SINGLE_PASS_MAX_ELEMENTS).
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ from fastgan.ops.triton.activations import act_grad_from_output, apply_act
 MAX_SPLITS = 128        # row splits of the reduction kernels (partial rows)
 TILE = 2048             # elements per program tile
 # Largest rows x channels a single-pass program takes on (the whole forward, or backward, of its channels in
-# one launch). Below it the launches dominate: the split path's five kernels each way cost more than the
-# single pass's lost parallelism. FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS overrides it (0: always split),
-# for measuring the crossover on a GPU (benchmarks/bench_batch_norm_act.py).
-SINGLE_PASS_MAX_ELEMENTS = int(os.environ.get("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", 16384))
+# one launch): one tile. Measured on an H200 (CUDA-graph replays of forward + backward, batch 64, NCHW;
+# benchmarks/results/2026-11-26-h200/): at 1024 rows per channel (512 x 4x4) the single pass took 20.8 us
+# against the split path's 29.5; at 4096 rows (256 x 8x8), looping over them in one program, 44.7 us
+# against 32.5, and worse beyond. FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS overrides it (0: always split).
+SINGLE_PASS_MAX_ELEMENTS = int(os.environ.get("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", TILE))
 
 
 @triton.jit
