@@ -132,6 +132,19 @@ def test_affine_false_and_no_running_stats(impl, path, shape, triton_path):
         close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_exp, x64, g.double())[0], 1e-5, f"{impl} dx")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(4, 0, 3, 3), (0, 5, 3, 3), (0, 5)])
+def test_empty_input_in_eval_mode(impl, shape):
+    """No samples or no channels (eval mode; training needs values): an empty output, zero gradients."""
+    c = shape[1]
+    x = torch.randn(shape, requires_grad=True)
+    w, b = (torch.rand(c) + 0.5).requires_grad_(True), torch.randn(c).requires_grad_(True)
+    y = batch_norm_act(x, w, b, torch.zeros(c), torch.ones(c), False, act="lrelu", impl=impl)
+    assert y.shape == x.shape
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros(c)) and torch.equal(db, torch.zeros(c))
+
+
 @pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
 def test_float64_and_large_mean(impl, path, triton_path):
     """float64 keeps float64 accuracy; a large common offset does not destroy the variance."""

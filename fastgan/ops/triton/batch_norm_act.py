@@ -482,10 +482,12 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
                             alpha: float):
     """(dx, dweight, dbias), the parameter grads in the statistics' dtype; see
     fastgan.ops.batch_norm_act._backward_op."""
-    if grad_out.stride() != x.stride():
-        raise ValueError("batch_norm_act_backward (triton): grad_out and x must share strides")
     r, c, hw, w, strides = _geometry(x)
     acc, acc_tl = _acc(x)
+    if x.numel() == 0:  # (eval mode: training needs values) nothing to walk; an empty grad_out's strides are arbitrary
+        return torch.empty_like(x), torch.zeros(c, device=x.device, dtype=acc), torch.zeros(c, device=x.device, dtype=acc)
+    if grad_out.stride() != x.stride():
+        raise ValueError("batch_norm_act_backward (triton): grad_out and x must share strides")
     mean_v, var_v = mean.to(acc).contiguous(), var.to(acc).contiguous()
     single = _single_pass_blocks(x, r, c)
     if single is not None:
