@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # fastgan from this tree, installed or not
 import common  # noqa: E402
 
 import fastgan  # noqa: E402

@@ -132,6 +132,21 @@ def test_affine_false_and_no_running_stats(impl, path, shape, triton_path):
         close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_exp, x64, g.double())[0], 1e-5, f"{impl} dx")
 
 
+@pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
+def test_running_stats_in_another_dtype(impl, path, triton_path):
+    """float64 running statistics with float32 x: eager Triton calls update the running statistics inside
+    the statistics kernel only where they share the statistics' dtype; here the update takes the general
+    route, and must still equal nn.BatchNorm's."""
+    triton_path(path)
+    x = make_x((5, 4, 3, 3), "contiguous", torch.float32)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    rm_fast, rv_fast = rm.clone(), rv.clone()
+    batch_norm_act(x, None, None, rm_fast, rv_fast, True, 0.1, 1e-5, "relu", None, impl)
+    _, rm_exp, rv_exp = expected(x.double(), None, None, rm, rv, True, 0.1, 1e-5, "relu", 0.0)
+    close(rm_fast, rm_exp, 1e-6, "running_mean")
+    close(rv_fast, rv_exp, 1e-6, "running_var")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(4, 0, 3, 3), (0, 5, 3, 3), (0, 5)])
 def test_empty_input_in_eval_mode(impl, shape):

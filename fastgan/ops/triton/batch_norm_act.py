@@ -15,7 +15,7 @@ deterministic, no atomics) and finishes the per-channel algebra (``_stats_finish
 scale, shift; ``_grad_finish_kernel``: dweight, dbias, p, q, o; ``_scale_shift_kernel`` for the
 backward's and eval's scale and shift). Done with torch ops, that algebra was some 25 tiny launches
 each way per layer call: on an H100 they cost the DCGAN step more than the fusion saved. In training
-the statistics kernels also update the running statistics (eager calls; ``_update_running``).
+the statistics kernels also update the running statistics (eager calls; ``_finish_stats``).
 
 Where a channel's rows fit in one tile (small feature maps: 512 x 4x4 at batch 64), the launches cost
 more than the lost parallelism: ``_single_pass_forward_kernel`` and ``_single_pass_backward_kernel``
@@ -53,45 +53,24 @@ def _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w):
     return (n * s_n + h * s_h + w * s_w)[:, None] + c.to(tl.int64)[None, :] * s_c
 
 
+# --- Tile bodies: one [BLOCK_R, BLOCK_C] tile of each pass, shared by the split and single-pass kernels. ---
+
 @triton.jit
-def _stats_kernel(x_ptr, partial_ptr, R, C, HW, W, s_n, s_c, s_h, s_w, rows_per_split,
-                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[0, split, c] = sum (x - x[0, c]), partial[1, split, c] = sum (x - x[0, c])^2."""
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    shift = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
-    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
-        v = tl.load(x_ptr + _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w), mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, v - shift[None, :], 0.0)
-        acc_s += d
-        acc_ss += d * d
-    out = partial_ptr + split * C + c
-    tl.store(out, tl.sum(acc_s, axis=0), mask=c_mask)
-    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_ss, axis=0), mask=c_mask)
+def _shifted_tile(x_ptr, r, r_end, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr):
+    """x - x[0, c] on the tile (0 outside rows < r_end): the statistics' summand, free of cancellation."""
+    mask = (r < r_end)[:, None] & c_mask[None, :]
+    v = tl.load(x_ptr + _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w), mask=mask, other=0.0).to(ACC)
+    return tl.where(mask, v - x0[None, :], 0.0)
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
-                  ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = act(x * scale[c] + shift[c]); y has x's strides."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c_mask = c < C
+def _apply_tile(x_ptr, y_ptr, r, R, c, c_mask, scale, shift, alpha, HW, W, s_n, s_c, s_h, s_w,
+                ACT: tl.constexpr, ACC: tl.constexpr):
+    """y = act(x * scale[c] + shift[c]) on the tile; y has x's strides."""
     mask = (r < R)[:, None] & c_mask[None, :]
     offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    z = v * scale[None, :] + shift[None, :]
-    y = apply_act(z, alpha, ACT)
+    y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -103,48 +82,23 @@ def _dz(gy, v, scale, shift, alpha, ACT: tl.constexpr):
 
 
 @triton.jit
-def _grad_stats_kernel(gy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, partial_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
-                       rows_per_split, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(z)."""
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-    acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, R)
-    for r0 in range(row_start, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < row_end)[:, None] & c_mask[None, :]
-        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
-        acc_dz += dz
-        acc_dzx += dz * tl.where(mask, v - mean[None, :], 0.0)
-    out = partial_ptr + split * C + c
-    tl.store(out, tl.sum(acc_dz, axis=0), mask=c_mask)
-    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_dzx, axis=0), mask=c_mask)
+def _grad_sums_tile(gy_ptr, x_ptr, r, r_end, c, c_mask, mean, scale, shift, alpha, HW, W, s_n, s_c, s_h, s_w,
+                    ACT: tl.constexpr, ACC: tl.constexpr):
+    """(dz, dz (x - mean[c])) on the tile, 0 outside rows < r_end; dz = dy act'(z)."""
+    mask = (r < r_end)[:, None] & c_mask[None, :]
+    offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+    gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
+    return dz, dz * tl.where(mask, v - mean[None, :], 0.0)
 
 
 @triton.jit
-def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW, W,
-                       s_n, s_c, s_h, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c_mask = c < C
+def _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r, R, c, c_mask, scale, shift, p, q, o, alpha, HW, W, s_n, s_c, s_h,
+                     s_w, ACT: tl.constexpr, ACC: tl.constexpr):
+    """dx = dz * p[c] + x * q[c] + o[c] on the tile, dz = dy act'(z)."""
     mask = (r < R)[:, None] & c_mask[None, :]
     offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-    p = tl.load(p_ptr + c, mask=c_mask, other=0.0)
-    q = tl.load(q_ptr + c, mask=c_mask, other=0.0)
-    o = tl.load(o_ptr + c, mask=c_mask, other=0.0)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dz = _dz(gy, v, scale, shift, alpha, ACT)
@@ -152,127 +106,7 @@ def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias):
-    """nn.BatchNorm's running-statistics update, in place, from the batch's mean and biased var (as saved):
-    r = (1 - factor) r + factor s with s the unbiased variance var * unbias (unbias = count / (count - 1))."""
-    rm = _load_f64(rm_ptr, c, c_mask)
-    rv = _load_f64(rv_ptr, c, c_mask)
-    f = tl.cast(factor, tl.float64)
-    rm = rm * (1.0 - f) + mean.to(tl.float64) * f
-    rv = rv * (1.0 - f) + var.to(tl.float64) * tl.cast(unbias, tl.float64) * f
-    tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_mask)
-
-
-@triton.jit
-def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias, alpha,
-                                R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
-                                HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The whole training forward of BLOCK_C channels in one program (few rows per channel): the sums of
-    _stats_kernel over all rows, _stats_finish_kernel's algebra (and the running-statistics update),
-    then _apply_kernel's pass, whose second read of the channels' rows mostly hits the cache."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
-    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & c_mask[None, :]
-        v = tl.load(x_ptr + _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w), mask=mask, other=0.0).to(ACC)
-        d = tl.where(mask, v - x0[None, :], 0.0)
-        acc_s += d
-        acc_ss += d * d
-    m_shifted = tl.sum(acc_s, axis=0).to(tl.float64) / R
-    var = tl.sum(acc_ss, axis=0).to(tl.float64) / R - m_shifted * m_shifted
-    var = tl.where(var < 0.0, 0.0, var)  # as in _stats_finish_kernel
-    mean = (x0.to(tl.float64) + m_shifted).to(ACC)
-    var = var.to(ACC)
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(var_ptr + c, var, mask=c_mask)
-    if UPDATE:
-        _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias)
-    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask,
-                                       _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
-    scale = scale.to(ACC)
-    shift = shift.to(ACC)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & c_mask[None, :]
-        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dx_ptr, dweight_ptr, dbias_ptr, alpha,
-                                 R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
-                                 HAS_B: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The whole backward of BLOCK_C channels in one program: _scale_shift_kernel's algebra, the sums of
-    _grad_stats_kernel over all rows, _grad_finish_kernel's algebra, then _grad_apply_kernel's pass."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    mean64 = _load_f64(mean_ptr, c, c_mask)
-    var64 = _load_f64(var_ptr, c, c_mask)
-    invstd, scale, shift = _scale_shift_f64(mean64, var64, w_ptr, b_ptr, c, c_mask, _eps_f64(eps_hi, eps_lo),
-                                            HAS_W, HAS_B)
-    scale = scale.to(ACC)
-    shift = shift.to(ACC)
-    mean = mean64.to(ACC)
-    acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & c_mask[None, :]
-        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
-        acc_dz += dz
-        acc_dzx += dz * tl.where(mask, v - mean[None, :], 0.0)
-    sum_dz = tl.sum(acc_dz, axis=0).to(tl.float64)
-    sum_dzx = tl.sum(acc_dzx, axis=0).to(tl.float64)
-    tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
-    tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
-    p = invstd
-    if HAS_W:
-        p = _load_f64(w_ptr, c, c_mask) * invstd
-    if TRAINING:
-        q = -p * invstd * invstd * sum_dzx / R
-        o = -p * sum_dz / R - q * mean64
-    else:
-        q = tl.zeros_like(p)
-        o = tl.zeros_like(p)
-    p = p.to(ACC)
-    q = q.to(ACC)
-    o = o.to(ACC)
-    for r0 in range(0, R, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mask = (r < R)[:, None] & c_mask[None, :]
-        offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
-        gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
-        v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        dz = _dz(gy, v, scale, shift, alpha, ACT)
-        dx = dz * p[None, :] + v * q[None, :] + o[None, :]
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers (called by fastgan/ops/batch_norm_act.py; arguments already validated there).
-# ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _sum_splits(partial_ptr, row, splits, C, c, c_mask, BLOCK_C: tl.constexpr):
-    """sum over k of partial[row, k, c] in float64, k in order (partial is (2, splits, C) contiguous)."""
-    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for k in range(0, splits):
-        total += tl.load(partial_ptr + (row * splits + k) * C + c, mask=c_mask, other=0.0).to(tl.float64)
-    return total
-
+# --- Per-channel algebra in float64, shared by the finishing kernels and the single-pass kernels. ---
 
 @triton.jit
 def _load_f64(ptr, c, c_mask):
@@ -299,6 +133,83 @@ def _scale_shift_f64(mean, var, w_ptr, b_ptr, c, c_mask, eps, HAS_W: tl.constexp
 
 
 @triton.jit
+def _finish_stats(sum_s, sum_ss, x0, R, c, c_mask, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
+                  eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACC: tl.constexpr):
+    """From the float64 sums of x - x0 and their squares: store the batch's mean and biased var (ACC),
+    update the running statistics (UPDATE: nn.BatchNorm's r = (1 - factor) r + factor s, s the unbiased
+    variance var * unbias, unbias = count / (count - 1)), and return (scale, shift) in float64, computed
+    from the statistics as saved, as the backward recomputes them."""
+    m_shifted = sum_s / R
+    var = sum_ss / R - m_shifted * m_shifted
+    var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below zero; NaN (inf in x) stays NaN, as in torch
+    mean = (x0.to(tl.float64) + m_shifted).to(ACC)
+    var = var.to(ACC)
+    tl.store(mean_ptr + c, mean, mask=c_mask)
+    tl.store(var_ptr + c, var, mask=c_mask)
+    if UPDATE:
+        f = tl.cast(factor, tl.float64)
+        rm = _load_f64(rm_ptr, c, c_mask) * (1.0 - f) + mean.to(tl.float64) * f
+        rv = _load_f64(rv_ptr, c, c_mask) * (1.0 - f) + var.to(tl.float64) * tl.cast(unbias, tl.float64) * f
+        tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_mask)
+    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask, eps,
+                                       HAS_W, HAS_B)
+    return scale, shift
+
+
+@triton.jit
+def _grad_coefficients(sum_dz, sum_dzx, var, mean, R, c, c_mask, w_ptr, dweight_ptr, dbias_ptr, eps,
+                       HAS_W: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr):
+    """Store dbias = sum dz and dweight = sum dz x_hat; return dx = p dz + q x + o's per-channel (p, q, o) in
+    float64: p = w invstd; in training q and o subtract the mean of dz and its projection on x_hat."""
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
+    tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
+    p = invstd
+    if HAS_W:
+        p = _load_f64(w_ptr, c, c_mask) * invstd
+    if TRAINING:
+        q = -p * invstd * invstd * sum_dzx / R
+        o = -p * sum_dz / R - q * mean
+    else:
+        q = tl.zeros_like(p)
+        o = tl.zeros_like(p)
+    return p, q, o
+
+
+@triton.jit
+def _sum_splits(partial_ptr, row, splits, C, c, c_mask, BLOCK_C: tl.constexpr):
+    """sum over k of partial[row, k, c] in float64, k in order (partial is (2, splits, C) contiguous)."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for k in range(0, splits):
+        total += tl.load(partial_ptr + (row * splits + k) * C + c, mask=c_mask, other=0.0).to(tl.float64)
+    return total
+
+
+# --- Split path: row-split reductions into partial rows, per-channel finishing, element-wise passes. ---
+
+@triton.jit
+def _stats_kernel(x_ptr, partial_ptr, R, C, HW, W, s_n, s_c, s_h, s_w, rows_per_split,
+                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partial[0, split, c] = sum (x - x[0, c]), partial[1, split, c] = sum (x - x[0, c])^2."""
+    split = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, R)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), row_end, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC)
+        acc_s += d
+        acc_ss += d * d
+    out = partial_ptr + split * C + c
+    tl.store(out, tl.sum(acc_s, axis=0), mask=c_mask)
+    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_ss, axis=0), mask=c_mask)
+
+
+@triton.jit
 def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
                          factor, unbias, splits, R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                          UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -306,19 +217,11 @@ def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_pt
     (and, with UPDATE, the running statistics)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    m_shifted = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C) / R
-    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(tl.float64)
-    var = _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C) / R - m_shifted * m_shifted
-    var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below zero; NaN (inf in x) stays NaN, as in torch
-    # scale and shift from the statistics as saved (ACC), as the backward recomputes them
-    mean = (x0 + m_shifted).to(ACC)
-    var = var.to(ACC)
-    tl.store(mean_ptr + c, mean, mask=c_mask)
-    tl.store(var_ptr + c, var, mask=c_mask)
-    if UPDATE:
-        _update_running(rm_ptr, rv_ptr, c, c_mask, mean, var, factor, unbias)
-    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask,
-                                       _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
+    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0)
+    scale, shift = _finish_stats(_sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C),
+                                 _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C), x0, R, c, c_mask,
+                                 w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
+                                 _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B, UPDATE, ACC)
     tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
     tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
 
@@ -336,31 +239,137 @@ def _scale_shift_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C
 
 
 @triton.jit
+def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
+                  ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = act(x * scale[c] + shift[c]); y has x's strides."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    _apply_tile(x_ptr, y_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha,
+                HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+
+
+@triton.jit
+def _grad_stats_kernel(gy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, partial_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
+                       rows_per_split, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(z)."""
+    split = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, R)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        dz, dzx = _grad_sums_tile(gy_ptr, x_ptr, r0 + tl.arange(0, BLOCK_R), row_end, c, c_mask, mean, scale, shift,
+                                  alpha, HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+        acc_dz += dz
+        acc_dzx += dzx
+    out = partial_ptr + split * C + c
+    tl.store(out, tl.sum(acc_dz, axis=0), mask=c_mask)
+    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_dzx, axis=0), mask=c_mask)
+
+
+@triton.jit
 def _grad_finish_kernel(partial_ptr, w_ptr, mean_ptr, var_ptr, dweight_ptr, dbias_ptr, p_ptr, q_ptr, o_ptr, splits,
                         R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_C: tl.constexpr):
-    """dbias = sum dz, dweight = sum dz x_hat, and dx = p dz + q x + o's per-channel p, q, o: p = w invstd;
-    in training q and o subtract the mean of dz and its projection on x_hat (batch statistics)."""
+    """dweight, dbias and the per-channel (p, q, o) of dx from _grad_stats_kernel's partials."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    sum_dz = _sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C)
-    sum_dzx = _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C)
-    invstd = 1.0 / tl.sqrt(_load_f64(var_ptr, c, c_mask) + _eps_f64(eps_hi, eps_lo))
-    tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
-    tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
-    p = invstd
-    if HAS_W:
-        p = _load_f64(w_ptr, c, c_mask) * invstd
-    if TRAINING:
-        q = -p * invstd * invstd * sum_dzx / R
-        o = -p * sum_dz / R - q * _load_f64(mean_ptr, c, c_mask)
-    else:
-        q = tl.zeros_like(p)
-        o = tl.zeros_like(p)
+    p, q, o = _grad_coefficients(_sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C),
+                                 _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C),
+                                 _load_f64(var_ptr, c, c_mask), _load_f64(mean_ptr, c, c_mask), R, c, c_mask, w_ptr,
+                                 dweight_ptr, dbias_ptr, _eps_f64(eps_hi, eps_lo), HAS_W, TRAINING, ACC)
     tl.store(p_ptr + c, p.to(ACC), mask=c_mask)
     tl.store(q_ptr + c, q.to(ACC), mask=c_mask)
     tl.store(o_ptr + c, o.to(ACC), mask=c_mask)
 
+
+@triton.jit
+def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW, W,
+                       s_n, s_c, s_h, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    p = tl.load(p_ptr + c, mask=c_mask, other=0.0)
+    q = tl.load(q_ptr + c, mask=c_mask, other=0.0)
+    o = tl.load(o_ptr + c, mask=c_mask, other=0.0)
+    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale,
+                     shift, p, q, o, alpha, HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+
+
+# --- Single-pass path: one program per block of channels walks all their rows, each direction in one launch. ---
+
+@triton.jit
+def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias, alpha,
+                                R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The whole training forward of BLOCK_C channels in one program (few rows per channel): the sums of
+    _stats_kernel over all rows, _stats_finish_kernel's algebra (and the running-statistics update),
+    then _apply_kernel's pass, whose second read of the channels' rows mostly hits the cache."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC)
+        acc_s += d
+        acc_ss += d * d
+    scale, shift = _finish_stats(tl.sum(acc_s, axis=0).to(tl.float64), tl.sum(acc_ss, axis=0).to(tl.float64), x0,
+                                 R, c, c_mask, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
+                                 _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B, UPDATE, ACC)
+    scale = scale.to(ACC)
+    shift = shift.to(ACC)
+    for r0 in range(0, R, BLOCK_R):
+        _apply_tile(x_ptr, y_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha, HW, W, s_n, s_c, s_h,
+                    s_w, ACT, ACC)
+
+
+@triton.jit
+def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dx_ptr, dweight_ptr, dbias_ptr, alpha,
+                                 R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                 HAS_B: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The whole backward of BLOCK_C channels in one program: _scale_shift_kernel's algebra, the sums of
+    _grad_stats_kernel over all rows, _grad_finish_kernel's algebra, then _grad_apply_kernel's pass."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    eps = _eps_f64(eps_hi, eps_lo)
+    mean64 = _load_f64(mean_ptr, c, c_mask)
+    var64 = _load_f64(var_ptr, c, c_mask)
+    _, scale, shift = _scale_shift_f64(mean64, var64, w_ptr, b_ptr, c, c_mask, eps, HAS_W, HAS_B)
+    scale = scale.to(ACC)
+    shift = shift.to(ACC)
+    mean = mean64.to(ACC)
+    acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for r0 in range(0, R, BLOCK_R):
+        dz, dzx = _grad_sums_tile(gy_ptr, x_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, mean, scale, shift, alpha,
+                                  HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+        acc_dz += dz
+        acc_dzx += dzx
+    p, q, o = _grad_coefficients(tl.sum(acc_dz, axis=0).to(tl.float64), tl.sum(acc_dzx, axis=0).to(tl.float64), var64,
+                                 mean64, R, c, c_mask, w_ptr, dweight_ptr, dbias_ptr, eps, HAS_W, TRAINING, ACC)
+    p = p.to(ACC)
+    q = q.to(ACC)
+    o = o.to(ACC)
+    for r0 in range(0, R, BLOCK_R):
+        _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, p, q, o, alpha,
+                         HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (called by fastgan/ops/batch_norm_act.py; arguments already validated there).
+# ---------------------------------------------------------------------------------------------
 
 def _geometry(x: torch.Tensor):
     """(R, C, HW, W, strides n/c/h/w) of x walked as rows x channels; 2-D x is (N, C, 1, 1)."""
