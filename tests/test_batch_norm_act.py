@@ -69,7 +69,7 @@ def make_x(shape, layout, dtype):
 
 
 # (shape, layout): 2-D, batch-1 maps, channels_last, odd channel counts, sizes beyond one tile,
-# a (N, C, L) input, non-contiguous, H*W == 1.
+# a (N, C, L) input, non-contiguous, H*W == 1, channels_last with H == 1 or W == 1 (free strides).
 CASES = [
     ((6, 5), "contiguous"),
     ((1, 3, 5, 5), "contiguous"),
@@ -80,6 +80,8 @@ CASES = [
     ((5, 11, 6), "contiguous"),
     ((4, 9, 6, 5), "noncontiguous"),
     ((7, 6, 1, 1), "contiguous"),
+    ((5, 4, 1, 7), "channels_last"),
+    ((5, 4, 6, 1), "channels_last"),
 ]
 DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -158,6 +160,37 @@ def test_empty_input_in_eval_mode(impl, shape):
     assert y.shape == x.shape
     dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros(c)) and torch.equal(db, torch.zeros(c))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_split_finishing_and_counters(layout, triton_path, monkeypatch):
+    """The split path's last program per block of channels sums every split's partial rows (here more
+    splits than one chunk of the finishing loads in channels_last) and re-arms its counters: repeated
+    calls stay right, and every ring slot is zero again. A ring that wraps reuses its slots."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    triton_path("split")
+    monkeypatch.setattr(kernels._CounterRing, "SLOTS", 40)
+    monkeypatch.setattr(kernels, "_COUNTER_RINGS", {})
+    shape = (8, 64, 12, 12)
+    if layout == "channels_last":
+        grid, _, _, _, chunk, _, _ = kernels._split_launch(make_x(shape, layout, torch.float32), 8 * 144, 64)
+        assert grid[1] > chunk  # the finishing loop takes more than one chunk
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    for step in range(3):  # 32 (NCHW) or 1 (channels_last) counters a call: the 40-slot ring wraps
+        x = make_x(shape, layout, torch.float32).requires_grad_(True)
+        rm, rv = torch.zeros(64), torch.ones(64)
+        y = batch_norm_act(x, w, b, rm, rv, True, act="tanh", impl="triton")  # smooth: no kink to round across
+        g = torch.randn(shape)
+        dx, = torch.autograd.grad(y, x, g)
+        x_ref = x.detach().double().requires_grad_(True)
+        rm_ref, rv_ref = torch.zeros(64, dtype=torch.float64), torch.ones(64, dtype=torch.float64)
+        y_ref = torch.tanh(F.batch_norm(x_ref, rm_ref, rv_ref, w.double(), b.double(), True, 0.1, 1e-5))
+        dx_ref, = torch.autograd.grad(y_ref, x_ref, g.double())
+        close(y, y_ref, 1e-5, f"y, call {step}")
+        close(dx, dx_ref, 1e-4, f"dx, call {step}")
+        close(rm, rm_ref, 1e-5, f"running_mean, call {step}")
+        ring = kernels._COUNTER_RINGS[torch.device("cpu")]
+        assert int(ring.buf.abs().sum()) == 0, "counters left armed"
 
 
 @pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
@@ -331,6 +364,20 @@ def test_triton_gradgradcheck_float64():
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_triton_row_layouts():
+    """The kernels walk rows without division where they are evenly strided (channels_last, (N, C), one
+    image), with one division by H*W for NCHW, and refuse other strides (the public op copies those)."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    layout = lambda t: kernels._geometry(t)[-1]  # noqa: E731
+    assert layout(torch.empty(6, 5)) == 2
+    assert layout(torch.empty(4, 3, 5, 6)) == 1
+    assert layout(torch.empty(4, 3, 5, 6).to(memory_format=torch.channels_last)) == 2
+    assert layout(torch.empty(1, 3, 5, 6)) == 2
+    assert layout(torch.empty(4, 3, 1, 6).to(memory_format=torch.channels_last)) == 2
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        kernels._geometry(torch.empty(4, 3, 6, 5).transpose(2, 3))
 
 
 def test_reference_matches_torch_and_updates_stats():

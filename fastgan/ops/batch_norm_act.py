@@ -282,10 +282,15 @@ class _ForwardFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, var, training, eps, act, alpha, impl, running=None):
         output = _forward_impl(x, weight, bias, mean, var, training, eps, act, alpha, impl, running)
         _forward_setup(ctx, (x, weight, bias, mean, var, training, eps, act, alpha, impl), output)
+        # The statistics outputs are non-differentiable: without this autograd would fill two zero
+        # gradients for them on every backward (two more launches on a GPU).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_var):
+        if grad_y is None:
+            return (None,) * 11
         # Without create_graph (grad mode off here) nothing will differentiate the backward again: call
         # the kernels directly instead of recording a _BackwardFunction (tens of microseconds of host time).
         backward = _BackwardFunction.apply if torch.is_grad_enabled() else _backward_impl

@@ -160,3 +160,89 @@ def test_torch_compile_fullgraph(cuda_device):
     y2.square().sum().backward()
     close(model[0].weight.grad, eager[0].weight.grad, 1e-4, "compiled conv grad")
     close(model[1].running_var, eager[1].running_var, 1e-5, "compiled running_var")
+
+
+def _split_step(x, w, b, g):
+    y = batch_norm_act(x, w, b, None, None, True, act="lrelu", alpha=0.2, impl="triton")
+    return (y,) + torch.autograd.grad(y, (x, w, b), g)
+
+
+@pytest.mark.parametrize("shape,layout", [((64, 64, 32, 32), "contiguous"), ((64, 128, 16, 16), "channels_last")])
+def test_split_path_is_deterministic_across_calls_and_streams(cuda_device, monkeypatch, shape, layout):
+    """The split kernels' last program per block of channels finishes the statistics once every split has
+    stored its partial sums (a counter per block, re-armed by that program). A missed ordering or a
+    counter left armed would show as a call whose results differ: every call, also with two streams
+    running the kernels at once, must give the first call's results bit for bit."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_ELEMENTS", 0)
+    gen = torch.Generator(device=cuda_device).manual_seed(0)
+    inputs = []
+    for _ in range(2):
+        x = torch.randn(shape, device=cuda_device, generator=gen) * 1.5 + 0.7
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.rand(shape[1], device=cuda_device, generator=gen) + 0.5
+        b = torch.randn(shape[1], device=cuda_device, generator=gen)
+        g = torch.randn(x.shape, device=cuda_device, generator=gen).to(memory_format=torch.channels_last
+                                                                      if layout == "channels_last" else
+                                                                      torch.contiguous_format)
+        inputs.append((x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), g))
+    first = [_split_step(*args) for args in inputs]
+    for _ in range(20):
+        for args, want in zip(inputs, first):
+            for got, ref in zip(_split_step(*args), want):
+                assert torch.equal(got, ref)
+    streams = [torch.cuda.Stream(cuda_device) for _ in inputs]
+    torch.cuda.synchronize(cuda_device)
+    results = [[] for _ in inputs]
+    for _ in range(10):
+        for stream, args, out in zip(streams, inputs, results):
+            with torch.cuda.stream(stream):
+                out.append(_split_step(*args))
+    torch.cuda.synchronize(cuda_device)
+    for out, want in zip(results, first):
+        for step in out:
+            for got, ref in zip(step, want):
+                assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("ring_first", [True, False])
+def test_split_path_in_a_cuda_graph(cuda_device, monkeypatch, ring_first):
+    """Captured in a CUDA graph, the split kernels replay with the eager results: with the counter ring
+    made by an eager call first (its slots then kept for the graph), and with a capture before any eager
+    call (counters of its own, zeroed in the graph); eager calls between replays do not disturb them."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    monkeypatch.setattr(kernels, "SINGLE_PASS_MAX_ELEMENTS", 0)
+    gen = torch.Generator(device=cuda_device).manual_seed(1)
+    x = (torch.randn(64, 64, 32, 32, device=cuda_device, generator=gen) + 0.5).requires_grad_(True)
+    w = (torch.rand(64, device=cuda_device, generator=gen) + 0.5).requires_grad_(True)
+    b = torch.randn(64, device=cuda_device, generator=gen).requires_grad_(True)
+    g = torch.randn(x.shape, device=cuda_device, generator=gen)
+    # The expected results from copies of the leaves (compiling the kernels outside any capture): the
+    # captured leaves are first used on the warm-up stream, as in benchmarks/common.graphed (an H200 run
+    # whose leaves had gone through a backward on the default stream first failed its capture: "operation
+    # would make the legacy stream depend on a capturing blocking stream").
+    want = _split_step(*(t.detach().clone().requires_grad_(True) for t in (x, w, b)), g)
+    # Warm-up on a side stream, as torch.cuda.graph's documentation prescribes for a captured backward.
+    side = torch.cuda.Stream(cuda_device)
+    side.wait_stream(torch.cuda.current_stream(cuda_device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _split_step(x, w, b, g)
+        monkeypatch.setattr(kernels, "_COUNTER_RINGS", {})
+        if ring_first:
+            _split_step(x, w, b, g)
+    torch.cuda.current_stream(cuda_device).wait_stream(side)
+    torch.cuda.synchronize(cuda_device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _split_step(x, w, b, g)
+    torch.cuda.synchronize(cuda_device)
+    assert (torch.device(cuda_device) in kernels._COUNTER_RINGS) == ring_first
+    for _ in range(3):
+        graph.replay()
+        for _ in range(3):
+            _split_step(x, w, b, g)  # eager calls take further slots of the ring
+        torch.cuda.synchronize(cuda_device)
+        for got, ref in zip(out, want):
+            assert torch.equal(got, ref)

@@ -1,25 +1,27 @@
 """Triton kernels of BatchNorm + activation (math and reference: fastgan/ops/batch_norm_act.py).
 
-x is walked as N*H*W rows by C channels through its four strides (a 2-D (N, C) input is (N, C, 1, 1)),
-so NCHW, channels_last and other layouts use the same kernels. Each program handles a
-[BLOCK_R, BLOCK_C] tile: for NCHW the rows are the contiguous direction (BLOCK_R large), for
-channels_last the channels are (BLOCK_C large), so loads coalesce either way.
+x is walked as N*H*W rows by C channels (a 2-D (N, C) input is (N, C, 1, 1)), contiguous or
+channels_last: row r sits at r * s_w (channels_last, (N, C)) or at (r // HW) * s_n + (r % HW) * s_w
+(NCHW), HW a compile-time constant (see _tile_offsets). Each program handles a [BLOCK_R, BLOCK_C]
+tile: for NCHW the rows are the contiguous direction (BLOCK_R large), for channels_last the channels
+are (BLOCK_C large), so loads coalesce either way.
 
-Forward: ``_stats_kernel`` (per-channel sums of x - shift, in float32 (float64 for float64 x), one row of partials per split of
-the rows; shift = x[0, c] keeps the variance free of cancellation) then ``_apply_kernel``
-(y = act(x * scale + shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz,
-sum dz (x - mean), dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read)
-then ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel).
-Between them, one small per-channel kernel each way sums the partial rows in float64 (in order:
-deterministic, no atomics) and finishes the per-channel algebra (``_stats_finish_kernel``: mean, var,
-scale, shift; ``_grad_finish_kernel``: dweight, dbias, p, q, o; ``_scale_shift_kernel`` for the
-backward's and eval's scale and shift). Done with torch ops, that algebra was some 25 tiny launches
-each way per layer call: on an H100 they cost the DCGAN step more than the fusion saved. In training
-the statistics kernels also update the running statistics (eager calls; ``_finish_stats``).
+Split path (large maps), two launches each way. Forward: ``_stats_kernel`` (per-channel sums of
+x - shift, in float32 (float64 for float64 x), one row of partials per split of the rows;
+shift = x[0, c] keeps the variance free of cancellation) then ``_apply_kernel`` (y = act(x * scale +
+shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz, sum dz (x - mean),
+dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read) then
+``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel). The last program of each reduction to
+finish a block of channels (an atomic counter per block: ``_store_partials_and_count``) sums the
+partial rows in float64, in order (deterministic), and does the per-channel algebra (mean, var,
+running statistics, scale, shift; dweight, dbias, p, q, o). Done with torch ops, that algebra was
+some 25 tiny launches each way per layer call; as separate finishing kernels, two more launches and a
+few microseconds of latency each on an H200.
 
-Where a channel's rows fit in one tile (small feature maps: 512 x 4x4 at batch 64), the launches cost
-more than the lost parallelism: ``_single_pass_forward_kernel`` and ``_single_pass_backward_kernel``
-then do each direction in one launch, one program per block of channels (see SINGLE_PASS_MAX_ELEMENTS).
+Where a channel's rows are few (small feature maps: 512 x 4x4 at batch 64), the launches cost more
+than the lost parallelism: ``_single_pass_forward_kernel`` and ``_single_pass_backward_kernel`` then
+do each direction in one launch, one program per block of channels (see SINGLE_PASS_MAX_ELEMENTS).
+Eval mode normalises with given statistics: ``_scale_shift_kernel`` then ``_apply_kernel``.
 """
 from __future__ import annotations
 
@@ -35,40 +37,44 @@ from fastgan.ops.triton.activations import act_grad_from_output, apply_act
 MAX_SPLITS = 128        # row splits of the reduction kernels (partial rows)
 TILE = 2048             # elements per program tile
 # Largest rows x channels a single-pass program takes on (the whole forward, or backward, of its channels in
-# one launch): one tile. Measured on an H200 (CUDA-graph replays of forward + backward, batch 64, NCHW;
-# benchmarks/results/2026-11-26-h200/): at 1024 rows per channel (512 x 4x4) the single pass took 20.8 us
-# against the split path's 29.5; at 4096 rows (256 x 8x8), looping over them in one program, 44.7 us
-# against 32.5, and worse beyond. FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS overrides it (0: always split).
-SINGLE_PASS_MAX_ELEMENTS = int(os.environ.get("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", TILE))
+# one launch): eight tiles. Measured on an H200 (kernel device time of forward + backward, batch 64, NCHW,
+# benchmarks/profile_ops.py; results under benchmarks/results/2026-11-26-h200/): single pass against split
+# 9.7 against 15.0 us at 256 x 8x8 (4096 rows per channel), 20.6 against 21.9 us at 128 x 16x16 (16384 rows).
+# FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS overrides it (0: always split).
+SINGLE_PASS_MAX_ELEMENTS = int(os.environ.get("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", 8 * TILE))
 
 
 @triton.jit
-def _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w):
-    """Memory offsets of the [BLOCK_R, BLOCK_C] tile of rows r (n, h, w flattened) and channels c."""
-    r = r.to(tl.int64)
-    n = r // HW
-    hw = r - n * HW
-    h = hw // W
-    w = hw - h * W
-    return (n * s_n + h * s_h + w * s_w)[:, None] + c.to(tl.int64)[None, :] * s_c
+def _tile_offsets(r, c, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr):
+    """Memory offsets of the [BLOCK_R, BLOCK_C] tile of rows r (n and the H x W position flattened) and
+    channels c. ROWS (see _geometry): 2, row r at r * s_w (channels_last, (N, C)): no division; 1, each
+    image's H x W plane evenly strided (NCHW): one division by HW, a compile-time constant (a shift for
+    the usual powers of two). A per-element division by a runtime HW and W was what bound these
+    kernels (H200: the statistics pass of 64 x 32x32 at a fifth of the memory bandwidth)."""
+    if ROWS == 2:
+        rows = r.to(tl.int64) * s_w
+    else:
+        n = r // HW
+        rows = n.to(tl.int64) * s_n + (r - n * HW).to(tl.int64) * s_w
+    return rows[:, None] + c.to(tl.int64)[None, :] * s_c
 
 
 # --- Tile bodies: one [BLOCK_R, BLOCK_C] tile of each pass, shared by the split and single-pass kernels. ---
 
 @triton.jit
-def _shifted_tile(x_ptr, r, r_end, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC: tl.constexpr):
+def _shifted_tile(x_ptr, r, r_end, c, c_mask, x0, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr, ACC: tl.constexpr):
     """x - x[0, c] on the tile (0 outside rows < r_end): the statistics' summand, free of cancellation."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
-    v = tl.load(x_ptr + _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w), mask=mask, other=0.0).to(ACC)
+    v = tl.load(x_ptr + _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS), mask=mask, other=0.0).to(ACC)
     return tl.where(mask, v - x0[None, :], 0.0)
 
 
 @triton.jit
-def _apply_tile(x_ptr, y_ptr, r, R, c, c_mask, scale, shift, alpha, HW, W, s_n, s_c, s_h, s_w,
+def _apply_tile(x_ptr, y_ptr, r, R, c, c_mask, scale, shift, alpha, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr,
                 ACT: tl.constexpr, ACC: tl.constexpr):
     """y = act(x * scale[c] + shift[c]) on the tile; y has x's strides."""
     mask = (r < R)[:, None] & c_mask[None, :]
-    offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+    offs = _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -82,11 +88,11 @@ def _dz(gy, v, scale, shift, alpha, ACT: tl.constexpr):
 
 
 @triton.jit
-def _grad_sums_tile(gy_ptr, x_ptr, r, r_end, c, c_mask, mean, scale, shift, alpha, HW, W, s_n, s_c, s_h, s_w,
+def _grad_sums_tile(gy_ptr, x_ptr, r, r_end, c, c_mask, mean, scale, shift, alpha, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr,
                     ACT: tl.constexpr, ACC: tl.constexpr):
     """(dz, dz (x - mean[c])) on the tile, 0 outside rows < r_end; dz = dy act'(z)."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
-    offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+    offs = _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dz = tl.where(mask, _dz(gy, v, scale, shift, alpha, ACT), 0.0)
@@ -94,11 +100,11 @@ def _grad_sums_tile(gy_ptr, x_ptr, r, r_end, c, c_mask, mean, scale, shift, alph
 
 
 @triton.jit
-def _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r, R, c, c_mask, scale, shift, p, q, o, alpha, HW, W, s_n, s_c, s_h,
-                     s_w, ACT: tl.constexpr, ACC: tl.constexpr):
+def _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r, R, c, c_mask, scale, shift, p, q, o, alpha, HW: tl.constexpr, s_n, s_c,
+                     s_w, ROWS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
     """dx = dz * p[c] + x * q[c] + o[c] on the tile, dz = dy act'(z)."""
     mask = (r < R)[:, None] & c_mask[None, :]
-    offs = _tile_offsets(r, c, HW, W, s_n, s_c, s_h, s_w)
+    offs = _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dz = _dz(gy, v, scale, shift, alpha, ACT)
@@ -120,25 +126,30 @@ def _eps_f64(eps_hi, eps_lo):
 
 
 @triton.jit
-def _scale_shift_f64(mean, var, w_ptr, b_ptr, c, c_mask, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """(invstd, scale, shift) in float64 with z = x * scale + shift: scale = w invstd, shift = b - mean scale."""
-    invstd = 1.0 / tl.sqrt(var + eps)
-    scale = invstd
-    if HAS_W:
-        scale = _load_f64(w_ptr, c, c_mask) * invstd
-    shift = -mean * scale
-    if HAS_B:
-        shift += _load_f64(b_ptr, c, c_mask)
-    return invstd, scale, shift
+def _param_f64(ptr, c, c_mask, HAS: tl.constexpr, default):
+    """A per-channel parameter in float64, or ``default`` (1 for an absent weight, 0 for an absent bias:
+    multiplying by one and adding zero are exact, so the algebra needs no branches)."""
+    if HAS:
+        return _load_f64(ptr, c, c_mask)
+    return tl.full(c.shape, default, tl.float64)
 
 
 @triton.jit
-def _finish_stats(sum_s, sum_ss, x0, R, c, c_mask, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
-                  eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACC: tl.constexpr):
+def _scale_shift_f64(mean, var, w, b, eps):
+    """(invstd, scale, shift) in float64 with z = x * scale + shift: scale = w invstd, shift = b - mean scale."""
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = w * invstd
+    return invstd, scale, b - mean * scale
+
+
+@triton.jit
+def _finish_stats(sum_s, sum_ss, x0, R, c, c_mask, w, b, rm, rv, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
+                  eps, UPDATE: tl.constexpr, ACC: tl.constexpr):
     """From the float64 sums of x - x0 and their squares: store the batch's mean and biased var (ACC),
-    update the running statistics (UPDATE: nn.BatchNorm's r = (1 - factor) r + factor s, s the unbiased
-    variance var * unbias, unbias = count / (count - 1)), and return (scale, shift) in float64, computed
-    from the statistics as saved, as the backward recomputes them."""
+    update the running statistics rm, rv (UPDATE: nn.BatchNorm's r = (1 - factor) r + factor s, s the
+    unbiased variance var * unbias, unbias = count / (count - 1)), and return (scale, shift) in float64,
+    computed from the statistics as saved, as the backward recomputes them. The parameters and running
+    statistics come in as values, loaded before: in a split kernel this runs last, on the critical path."""
     m_shifted = sum_s / R
     var = sum_ss / R - m_shifted * m_shifted
     var = tl.where(var < 0.0, 0.0, var)  # clamp rounding below zero; NaN (inf in x) stays NaN, as in torch
@@ -148,26 +159,23 @@ def _finish_stats(sum_s, sum_ss, x0, R, c, c_mask, w_ptr, b_ptr, mean_ptr, var_p
     tl.store(var_ptr + c, var, mask=c_mask)
     if UPDATE:
         f = tl.cast(factor, tl.float64)
-        rm = _load_f64(rm_ptr, c, c_mask) * (1.0 - f) + mean.to(tl.float64) * f
-        rv = _load_f64(rv_ptr, c, c_mask) * (1.0 - f) + var.to(tl.float64) * tl.cast(unbias, tl.float64) * f
+        rm = rm * (1.0 - f) + mean.to(tl.float64) * f
+        rv = rv * (1.0 - f) + var.to(tl.float64) * tl.cast(unbias, tl.float64) * f
         tl.store(rm_ptr + c, rm.to(rm_ptr.dtype.element_ty), mask=c_mask)
         tl.store(rv_ptr + c, rv.to(rv_ptr.dtype.element_ty), mask=c_mask)
-    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w_ptr, b_ptr, c, c_mask, eps,
-                                       HAS_W, HAS_B)
+    _, scale, shift = _scale_shift_f64(mean.to(tl.float64), var.to(tl.float64), w, b, eps)
     return scale, shift
 
 
 @triton.jit
-def _grad_coefficients(sum_dz, sum_dzx, var, mean, R, c, c_mask, w_ptr, dweight_ptr, dbias_ptr, eps,
-                       HAS_W: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr):
+def _grad_coefficients(sum_dz, sum_dzx, var, mean, R, c, c_mask, w, dweight_ptr, dbias_ptr, eps,
+                       TRAINING: tl.constexpr, ACC: tl.constexpr):
     """Store dbias = sum dz and dweight = sum dz x_hat; return dx = p dz + q x + o's per-channel (p, q, o) in
     float64: p = w invstd; in training q and o subtract the mean of dz and its projection on x_hat."""
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(dbias_ptr + c, sum_dz.to(ACC), mask=c_mask)
     tl.store(dweight_ptr + c, (sum_dzx * invstd).to(ACC), mask=c_mask)
-    p = invstd
-    if HAS_W:
-        p = _load_f64(w_ptr, c, c_mask) * invstd
+    p = w * invstd
     if TRAINING:
         q = -p * invstd * invstd * sum_dzx / R
         o = -p * sum_dz / R - q * mean
@@ -178,121 +186,140 @@ def _grad_coefficients(sum_dz, sum_dzx, var, mean, R, c, c_mask, w_ptr, dweight_
 
 
 @triton.jit
-def _sum_splits(partial_ptr, row, splits, C, c, c_mask, BLOCK_C: tl.constexpr):
-    """sum over k of partial[row, k, c] in float64, k in order (partial is (2, splits, C) contiguous)."""
-    total = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for k in range(0, splits):
-        total += tl.load(partial_ptr + (row * splits + k) * C + c, mask=c_mask, other=0.0).to(tl.float64)
-    return total
+def _sum_splits(partial_ptr, splits, C, c, c_mask, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(sum over k of partial[0, k, c], of partial[1, k, c]) in float64 (partial is (2, splits, C)
+    contiguous). CHUNK splits of both rows a load, added element-wise, then one tree sum: a loop of
+    single-row loads (15 us at 128 splits on an H200) or of per-chunk tree sums (a cross-warp reduction
+    each) kept the last program waiting. The order of the sums is fixed by CHUNK: deterministic. The
+    loads bypass L1 (.cg): other programs wrote these rows during this launch."""
+    acc_a = tl.zeros((CHUNK, BLOCK_C), dtype=tl.float64)
+    acc_b = tl.zeros((CHUNK, BLOCK_C), dtype=tl.float64)
+    for k0 in range(0, splits, CHUNK):
+        k = k0 + tl.arange(0, CHUNK)
+        mask = (k < splits)[:, None] & c_mask[None, :]
+        ptrs = partial_ptr + k[:, None] * C + c[None, :]
+        acc_a += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+        acc_b += tl.load(ptrs + splits * C, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
 
-
-# --- Split path: row-split reductions into partial rows, per-channel finishing, element-wise passes. ---
 
 @triton.jit
-def _stats_kernel(x_ptr, partial_ptr, R, C, HW, W, s_n, s_c, s_h, s_w, rows_per_split,
-                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[0, split, c] = sum (x - x[0, c]), partial[1, split, c] = sum (x - x[0, c])^2."""
+def _store_partials_and_count(partial_ptr, counter_ptr, c, c_mask, C, sum_a, sum_b):
+    """Store this split's two partial sums; return whether it is the last split of its channel block to
+    do so, when all the block's partial rows are visible to it (and re-arm the block's counter for the
+    next launch). The barrier orders every thread's stores before the release of the counter's
+    increment; the acquire of the last increment orders them before the finishing loads."""
+    out = partial_ptr + tl.program_id(1) * C + c
+    tl.store(out, sum_a, mask=c_mask)
+    tl.store(out + tl.num_programs(1) * C, sum_b, mask=c_mask)
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr + tl.program_id(0), 1, sem="acq_rel")
+    last = done == tl.num_programs(1) - 1
+    if last:
+        tl.store(counter_ptr + tl.program_id(0), 0)
+    return last
+
+
+# --- Split path: row-split reductions whose last program per block of channels finishes the per-channel
+# algebra (one launch instead of two), then an element-wise pass. ---
+
+@triton.jit
+def _stats_kernel(x_ptr, partial_ptr, counter_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, rm_ptr,
+                  rv_ptr, factor, unbias, eps_hi, eps_lo, R, C, HW: tl.constexpr, s_n, s_c, s_w, rows_per_split,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """partial[0, split, c] = sum (x - x[0, c]), partial[1, split, c] = sum (x - x[0, c])^2; the last split of
+    a block of channels then stores their mean and biased var, scale and shift (and, with UPDATE, the
+    running statistics)."""
     split = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    w, b = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0), _param_f64(b_ptr, c, c_mask, HAS_B, 0.0)
+    rm, rv = _param_f64(rm_ptr, c, c_mask, UPDATE, 0.0), _param_f64(rv_ptr, c, c_mask, UPDATE, 0.0)
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, R)
     for r0 in range(row_start, row_end, BLOCK_R):
-        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), row_end, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC)
+        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), row_end, c, c_mask, x0, HW, s_n, s_c, s_w, ROWS, ACC)
         acc_s += d
         acc_ss += d * d
-    out = partial_ptr + split * C + c
-    tl.store(out, tl.sum(acc_s, axis=0), mask=c_mask)
-    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_ss, axis=0), mask=c_mask)
-
-
-@triton.jit
-def _stats_finish_kernel(partial_ptr, x_ptr, s_c, w_ptr, b_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, rm_ptr, rv_ptr,
-                         factor, unbias, splits, R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                         UPDATE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The batch's mean and biased var from _stats_kernel's partials (shifted by x[0, c]), then scale, shift
-    (and, with UPDATE, the running statistics)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0)
-    scale, shift = _finish_stats(_sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C),
-                                 _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C), x0, R, c, c_mask,
-                                 w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
-                                 _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B, UPDATE, ACC)
-    tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
-    tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
+    if _store_partials_and_count(partial_ptr, counter_ptr, c, c_mask, C, tl.sum(acc_s, axis=0),
+                                 tl.sum(acc_ss, axis=0)):
+        sum_s, sum_ss = _sum_splits(partial_ptr, tl.num_programs(1), C, c, c_mask, CHUNK, BLOCK_C)
+        scale, shift = _finish_stats(sum_s, sum_ss, x0, R, c, c_mask, w, b, rm, rv, mean_ptr, var_ptr, rm_ptr, rv_ptr,
+                                     factor, unbias, _eps_f64(eps_hi, eps_lo), UPDATE, ACC)
+        tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
+        tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
 
 
 @triton.jit
 def _scale_shift_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C, eps_hi, eps_lo,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """scale, shift (ACC) from given per-channel mean and var."""
+    """scale, shift (ACC) from given per-channel mean and var (eval mode)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    _, scale, shift = _scale_shift_f64(_load_f64(mean_ptr, c, c_mask), _load_f64(var_ptr, c, c_mask), w_ptr, b_ptr,
-                                       c, c_mask, _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B)
+    _, scale, shift = _scale_shift_f64(_load_f64(mean_ptr, c, c_mask), _load_f64(var_ptr, c, c_mask),
+                                       _param_f64(w_ptr, c, c_mask, HAS_W, 1.0), _param_f64(b_ptr, c, c_mask, HAS_B, 0.0),
+                                       _eps_f64(eps_hi, eps_lo))
     tl.store(scale_ptr + c, scale.to(ACC), mask=c_mask)
     tl.store(shift_ptr + c, shift.to(ACC), mask=c_mask)
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
-                  ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w,
+                  ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     """y = act(x * scale[c] + shift[c]); y has x's strides."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     _apply_tile(x_ptr, y_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha,
-                HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+                HW, s_n, s_c, s_w, ROWS, ACT, ACC)
 
 
 @triton.jit
-def _grad_stats_kernel(gy_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, partial_ptr, alpha, R, C, HW, W, s_n, s_c, s_h, s_w,
-                       rows_per_split, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(z)."""
+def _grad_stats_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, partial_ptr, counter_ptr, scale_ptr, shift_ptr,
+                       dweight_ptr, dbias_ptr, p_ptr, q_ptr, o_ptr, alpha, eps_hi, eps_lo, R, C, HW: tl.constexpr, s_n,
+                       s_c, s_w, rows_per_split, HAS_W: tl.constexpr, HAS_B: tl.constexpr, TRAINING: tl.constexpr,
+                       ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """partial[0, split, c] = sum dz, partial[1, split, c] = sum dz (x - mean[c]), dz = dy act'(z), with the
+    forward's scale and shift recomputed from mean and var; the last split of a block of channels then
+    stores dweight, dbias, and the scale, shift and (p, q, o) of _grad_apply_kernel."""
     split = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    mean = tl.load(mean_ptr + c, mask=c_mask, other=0.0)
-    scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
-    shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
+    eps = _eps_f64(eps_hi, eps_lo)
+    mean64 = _load_f64(mean_ptr, c, c_mask)
+    var64 = _load_f64(var_ptr, c, c_mask)
+    w = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0)
+    _, scale64, shift64 = _scale_shift_f64(mean64, var64, w, _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), eps)
+    mean, scale, shift = mean64.to(ACC), scale64.to(ACC), shift64.to(ACC)
     acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, R)
     for r0 in range(row_start, row_end, BLOCK_R):
         dz, dzx = _grad_sums_tile(gy_ptr, x_ptr, r0 + tl.arange(0, BLOCK_R), row_end, c, c_mask, mean, scale, shift,
-                                  alpha, HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+                                  alpha, HW, s_n, s_c, s_w, ROWS, ACT, ACC)
         acc_dz += dz
         acc_dzx += dzx
-    out = partial_ptr + split * C + c
-    tl.store(out, tl.sum(acc_dz, axis=0), mask=c_mask)
-    tl.store(out + tl.num_programs(1) * C, tl.sum(acc_dzx, axis=0), mask=c_mask)
+    if _store_partials_and_count(partial_ptr, counter_ptr, c, c_mask, C, tl.sum(acc_dz, axis=0),
+                                 tl.sum(acc_dzx, axis=0)):
+        sum_dz, sum_dzx = _sum_splits(partial_ptr, tl.num_programs(1), C, c, c_mask, CHUNK, BLOCK_C)
+        p, q, o = _grad_coefficients(sum_dz, sum_dzx, var64, mean64, R, c, c_mask, w, dweight_ptr, dbias_ptr, eps,
+                                     TRAINING, ACC)
+        tl.store(scale_ptr + c, scale, mask=c_mask)
+        tl.store(shift_ptr + c, shift, mask=c_mask)
+        tl.store(p_ptr + c, p.to(ACC), mask=c_mask)
+        tl.store(q_ptr + c, q.to(ACC), mask=c_mask)
+        tl.store(o_ptr + c, o.to(ACC), mask=c_mask)
 
 
 @triton.jit
-def _grad_finish_kernel(partial_ptr, w_ptr, mean_ptr, var_ptr, dweight_ptr, dbias_ptr, p_ptr, q_ptr, o_ptr, splits,
-                        R, C, eps_hi, eps_lo, HAS_W: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """dweight, dbias and the per-channel (p, q, o) of dx from _grad_stats_kernel's partials."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    p, q, o = _grad_coefficients(_sum_splits(partial_ptr, 0, splits, C, c, c_mask, BLOCK_C),
-                                 _sum_splits(partial_ptr, 1, splits, C, c, c_mask, BLOCK_C),
-                                 _load_f64(var_ptr, c, c_mask), _load_f64(mean_ptr, c, c_mask), R, c, c_mask, w_ptr,
-                                 dweight_ptr, dbias_ptr, _eps_f64(eps_hi, eps_lo), HAS_W, TRAINING, ACC)
-    tl.store(p_ptr + c, p.to(ACC), mask=c_mask)
-    tl.store(q_ptr + c, q.to(ACC), mask=c_mask)
-    tl.store(o_ptr + c, o.to(ACC), mask=c_mask)
-
-
-@triton.jit
-def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW, W,
-                       s_n, s_c, s_h, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -302,18 +329,18 @@ def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale,
-                     shift, p, q, o, alpha, HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+                     shift, p, q, o, alpha, HW, s_n, s_c, s_w, ROWS, ACT, ACC)
 
 
 # --- Single-pass path: one program per block of channels walks all their rows, each direction in one launch. ---
 
 @triton.jit
 def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias, alpha,
-                                R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                R, C, HW: tl.constexpr, s_n, s_c, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
                                 HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     """The whole training forward of BLOCK_C channels in one program (few rows per channel): the sums of
-    _stats_kernel over all rows, _stats_finish_kernel's algebra (and the running-statistics update),
+    _stats_kernel over all rows, its last program's algebra (and the running-statistics update),
     then _apply_kernel's pass, whose second read of the channels' rows mostly hits the cache."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -321,32 +348,35 @@ def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, r
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
-        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, x0, HW, W, s_n, s_c, s_h, s_w, ACC)
+        d = _shifted_tile(x_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, x0, HW, s_n, s_c, s_w, ROWS, ACC)
         acc_s += d
         acc_ss += d * d
     scale, shift = _finish_stats(tl.sum(acc_s, axis=0).to(tl.float64), tl.sum(acc_ss, axis=0).to(tl.float64), x0,
-                                 R, c, c_mask, w_ptr, b_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
-                                 _eps_f64(eps_hi, eps_lo), HAS_W, HAS_B, UPDATE, ACC)
+                                 R, c, c_mask, _param_f64(w_ptr, c, c_mask, HAS_W, 1.0),
+                                 _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), _param_f64(rm_ptr, c, c_mask, UPDATE, 0.0),
+                                 _param_f64(rv_ptr, c, c_mask, UPDATE, 0.0), mean_ptr, var_ptr, rm_ptr, rv_ptr, factor,
+                                 unbias, _eps_f64(eps_hi, eps_lo), UPDATE, ACC)
     scale = scale.to(ACC)
     shift = shift.to(ACC)
     for r0 in range(0, R, BLOCK_R):
-        _apply_tile(x_ptr, y_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha, HW, W, s_n, s_c, s_h,
-                    s_w, ACT, ACC)
+        _apply_tile(x_ptr, y_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha, HW, s_n, s_c,
+                    s_w, ROWS, ACT, ACC)
 
 
 @triton.jit
 def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, dx_ptr, dweight_ptr, dbias_ptr, alpha,
-                                 R, C, HW, W, s_n, s_c, s_h, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
+                                 R, C, HW: tl.constexpr, s_n, s_c, s_w, eps_hi, eps_lo, HAS_W: tl.constexpr,
                                  HAS_B: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The whole backward of BLOCK_C channels in one program: _scale_shift_kernel's algebra, the sums of
-    _grad_stats_kernel over all rows, _grad_finish_kernel's algebra, then _grad_apply_kernel's pass."""
+                                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    """The whole backward of BLOCK_C channels in one program: _grad_stats_kernel's sums over all rows and its
+    last program's algebra, then _grad_apply_kernel's pass."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     eps = _eps_f64(eps_hi, eps_lo)
     mean64 = _load_f64(mean_ptr, c, c_mask)
     var64 = _load_f64(var_ptr, c, c_mask)
-    _, scale, shift = _scale_shift_f64(mean64, var64, w_ptr, b_ptr, c, c_mask, eps, HAS_W, HAS_B)
+    w = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0)
+    _, scale, shift = _scale_shift_f64(mean64, var64, w, _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), eps)
     scale = scale.to(ACC)
     shift = shift.to(ACC)
     mean = mean64.to(ACC)
@@ -354,17 +384,17 @@ def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
         dz, dzx = _grad_sums_tile(gy_ptr, x_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, mean, scale, shift, alpha,
-                                  HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+                                  HW, s_n, s_c, s_w, ROWS, ACT, ACC)
         acc_dz += dz
         acc_dzx += dzx
     p, q, o = _grad_coefficients(tl.sum(acc_dz, axis=0).to(tl.float64), tl.sum(acc_dzx, axis=0).to(tl.float64), var64,
-                                 mean64, R, c, c_mask, w_ptr, dweight_ptr, dbias_ptr, eps, HAS_W, TRAINING, ACC)
+                                 mean64, R, c, c_mask, w, dweight_ptr, dbias_ptr, eps, TRAINING, ACC)
     p = p.to(ACC)
     q = q.to(ACC)
     o = o.to(ACC)
     for r0 in range(0, R, BLOCK_R):
         _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, p, q, o, alpha,
-                         HW, W, s_n, s_c, s_h, s_w, ACT, ACC)
+                         HW, s_n, s_c, s_w, ROWS, ACT, ACC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,12 +402,27 @@ def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
 # ---------------------------------------------------------------------------------------------
 
 def _geometry(x: torch.Tensor):
-    """(R, C, HW, W, strides n/c/h/w) of x walked as rows x channels; 2-D x is (N, C, 1, 1)."""
+    """(R, C, HW, strides n/c/w, ROWS) of x walked as rows x channels, R = N*H*W; 2-D x is (N, C, 1, 1).
+    ROWS is _tile_offsets' row layout: 2 where row r sits at r * s_w (channels_last, (N, C)), 1 where
+    each H x W plane is evenly strided (NCHW). The callers pass contiguous or channels_last x."""
     if x.dim() == 2:
-        n, c = x.shape
-        return n, c, 1, 1, (x.stride(0), x.stride(1), 0, 0)
-    n, c, h, w = x.shape
-    return n * h * w, c, h * w, w, x.stride()
+        (n, c), h, w = x.shape, 1, 1
+        s_n, s_c = x.stride()
+        s_h = s_w = s_n
+    else:
+        n, c, h, w = x.shape
+        s_n, s_c, s_h, s_w = x.stride()
+    # Only index 0 of a size-1 dimension is walked, so its stride is free: choose the one that keeps the
+    # rows evenly strided.
+    if w == 1:
+        s_w = s_h
+    if h == 1:
+        s_h = w * s_w
+    if n == 1:
+        s_n = h * w * s_w
+    if s_h != w * s_w:
+        raise ValueError(f"batch_norm_act (triton): x must be contiguous or channels_last, got strides {x.stride()}")
+    return n * h * w, c, h * w, (s_n, s_c, s_w), 2 if s_n == h * w * s_w else 1
 
 
 def _blocks(x: torch.Tensor, c: int) -> tuple[int, int]:
@@ -395,25 +440,66 @@ def _acc(x: torch.Tensor):
 
 
 def _channel_block(c: int) -> tuple[int, int]:
-    """(BLOCK_C, programs) of the per-channel finishing kernels (no programs for C = 0)."""
+    """(BLOCK_C, programs) of the per-channel kernel (eval's scale and shift; no programs for C = 0)."""
     block = min(1024, triton.next_power_of_2(max(c, 1)))
     return block, triton.cdiv(c, block)
 
 
-def _reduce_launch(kernel, tensors, x, r, c, hw, w, strides, scalars, act=None) -> tuple[torch.Tensor, int]:
-    """Launch a two-output per-channel reduction; returns its (2, splits, C) partial rows and splits."""
-    acc, acc_tl = _acc(x)
+class _CounterRing:
+    """Zeroed int32 counters for the reduction kernels' last-split detection, one per block of channels.
+
+    A kernel leaves its counters zeroed again (the last split re-arms them), so one buffer per device
+    serves every call: each takes the next slots, so kernels running at once on different streams do not
+    share counters unless the ring wrapped in between. Slots taken while a CUDA graph is being captured
+    are kept out of later rounds (the graph's replays use them, at any time)."""
+
+    SLOTS = 1 << 16
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.zeros(self.SLOTS, dtype=torch.int32, device=device)
+        self.next = 0
+        self.floor = 0  # slots below belong to captured graphs
+
+    def take(self, n: int, keep: bool) -> torch.Tensor | None:
+        if self.next + n > self.SLOTS:
+            self.next = self.floor
+        if self.next + n > self.SLOTS:
+            return None
+        slots = self.buf[self.next:self.next + n]
+        self.next += n
+        if keep:
+            self.floor = self.next
+        return slots
+
+
+_COUNTER_RINGS: dict[torch.device, _CounterRing] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed counters for one launch. The per-device ring is created on an eager call: created during a
+    graph capture its zeroing would only be captured, not done, so a capture before any eager call (or a
+    full ring) gets counters of its own (a zeroing memset in the graph)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    ring = _COUNTER_RINGS.get(device)
+    if ring is None and not capturing:
+        ring = _COUNTER_RINGS[device] = _CounterRing(device)
+    slots = ring.take(n, keep=capturing) if ring is not None else None
+    return slots if slots is not None else torch.zeros(n, dtype=torch.int32, device=device)
+
+
+def _split_launch(x: torch.Tensor, r: int, c: int):
+    """Grid and blocks of a split reduction: ((c_blocks, splits), rows_per_split, BLOCK_R, BLOCK_C, CHUNK,
+    partial rows (2, splits, C), counters)."""
+    acc, _ = _acc(x)
     block_r, block_c = _blocks(x, c)
     c_blocks = triton.cdiv(c, block_c)
     splits = max(1, min(MAX_SPLITS, triton.cdiv(r, block_r), max(1, 1024 // c_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(r, splits), block_r) * block_r
     splits = triton.cdiv(r, rows_per_split)
+    # The finishing adds up [CHUNK, BLOCK_C] tiles of partial sums (two float64 tiles of 1024 at most).
+    chunk = max(1, min(triton.next_power_of_2(splits), 1024 // block_c))
     partial = torch.empty((2, splits, c), device=x.device, dtype=acc)
-    constexprs = {"ACC": acc_tl, "BLOCK_R": block_r, "BLOCK_C": block_c}
-    if act is not None:
-        constexprs["ACT"] = act
-    kernel[(c_blocks, splits)](*tensors, partial, *scalars, r, c, hw, w, *strides, rows_per_split, **constexprs)
-    return partial, splits
+    return (c_blocks, splits), rows_per_split, block_r, block_c, chunk, partial, _counters(x.device, c_blocks)
 
 
 def _split_eps(eps: float) -> tuple[float, float]:
@@ -452,7 +538,7 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
     """(y, mean, biased var); see fastgan.ops.batch_norm_act._forward_op. ``running``: None, or
     (running_mean, running_var, factor, count) to update in place in the same launch (training only:
     nn.BatchNorm's r = (1 - factor) r + factor s, with the unbiased batch variance)."""
-    r, c, hw, w, strides = _geometry(x)
+    r, c, hw, strides, rows = _geometry(x)
     acc, acc_tl = _acc(x)
     update = training and running is not None
     rm, rv, factor, unbias = (running[0], running[1], float(running[2]), running[3] / (running[3] - 1)) if update \
@@ -464,17 +550,16 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
             y = torch.empty_like(x)
             block_r, block_c = single
             _single_pass_forward_kernel[(triton.cdiv(c, block_c),)](
-                x, y, _param(weight, mean), _param(bias, mean), mean, var, rm, rv, factor, unbias, alpha, r, c, hw, w,
+                x, y, _param(weight, mean), _param(bias, mean), mean, var, rm, rv, factor, unbias, alpha, r, c, hw,
                 *strides, *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
-                ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+                ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
             return y, mean, var
-        partial, splits = _reduce_launch(_stats_kernel, (x,), x, r, c, hw, w, strides, ())
         scale, shift = torch.empty_like(mean), torch.empty_like(mean)
-        block, programs = _channel_block(c)
-        _stats_finish_kernel[(programs,)](partial, x, strides[1], _param(weight, mean), _param(bias, mean), mean, var,
-                                          scale, shift, rm, rv, factor, unbias, splits, r, c, *_split_eps(eps),
-                                          HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update,
-                                          ACC=acc_tl, BLOCK_C=block)
+        grid, rows_per_split, block_r, block_c, chunk, partial, counters = _split_launch(x, r, c)
+        _stats_kernel[grid](x, partial, counters, _param(weight, mean), _param(bias, mean), mean, var, scale, shift,
+                            rm, rv, factor, unbias, *_split_eps(eps), r, c, hw, *strides, rows_per_split,
+                            HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=update, ACC=acc_tl,
+                            BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows, CHUNK=chunk)
     else:
         mean = mean.to(acc).clone(memory_format=torch.contiguous_format)
         var = var.to(acc).clone(memory_format=torch.contiguous_format)
@@ -482,8 +567,8 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
     y = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
-    _apply_kernel[grid](x, y, scale, shift, alpha, r, c, hw, w,
-                        *strides, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+    _apply_kernel[grid](x, y, scale, shift, alpha, r, c, hw,
+                        *strides, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
     return y, mean, var
 
 
@@ -491,7 +576,7 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
                             alpha: float):
     """(dx, dweight, dbias), the parameter grads in the statistics' dtype; see
     fastgan.ops.batch_norm_act._backward_op."""
-    r, c, hw, w, strides = _geometry(x)
+    r, c, hw, strides, rows = _geometry(x)
     acc, acc_tl = _acc(x)
     if x.numel() == 0:  # (eval mode: training needs values) nothing to walk; an empty grad_out's strides are arbitrary
         return torch.empty_like(x), torch.zeros(c, device=x.device, dtype=acc), torch.zeros(c, device=x.device, dtype=acc)
@@ -505,20 +590,18 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
         block_r, block_c = single
         _single_pass_backward_kernel[(triton.cdiv(c, block_c),)](
             grad_out, x, _param(weight, mean_v), _param(bias, mean_v), mean_v, var_v, dx, dweight, dbias, alpha,
-            r, c, hw, w, *strides, *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None,
-            TRAINING=training, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+            r, c, hw, *strides, *_split_eps(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+            TRAINING=training, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
         return dx, dweight, dbias
-    scale, shift = _scale_shift(weight, bias, mean_v, var_v, eps, acc, acc_tl)
-    partial, splits = _reduce_launch(_grad_stats_kernel, (grad_out, x, mean_v, scale, shift), x,
-                                     r, c, hw, w, strides, (alpha,), act=act)
-    dweight, dbias, p, q, o = (torch.empty(c, device=x.device, dtype=acc) for _ in range(5))
-    block, programs = _channel_block(c)
-    _grad_finish_kernel[(programs,)](partial, _param(weight, mean_v), mean_v, var_v, dweight, dbias, p, q, o, splits,
-                                     r, c, *_split_eps(eps), HAS_W=weight is not None, TRAINING=training, ACC=acc_tl,
-                                     BLOCK_C=block)
+    scale, shift, dweight, dbias, p, q, o = (torch.empty(c, device=x.device, dtype=acc) for _ in range(7))
+    grid, rows_per_split, block_r, block_c, chunk, partial, counters = _split_launch(x, r, c)
+    _grad_stats_kernel[grid](grad_out, x, _param(weight, mean_v), _param(bias, mean_v), mean_v, var_v, partial, counters,
+                             scale, shift, dweight, dbias, p, q, o, alpha, *_split_eps(eps), r, c, hw, *strides,
+                             rows_per_split, HAS_W=weight is not None, HAS_B=bias is not None, TRAINING=training,
+                             ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows, CHUNK=chunk)
     dx = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
-    _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, w, *strides,
-                             ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c)
+    _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, *strides,
+                             ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
     return dx, dweight, dbias
