@@ -193,6 +193,26 @@ def test_triton_split_finishing_and_counters(layout, triton_path, monkeypatch):
         assert int(ring.buf.abs().sum()) == 0, "counters left armed"
 
 
+def test_counter_ring_rounds_and_kept_slots(monkeypatch):
+    """Slots come in consecutive runs and a new round starts at the bottom; slots taken during a graph
+    capture (keep=True) are never handed out again; a request that no round can fit gets None (the
+    caller then allocates zeroed counters of its own)."""
+    import fastgan.ops.triton.batch_norm_act as kernels
+    monkeypatch.setattr(kernels._CounterRing, "SLOTS", 40)
+    ring = kernels._CounterRing(torch.device("cpu"))
+    first = ring.take(25, keep=False)
+    assert first.data_ptr() == ring.buf.data_ptr() and first.numel() == 25
+    kept = ring.take(10, keep=True)  # slots 25..34, kept
+    assert kept.data_ptr() == ring.buf[25:].data_ptr()
+    again = ring.take(5, keep=False)  # 35..39
+    assert again.data_ptr() == ring.buf[35:].data_ptr()
+    wrapped = ring.take(5, keep=False)  # a new round starts above the kept slots
+    assert wrapped.data_ptr() == ring.buf[35:].data_ptr()
+    assert ring.take(6, keep=False) is None  # only 5 slots lie above the kept ones
+    monkeypatch.setattr(kernels, "_COUNTER_RINGS", {})
+    assert torch.equal(kernels._counters(torch.device("cpu"), 64), torch.zeros(64, dtype=torch.int32))
+
+
 @pytest.mark.parametrize("impl,path", FAST_IMPL_PATHS)
 def test_float64_and_large_mean(impl, path, triton_path):
     """float64 keeps float64 accuracy; a large common offset does not destroy the variance."""

@@ -26,6 +26,7 @@ Eval mode normalises with given statistics: ``_scale_shift_kernel`` then ``_appl
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -459,17 +460,20 @@ class _CounterRing:
         self.buf = torch.zeros(self.SLOTS, dtype=torch.int32, device=device)
         self.next = 0
         self.floor = 0  # slots below belong to captured graphs
+        self.lock = threading.Lock()  # threads launching on different streams must not get the same slots
 
     def take(self, n: int, keep: bool) -> torch.Tensor | None:
-        if self.next + n > self.SLOTS:
-            self.next = self.floor
-        if self.next + n > self.SLOTS:
-            return None
-        slots = self.buf[self.next:self.next + n]
-        self.next += n
-        if keep:
-            self.floor = self.next
-        return slots
+        """n consecutive slots, or None where even a new round has not n left above the kept ones."""
+        with self.lock:
+            if self.next + n > self.SLOTS:
+                self.next = self.floor
+            if self.next + n > self.SLOTS:
+                return None
+            start = self.next
+            self.next += n
+            if keep:
+                self.floor = self.next
+        return self.buf[start:start + n]
 
 
 _COUNTER_RINGS: dict[torch.device, _CounterRing] = {}
