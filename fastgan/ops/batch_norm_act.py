@@ -289,7 +289,7 @@ class _ForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_var):
-        if grad_y is None:
+        if grad_y is None:  # no gradient reached y (gradgradcheck's backward of the backward gets here)
             return (None,) * 11
         # Without create_graph (grad mode off here) nothing will differentiate the backward again: call
         # the kernels directly instead of recording a _BackwardFunction (tens of microseconds of host time).

@@ -136,6 +136,27 @@ def _param_f64(ptr, c, c_mask, HAS: tl.constexpr, default):
 
 
 @triton.jit
+def _forward_channel_params(w_ptr, b_ptr, rm_ptr, rv_ptr, c, c_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                            UPDATE: tl.constexpr):
+    """(w, b, running_mean, running_var) of channels c in float64, as _finish_stats takes them (the running
+    statistics only with UPDATE, else zeros never used)."""
+    return (_param_f64(w_ptr, c, c_mask, HAS_W, 1.0), _param_f64(b_ptr, c, c_mask, HAS_B, 0.0),
+            _param_f64(rm_ptr, c, c_mask, UPDATE, 0.0), _param_f64(rv_ptr, c, c_mask, UPDATE, 0.0))
+
+
+@triton.jit
+def _backward_channel_params(mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps, HAS_W: tl.constexpr,
+                             HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """What a backward kernel needs per channel: (mean, var, w) in float64 for _grad_coefficients, and the
+    forward's (mean, scale, shift) in ACC, recomputed from the saved statistics, for the tiles."""
+    mean64 = _load_f64(mean_ptr, c, c_mask)
+    var64 = _load_f64(var_ptr, c, c_mask)
+    w = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0)
+    _, scale, shift = _scale_shift_f64(mean64, var64, w, _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), eps)
+    return mean64, var64, w, mean64.to(ACC), scale.to(ACC), shift.to(ACC)
+
+
+@triton.jit
 def _scale_shift_f64(mean, var, w, b, eps):
     """(invstd, scale, shift) in float64 with z = x * scale + shift: scale = w invstd, shift = b - mean scale."""
     invstd = 1.0 / tl.sqrt(var + eps)
@@ -236,8 +257,7 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, w_ptr, b_ptr, mean_ptr, var_p
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
-    w, b = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0), _param_f64(b_ptr, c, c_mask, HAS_B, 0.0)
-    rm, rv = _param_f64(rm_ptr, c, c_mask, UPDATE, 0.0), _param_f64(rv_ptr, c, c_mask, UPDATE, 0.0)
+    w, b, rm, rv = _forward_channel_params(w_ptr, b_ptr, rm_ptr, rv_ptr, c, c_mask, HAS_W, HAS_B, UPDATE)
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     row_start = split * rows_per_split
@@ -293,11 +313,8 @@ def _grad_stats_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, partial_p
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     eps = _eps_f64(eps_hi, eps_lo)
-    mean64 = _load_f64(mean_ptr, c, c_mask)
-    var64 = _load_f64(var_ptr, c, c_mask)
-    w = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0)
-    _, scale64, shift64 = _scale_shift_f64(mean64, var64, w, _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), eps)
-    mean, scale, shift = mean64.to(ACC), scale64.to(ACC), shift64.to(ACC)
+    mean64, var64, w, mean, scale, shift = _backward_channel_params(mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps,
+                                                                    HAS_W, HAS_B, ACC)
     acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     row_start = split * rows_per_split
@@ -346,6 +363,7 @@ def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, r
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    w, b, rm, rv = _forward_channel_params(w_ptr, b_ptr, rm_ptr, rv_ptr, c, c_mask, HAS_W, HAS_B, UPDATE)
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
@@ -353,10 +371,8 @@ def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, r
         acc_s += d
         acc_ss += d * d
     scale, shift = _finish_stats(tl.sum(acc_s, axis=0).to(tl.float64), tl.sum(acc_ss, axis=0).to(tl.float64), x0,
-                                 R, c, c_mask, _param_f64(w_ptr, c, c_mask, HAS_W, 1.0),
-                                 _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), _param_f64(rm_ptr, c, c_mask, UPDATE, 0.0),
-                                 _param_f64(rv_ptr, c, c_mask, UPDATE, 0.0), mean_ptr, var_ptr, rm_ptr, rv_ptr, factor,
-                                 unbias, _eps_f64(eps_hi, eps_lo), UPDATE, ACC)
+                                 R, c, c_mask, w, b, rm, rv, mean_ptr, var_ptr, rm_ptr, rv_ptr, factor, unbias,
+                                 _eps_f64(eps_hi, eps_lo), UPDATE, ACC)
     scale = scale.to(ACC)
     shift = shift.to(ACC)
     for r0 in range(0, R, BLOCK_R):
@@ -374,13 +390,8 @@ def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     eps = _eps_f64(eps_hi, eps_lo)
-    mean64 = _load_f64(mean_ptr, c, c_mask)
-    var64 = _load_f64(var_ptr, c, c_mask)
-    w = _param_f64(w_ptr, c, c_mask, HAS_W, 1.0)
-    _, scale, shift = _scale_shift_f64(mean64, var64, w, _param_f64(b_ptr, c, c_mask, HAS_B, 0.0), eps)
-    scale = scale.to(ACC)
-    shift = shift.to(ACC)
-    mean = mean64.to(ACC)
+    mean64, var64, w, mean, scale, shift = _backward_channel_params(mean_ptr, var_ptr, w_ptr, b_ptr, c, c_mask, eps,
+                                                                    HAS_W, HAS_B, ACC)
     acc_dz = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_dzx = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     for r0 in range(0, R, BLOCK_R):
