@@ -19,27 +19,33 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # fastgan from this tree, installed or not
+import bench_batch_norm_act as bn_bench  # noqa: E402
+import bench_layers as layer_bench  # noqa: E402
 import common  # noqa: E402
 
-import fastgan  # noqa: E402
-from fastgan.nn import BatchNormAct2d  # noqa: E402
 
-
-def _layers(kind: str, device):
-    torch.manual_seed(0)
+def _steps(kind: str, device) -> dict:
+    """{contender: one forward + backward call}, built by the benchmark suites' own builders: BatchNorm +
+    LeakyReLU on 64 x 128 x 16x16, or linear + LeakyReLU with 64 rows of 512 features."""
     if kind == "bn":
-        eager = nn.Sequential(nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True)).to(device)
-        fused = BatchNormAct2d(128, act="lrelu", alpha=0.2).to(device)
-        x = torch.randn(64, 128, 16, 16, device=device, requires_grad=True)
-    else:
-        eager = nn.Sequential(nn.Linear(512, 512), nn.LeakyReLU(0.2)).to(device)
-        fused = fastgan.fuse(nn.Sequential(nn.Linear(512, 512), nn.LeakyReLU(0.2)).to(device))
-        x = torch.randn(64, 512, device=device, requires_grad=True)
-    return eager, fused, x
+        x, grad = bn_bench._inputs(128, 16, "nchw", device)
+        steps = {}
+        for name in ("eager", "fastgan"):
+            module, params, _ = bn_bench._contender(name, 128, device)
+            steps[name] = lambda m=module, p=params: bn_bench._step(m, p, x, grad)
+        return steps
+    eager = layer_bench._linear_eager(512)
+    x = torch.randn(64, 512, device=device, requires_grad=True)
+    grad = torch.randn(64, 512, device=device)
+    steps = {}
+    for name in ("eager", "fastgan"):
+        model = layer_bench._contender(name, eager)
+        params = [x, *model.parameters()]
+        steps[name] = lambda m=model, ps=params: torch.autograd.grad(m(x), ps, grad)
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,20 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
     device = common.select_device()
-    eager, fused, x = _layers(args.kind, device)
-    grad = torch.randn_like(eager(x))
+    steps = _steps(args.kind, device)
 
-    def step(module):
-        params = [p for p in module.parameters()]
-        return torch.autograd.grad(module(x), [x, *params], grad)
-
-    for name, module in (("eager", eager), ("fastgan", fused)):
+    for name, step in steps.items():
         for _ in range(10):
-            step(module)
+            step()
         common.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(args.calls):
-            step(module)
+            step()
         host = (time.perf_counter() - t0) / args.calls
         common.synchronize(device)
         total = (time.perf_counter() - t0) / args.calls
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(args.calls):
-        step(fused)
+        steps["fastgan"]()
     common.synchronize(device)
     profiler.disable()
     stats = pstats.Stats(profiler).sort_stats("tottime")
