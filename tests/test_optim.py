@@ -514,6 +514,147 @@ def test_zero_grad_both_ways():
     torch.testing.assert_close(model.weight.detach(), before[0] - 0.1)
 
 
+@pytest.mark.parametrize("kind", ["adamw", "momentum_dampening_wd"])
+def test_zero_grad_keeps_missing_grads_missing(kind):
+    """zero_grad(set_to_none=False) zeroes the gradients that exist and leaves None ones None, as torch
+    does: a parameter autograd never reaches is then skipped by every step (weight decay and momentum
+    must not move it), and its step count stays 0."""
+    gen = torch.Generator().manual_seed(3)
+    ours_p, ref_p = make_params(), None
+    ref_p = clone_params(ours_p)
+    ours, ref = build("adam" if kind == "adamw" else "sgd", kind, (ours_p, ref_p))
+    for _ in range(4):
+        ours.zero_grad(set_to_none=False)
+        ref.zero_grad(set_to_none=False)
+        for p, q, g in zip(ours_p[1:], ref_p[1:], random_grads(ref_p[1:], gen)):  # parameter 0: never a gradient
+            if p.grad is None:
+                p.grad, q.grad = g.clone(), g.clone()
+            else:
+                p.grad.add_(g)
+                q.grad.add_(g)
+        ours.step()
+        ref.step()
+        assert ours_p[0].grad is None and ref_p[0].grad is None
+        assert_close_fp32(ours_p, ref_p)
+    assert torch.equal(ours_p[0].detach(), ref_p[0].detach())
+    saved_ours, saved_ref = ours.state_dict()["state"], ref.state_dict()["state"]
+    assert sorted(saved_ours) == sorted(saved_ref) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_fused_ema_averages_parameters_without_gradient(kind):
+    """The EMA is an average of the weights after every step, gradient or not: a parameter the step skips
+    still has its shadow pulled towards it, as ema.update() after a torch optimizer does (and as the
+    fallback without the extension does); a skipped (non-finite) step moves no shadow."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    twin = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    twin.load_state_dict(model.state_dict())
+    ema, ref_ema = EMA(model, beta=0.5), EMA(twin, beta=0.5)
+    make = (lambda ps, **kw: FusedAdam(ps, lr=0.1, **kw)) if kind == "adam" else \
+        (lambda ps, **kw: FusedSGD(ps, lr=0.1, momentum=0.9, **kw))
+    ref_make = (lambda ps: torch.optim.Adam(ps, lr=0.1)) if kind == "adam" else \
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    opt, ref = make(model.parameters(), ema=ema), ref_make(twin.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for it in range(5):
+        for p, q, g in zip(model.parameters(), twin.parameters(), random_grads(list(twin.parameters()), gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        if it >= 1:  # the first layer gets no gradient from step 2 on; at step 4 no parameter has one
+            for m in (model[0], twin[0]) + ((model[1], twin[1]) if it == 3 else ()):
+                m.weight.grad = m.bias.grad = None
+        opt.step()
+        ref.step()
+        ref_ema.update()
+        assert_close_fp32(ema.shadow_params, ref_ema.shadow_params)
+    before = [s.clone() for s in ema.shadow_params]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert opt.found_inf.item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, before))
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_load_state_dict_into_a_stepped_optimizer(kind):
+    """Loading a checkpoint into an optimizer that has already stepped (a warm-up step before a CUDA graph
+    capture, say): parameters without saved state start afresh -- moments and step count zero -- as a
+    torch optimizer given the same checkpoint does."""
+    ps = make_params()
+    ref_p = clone_params(ps)
+    src = clone_params(ps)
+    if kind == "adam":
+        source, ours, ref = torch.optim.Adam(src, lr=0.01), FusedAdam(ps, lr=0.01), torch.optim.Adam(ref_p, lr=0.01)
+    else:
+        source = torch.optim.SGD(src, lr=0.01, momentum=0.9, dampening=0.5)
+        ours = FusedSGD(ps, lr=0.01, momentum=0.9, dampening=0.5)
+        ref = torch.optim.SGD(ref_p, lr=0.01, momentum=0.9, dampening=0.5)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):  # ours steps every parameter five times
+        for p, g in zip(ps, random_grads(ps, gen)):
+            p.grad = g
+        ours.step()
+    src[0].grad = torch.randn(src[0].shape, generator=gen)
+    source.step()  # the checkpoint has state for parameter 0 only
+    sd = source.state_dict()
+    ours.load_state_dict(sd)
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        for p, q in zip(ps, ref_p):
+            q.copy_(p)
+    run_both(ours, ref, ps, ref_p, 3, gen)
+    assert_close_fp32(ps, ref_p)
+
+
+@pytest.mark.parametrize("fused_kw,torch_cls", [(dict(), torch.optim.Adam),
+                                                (dict(decoupled_weight_decay=True), torch.optim.AdamW)])
+def test_load_state_dict_of_older_torch_without_new_group_keys(fused_kw, torch_cls):
+    """Param groups saved by torch < 2.6 lack ``decoupled_weight_decay``: the optimizer's own default fills
+    it (FusedAdam(decoupled_weight_decay=True) stays AdamW), as torch's Adam / AdamW fill theirs."""
+    ps = make_params()
+    ref_p = clone_params(ps)
+    src = torch_cls(clone_params(ps), lr=0.01, weight_decay=0.1)
+    sd = src.state_dict()
+    for group in sd["param_groups"]:
+        del group["decoupled_weight_decay"]
+    ours = FusedAdam(ps, lr=0.01, weight_decay=0.1, **fused_kw)
+    ours.load_state_dict(sd)
+    ref = torch_cls(ref_p, lr=0.01, weight_decay=0.1)
+    ref.load_state_dict(sd)
+    assert ours.param_groups[0]["decoupled_weight_decay"] == ref.param_groups[0]["decoupled_weight_decay"]
+    run_both(ours, ref, ps, ref_p, 3, torch.Generator().manual_seed(6))
+    assert_close_fp32(ps, ref_p)
+
+
+def test_parameter_replaced_after_construction_is_reattached():
+    """``module.to(memory_format=channels_last)`` after building the optimizer replaces the weights'
+    tensors: the step must update the model's (new) parameters, not the abandoned flat buffer -- with one
+    warning -- and refuse a change of dtype it cannot follow."""
+    torch.manual_seed(0)
+    conv, twin = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    twin.load_state_dict(conv.state_dict())
+    opt, ref = FusedSGD(conv.parameters(), lr=0.1, momentum=0.9), torch.optim.SGD(twin.parameters(), lr=0.1,
+                                                                                   momentum=0.9)
+    conv.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6)
+    fused_mod._warned.discard("reattach")
+    with pytest.warns(RuntimeWarning, match="replaced after the optimizer was built"):
+        for _ in range(3):
+            opt.zero_grad()
+            ref.zero_grad()
+            conv(x).square().sum().backward()
+            twin(x).square().sum().backward()
+            opt.step()
+            ref.step()
+    assert_close_fp32(list(conv.parameters()), list(twin.parameters()))
+    (bucket,) = opt._buckets[0]
+    assert conv.weight.data_ptr() == bucket.flat_param.data_ptr()
+    conv.double()
+    conv.weight.grad = torch.ones_like(conv.weight)
+    with pytest.raises(RuntimeError, match="build the optimizer after converting the model"):
+        opt.step()
+
+
 def _foreign_bucket(params, order, gap_after_first=0):
     """A flat gradient storage of another owner (DDP's bucket, say): the gradients of ``params`` end to
     end in ``order`` (optionally with a gap after the first). Returns (storage, per-parameter views)."""
@@ -615,6 +756,32 @@ def test_validation_errors():
     sd = torch.optim.Adam(clone_params(ps), amsgrad=True).state_dict()
     with pytest.raises(ValueError, match="amsgrad"):
         opt.load_state_dict(sd)
+    # Every hyperparameter is checked, in the defaults and in each param group, with its name.
+    bad = [(FusedAdam, dict(lr="a"), "lr must be a number"), (FusedAdam, dict(lr=None), "lr must be a number"),
+           (FusedAdam, dict(lr=torch.ones(2)), "lr must be a number or a one-element"),
+           (FusedAdam, dict(lr=torch.tensor(-1.0)), "lr must be a finite number >= 0"),
+           (FusedAdam, dict(eps=None), "eps must be a number"), (FusedAdam, dict(betas=0.9), "betas must be a pair"),
+           (FusedAdam, dict(betas=(0.9, float("nan"))), "betas must be a finite number in"),
+           (FusedAdam, dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+           (FusedSGD, dict(lr=None), "lr must be a number"),
+           (FusedSGD, dict(lr=0.1, momentum=float("nan")), "momentum must be a finite number >= 0"),
+           (FusedSGD, dict(lr=0.1, weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+           (FusedSGD, dict(lr=0.1, dampening=float("inf")), "dampening must be a finite number")]
+    for cls, kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            cls(clone_params(ps), **kw)
+    for cls, group, message in [(FusedAdam, dict(lr=-1), r"lr .* \(param group 1\)"),
+                                (FusedAdam, dict(betas=(0.9, 1.5)), r"betas .* \(param group 1\)"),
+                                (FusedSGD, dict(momentum=-0.5), r"momentum .* \(param group 1\)")]:
+        opt = cls(clone_params(ps[:2]), lr=0.1)
+        with pytest.raises(ValueError, match=message):
+            opt.add_param_group(dict(params=clone_params(ps[2:]), **group))
+        assert len(opt.param_groups) == len(opt._buckets) == 1  # the rejected group left nothing behind
+    twice = clone_params(ps)
+    with pytest.raises(ValueError, match="more than once"):
+        FusedAdam(twice + twice[:1])
+    with pytest.raises(ValueError, match="beta must be a number"):
+        EMA(nn.Linear(2, 2), beta="x")
 
 
 @pytest.mark.parametrize("kind", ["adam", "sgd"])

@@ -11,6 +11,7 @@ Usable on its own (``ema.update()`` after ``opt.step()``) or passed to ``FusedAd
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class EMA:
         named = list(model.named_parameters())
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self._index = {id(p): j for j, p in enumerate(self.params)}
         with torch.no_grad():
             self.shadow_params = [p.detach().to(_shadow_dtype(p.dtype), copy=True) for p in self.params]
         named_buffers = list(model.named_buffers())
@@ -56,6 +58,8 @@ class EMA:
 
     @beta.setter
     def beta(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"beta must be a number in [0, 1], got {value!r}")
         value = float(value)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {value}")
@@ -89,13 +93,15 @@ class EMA:
         else:
             torch._foreach_lerp_(shadows, params, weight)
 
-    def _after_fused_step(self, found_inf: torch.Tensor) -> None:
+    def _after_fused_step(self, found_inf: torch.Tensor, stale_params=()) -> None:
         """Called by the fused optimizers at the end of their step (grad mode already off there): the
-        shadows they did not update in their pass get the same (skip-aware, sync-free) update;
-        buffers are copied."""
-        rest = ()
+        shadows they did not update in their pass -- those not in a flat buffer, and those of
+        ``stale_params`` (parameters the step skipped for want of a gradient) -- get the same
+        (skip-aware, sync-free) update; buffers are copied."""
+        rest = []
         if len(self._fused) < len(self.params):
             rest = [j for j in range(len(self.params)) if j not in self._fused]
+        rest += [self._index[id(p)] for p in stale_params if id(p) in self._index]
         if rest:
             weight = (1.0 - found_inf) * (1.0 - self.beta)
             self._lerp(rest, weight)
@@ -105,7 +111,7 @@ class EMA:
         """Move the shadows of ``params`` (one flat parameter buffer) into one float32 flat buffer laid
         out like ``flat_param``, so a kernel can update them in the parameters' pass. Parts belonging
         to parameters this EMA does not average are scratch. Returns None if none of them is averaged."""
-        index = {id(p): j for j, p in enumerate(self.params)}
+        index = self._index
         if not any(id(p) in index for p in params):
             return None
         from fastgan.optim.fused import flat_zeros  # late: fused imports this module

@@ -35,6 +35,8 @@ build) the same math runs as torch ops on the flat buffers, with a one-time warn
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import warnings
 import weakref
 from collections import defaultdict
@@ -113,6 +115,8 @@ class _Bucket:
                 self.flat_param[off:off + n].copy_(p.detach().reshape(-1))
             for p, off, n in zip(params, self.offsets, self.numels):
                 p.data = self.flat_param[off:off + n].view(p.shape)
+            self.shapes = [p.shape for p in params]
+            self.data_ptrs = [p.data_ptr() if n else None for p, n in zip(params, self.numels)]
             self.grad_views = [self.flat_grad[off:off + n].view(p.shape)
                                for p, off, n in zip(params, self.offsets, self.numels)]
             for p, view in zip(params, self.grad_views):
@@ -140,6 +144,8 @@ class _Bucket:
         present = None
         try_adopting = self.adopt_external
         for i, (p, view) in enumerate(zip(self.params, self.grad_views)):
+            if self.data_ptrs[i] is not None and p.data_ptr() != self.data_ptrs[i]:
+                self._reattach_param(i)
             g = p.grad
             if g is view:
                 continue
@@ -158,6 +164,28 @@ class _Bucket:
             if not g.requires_grad:  # a differentiable .grad (create_graph=True) is left to its owner
                 p.grad = view
         return present
+
+    @torch.no_grad()
+    def _reattach_param(self, i: int) -> None:
+        """Parameter i no longer lives in the flat buffer: its ``.data`` was replaced after the optimizer
+        was built (``p.data = ...``; ``module.to(memory_format=...)`` does it). A step would update the
+        abandoned buffer while the model kept its new, never-updated tensor, so take the new values
+        into the buffer and make the parameter a view of it again; refuse changes of dtype, device or
+        shape, which the optimizer's state cannot follow."""
+        p, off, n = self.params[i], self.offsets[i], self.numels[i]
+        if p.dtype != self.dtype or p.device != self.device or p.shape != self.shapes[i]:
+            raise RuntimeError(
+                f"fastgan.optim: parameter {i} of a param group was replaced after the optimizer was built "
+                f"(now {p.dtype}, {p.device}, shape {tuple(p.shape)}; was {self.dtype}, {self.device}, "
+                f"shape {tuple(self.shapes[i])}); build the optimizer after converting the model")
+        view = self.flat_param[off:off + n].view(self.shapes[i])
+        view.copy_(p.detach())
+        p.data = view
+        self.data_ptrs[i] = p.data_ptr()
+        _warn_once("reattach", "fastgan.optim: a parameter's tensor was replaced after the optimizer was built "
+                   "(p.data = ..., or module.to(memory_format=...)); its values were copied back into the "
+                   "optimizer's flat buffer and it is a contiguous view of that buffer again. Build the "
+                   "optimizer after converting the model to keep the new layout.")
 
     def _adopt_grad_storage(self) -> bool:
         """Make the one storage all gradients of this bucket live in, laid end to end (DDP's bucket
@@ -199,6 +227,7 @@ class _Bucket:
         for p, off, n in zip(self.params, offsets, self.numels):
             flat_param[off:off + n].copy_(p.detach().reshape(-1))
             p.data = flat_param[off:off + n].view(p.shape)
+        self.data_ptrs = [p.data_ptr() if n else None for p, n in zip(self.params, self.numels)]
         for key, buf in self.state.items():
             if isinstance(buf, torch.Tensor):
                 moved = flat_zeros(self.total, buf.dtype, buf.device)
@@ -248,6 +277,32 @@ def _as_float(value, name: str) -> float:
     return float(value)
 
 
+def _check_hyper(name: str, value, low: float | None = None, high: float | None = None, *, high_open: bool = False,
+                 tensor_ok: bool = False, where: str = "") -> None:
+    """A hyperparameter must be a finite real number in [low, high] (``high_open``: [low, high)), or with
+    ``tensor_ok`` a one-element floating-point tensor holding one; else a ValueError naming it."""
+    if isinstance(value, torch.Tensor) and tensor_ok:
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a number or a one-element floating-point tensor, got a tensor of "
+                             f"shape {tuple(value.shape)} and dtype {value.dtype}{where}")
+        number = float(value)  # host read: validation runs when groups are added or loaded, not per step
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise ValueError(f"{name} must be a number, got {value!r}{where}")
+    ok = math.isfinite(number) and (low is None or number >= low)
+    if ok and high is not None:
+        ok = number < high if high_open else number <= high
+    if not ok:
+        span = f" in [{low}, {high}{')' if high_open else ']'}" if high is not None else f" >= {low}"
+        raise ValueError(f"{name} must be a finite number{span if low is not None else ''}, got {value!r}{where}")
+
+
+def _group_value(group: dict[str, Any], defaults: dict[str, Any], key: str, missing: Any = None) -> Any:
+    """group[key], else the optimizer's default (a saved group of an older torch may lack a key)."""
+    return group[key] if key in group else defaults.get(key, missing)
+
+
 class _FusedOptimizer(Optimizer):
     """Shared machinery of FusedAdam / FusedSGD (flat buckets, found_inf, EMA, state_dict)."""
 
@@ -264,9 +319,20 @@ class _FusedOptimizer(Optimizer):
 
     # ---- groups and buckets ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):  # (torch rejects sets itself)
+            params = param_group["params"] = list(params)  # a generator can be read only once
+            if len({id(p) for p in params}) != len(params):
+                # torch only warns (and updates such a parameter twice per step); one flat buffer cannot
+                # hold one parameter twice.
+                raise ValueError("params: a parameter appears more than once in a param group")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate_group(group)
+        try:
+            self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
+        except Exception:
+            self.param_groups.pop()
+            raise
         by_key: dict[tuple, list] = defaultdict(list)
         for p in group["params"]:
             if self._device is None:
@@ -285,15 +351,27 @@ class _FusedOptimizer(Optimizer):
         if hasattr(self, "found_inf") and self.found_inf.device != self._device:
             self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device)
 
-    def _validate_group(self, group: dict[str, Any]) -> None:
+    def _validate_group(self, group: dict[str, Any], where: str = "") -> None:
+        """Raise a ValueError naming the first hyperparameter of ``group`` out of range (keys a group
+        lacks are taken from the defaults)."""
         raise NotImplementedError
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.optim.Optimizer.load_state_dict ends here too. Param groups saved by older torch lack
+        # keys added since (Adam's decoupled_weight_decay came with torch 2.6): fill them from this
+        # optimizer's defaults, as torch's own __setstate__ fills its (so AdamW checkpoints loaded into
+        # FusedAdam(decoupled_weight_decay=True) stay AdamW).
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # ---- gradients -------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch documents it: ``set_to_none=True`` sets every ``.grad`` to None (the parameter is then
         skipped by the next step unless backward reaches it; the gradient autograd produces is put back
         into the flat buffer by a hook); ``set_to_none=False`` zeroes the flat gradient buffer in one
-        fill and keeps the ``.grad`` views."""
+        fill and keeps the ``.grad`` views (a parameter whose ``.grad`` is None keeps None)."""
         for buckets in self._buckets:
             for b in buckets:
                 if set_to_none:
@@ -305,7 +383,9 @@ class _FusedOptimizer(Optimizer):
                 else:
                     b.flat_grad.zero_()
                 for p, view in zip(b.params, b.grad_views):
-                    if p.grad is not view:
+                    # A gradient of another tensor is zeroed by pointing .grad at the (zeroed) view; a
+                    # missing one stays None, as torch leaves it, so the next step skips that parameter.
+                    if p.grad is not None and p.grad is not view:
                         p.grad = view
 
     def gather_grads_in_step(self) -> None:
@@ -420,11 +500,14 @@ class _FusedOptimizer(Optimizer):
         if inv_scale is not None:
             inv_scale = self._check_inv_scale(inv_scale)
         work = []
+        stale_shadows = []  # parameters whose fused EMA shadow this step's kernel calls do not reach
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
                 present = b.gather_grads()
                 if b.relaid_out:
                     self._after_relayout(group, b)
+                if present is not None and b.shadow is not None:
+                    stale_shadows.extend(p for p, has in zip(b.params, present) if not has)
                 if present is not None and not any(present):
                     continue
                 if not b.state:
@@ -442,7 +525,9 @@ class _FusedOptimizer(Optimizer):
             for lo, hi, steps in segs:
                 self._update(group, b, lo, hi, steps, inv_scale, found_inf, check_inside)
         if self.ema is not None:
-            self.ema._after_fused_step(found_inf)
+            # The EMA averages every parameter after every step, also those without a gradient (as
+            # ema.update() after a torch optimizer's step does): their shadows are updated here.
+            self.ema._after_fused_step(found_inf, stale_shadows)
 
     def _check_inv_scale(self, inv_scale) -> torch.Tensor:
         if not isinstance(inv_scale, torch.Tensor):
@@ -479,15 +564,29 @@ class _FusedOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state[i]`` per parameter, ``param_groups``), so torch.optim loads it. Tensors
-        are views of the flat buffers: copy (or ``torch.save``) before stepping again if you keep it."""
-        return super().state_dict()
+        are views of the flat buffers: copy (or ``torch.save``) before stepping again if you keep it.
+
+        As in torch's, a parameter has an entry once a step has updated it (for SGD: its momentum). The
+        flat buffers hold zeros for the others, which torch's SGD would read as a momentum buffer to
+        blend the next gradient into instead of copying it."""
+        saved = super().state_dict()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for buckets in self._buckets:
+            for b in buckets:
+                if not b.state:
+                    continue
+                counts = b.steps.tolist()  # host read: saving is not a training step
+                for p, count in zip(b.params, counts):
+                    if count == 0:
+                        saved["state"].pop(index[id(p)], None)
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of this class or of torch's Adam/AdamW (FusedAdam) / SGD (FusedSGD)."""
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for g in state_dict["param_groups"]:
-            self._validate_group(g)
+        for k, g in enumerate(state_dict["param_groups"]):
+            self._validate_group(g, where=f" (saved param group {k})")
         super().load_state_dict(state_dict)
         ours = [p for g in self.param_groups for p in g["params"]]
         by_param = {id(p): saved_state.get(i) for p, i in zip(ours, saved_ids)}
@@ -560,23 +659,27 @@ class FusedAdam(_FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, ema: EMA | None = None):
-        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if len(betas) != 2 or not all(0.0 <= _as_float(b, "betas") < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
                         foreach=None, capturable=False, differentiable=False, fused=None,
                         decoupled_weight_decay=bool(decoupled_weight_decay))
+        self._validate_group(defaults)
         super().__init__(params, defaults, ema)
 
-    def _validate_group(self, group) -> None:
+    def _validate_group(self, group, where: str = "") -> None:
+        get = functools.partial(_group_value, group, getattr(self, "defaults", {}))
+        _check_hyper("lr", get("lr"), 0.0, tensor_ok=True, where=where)
+        _check_hyper("eps", get("eps"), 0.0, where=where)
+        _check_hyper("weight_decay", get("weight_decay"), 0.0, where=where)
+        betas = get("betas")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}{where}")
+        for beta in betas:
+            _check_hyper("betas", beta, 0.0, 1.0, high_open=True, tensor_ok=True, where=where)
         for key in ("amsgrad", "maximize", "differentiable"):
-            if group.get(key, False):
-                raise ValueError(f"FusedAdam does not support {key}=True")
+            if get(key, False):
+                raise ValueError(f"FusedAdam does not support {key}=True{where}")
 
     def _init_state(self, group, b: _Bucket, zero: bool = True) -> None:
         b.state = {"exp_avg": flat_zeros(b.total, b.state_dtype, b.device),
@@ -590,7 +693,8 @@ class FusedAdam(_FusedOptimizer):
 
     def _load_bucket(self, group, b: _Bucket, entries) -> None:
         for i, entry in enumerate(entries):
-            if not entry:
+            if not entry:  # no saved state: a fresh start for this parameter (its moments are zero)
+                b.steps[i] = 0.0
                 continue
             b.view_of(b.state["exp_avg"], i).copy_(entry["exp_avg"])
             b.view_of(b.state["exp_avg_sq"], i).copy_(entry["exp_avg_sq"])
@@ -625,22 +729,22 @@ class FusedSGD(_FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, ema: EMA | None = None):
-        if not isinstance(lr, torch.Tensor) and not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"momentum must be >= 0, got {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=False, foreach=None, differentiable=False, fused=None)
+        self._validate_group(defaults)
         super().__init__(params, defaults, ema)
 
-    def _validate_group(self, group) -> None:
+    def _validate_group(self, group, where: str = "") -> None:
+        get = functools.partial(_group_value, group, getattr(self, "defaults", {}))
+        _check_hyper("lr", get("lr"), 0.0, tensor_ok=True, where=where)
+        _check_hyper("momentum", get("momentum"), 0.0, where=where)
+        _check_hyper("dampening", get("dampening"), where=where)
+        _check_hyper("weight_decay", get("weight_decay"), 0.0, where=where)
+        if get("nesterov", False) and (get("momentum") <= 0 or get("dampening") != 0):
+            raise ValueError(f"nesterov momentum requires a momentum and zero dampening{where}")
         for key in ("maximize", "differentiable"):
-            if group.get(key, False):
-                raise ValueError(f"FusedSGD does not support {key}=True")
+            if get(key, False):
+                raise ValueError(f"FusedSGD does not support {key}=True{where}")
 
     def _init_state(self, group, b: _Bucket, zero: bool = True) -> None:
         # Without momentum SGD has no state; the entry marks the bucket as initialised.
