@@ -86,6 +86,12 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / f"checkpoint-{int(step):09d}.pt"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a ``checkpoint-<step>.pt`` file name; None for other names."""
+    m = _STEP_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The checkpoints of a run folder, newest first: ``checkpoint-<step>.pt`` by step, then the
     Trainer's plain ``checkpoint.pt`` (if any) as the oldest candidate."""
@@ -103,8 +109,9 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
-    """Write ``state`` as ``run_dir/checkpoint-<step>.pt`` atomically, then delete all but the newest
-    ``keep`` checkpoints of the folder. Returns the path written.
+    """Write ``state`` as ``run_dir/checkpoint-<step>.pt`` atomically, then delete the checkpoints of
+    earlier steps but the newest ``keep - 1`` of them (checkpoints of later steps are left alone).
+    Returns the path written.
 
     The digest file is written first and the checkpoint second, each atomically: a crash at any point
     leaves every earlier checkpoint intact, and at worst a stray digest without its checkpoint
@@ -124,9 +131,11 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     digest = (hashlib.sha256(data).hexdigest() + "\n").encode()
     atomic_write(str(path) + ".sha256", lambda f: f.write(digest))
     atomic_write(path, lambda f: f.write(data))
-    # Only now that the new checkpoint is complete: drop the old ones.
-    named = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME]
-    for old in named[keep:]:
+    # Only now that the new checkpoint is complete: drop the old ones -- those of earlier steps beyond
+    # the newest ``keep`` (this one included). Checkpoints of later steps are not older than this one:
+    # another run's, or the steps after the checkpoint this run resumed from, left for their owner.
+    earlier = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME and checkpoint_step(p) < step]
+    for old in earlier[keep - 1:]:
         for f in (old, Path(str(old) + ".sha256")):
             try:
                 f.unlink()
@@ -153,6 +162,21 @@ def _default_validate(state: Any) -> None:
         raise ValueError(f"is not a fastgan checkpoint (format {fmt!r})")
 
 
+def digest_matches(path: str | os.PathLike) -> bool | None:
+    """Whether the file's SHA-256 matches the digest written beside it (``<path>.sha256``); None when
+    there is no digest file."""
+    digest_file = os.fspath(path) + ".sha256"
+    if not os.path.isfile(digest_file):
+        return None
+    with open(digest_file, "rb") as f:
+        expected = f.read().decode("ascii", "replace").strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() == expected
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
                     validate: Callable[[Any], None] | None = _default_validate) -> Any:
     """Load one checkpoint safely: digest checked when a ``.sha256`` sits beside it, then
@@ -162,17 +186,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
-    digest_file = path + ".sha256"
-    if os.path.isfile(digest_file):
-        with open(digest_file, "rb") as f:
-            expected = f.read().decode("ascii", "replace").strip()
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != expected:
-            raise CheckpointError(path, "corrupted or truncated: its SHA-256 digest does not match the one "
-                                        f"written with it ({os.path.basename(digest_file)})")
+    if digest_matches(path) is False:
+        raise CheckpointError(path, "corrupted or truncated: its SHA-256 digest does not match the one "
+                                    f"written with it ({os.path.basename(path)}.sha256)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

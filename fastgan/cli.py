@@ -249,12 +249,31 @@ def _csv_number(value: float) -> str:
 
 
 def _merge_history(old: dict[str, list[float]], new: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Append ``new`` rows to ``old`` (keys of either; missing values become NaN)."""
+    """Append ``new`` rows to ``old`` (keys of either; missing values become NaN). Rows of ``old`` from the
+    first new step on are dropped: a resumed session redid those steps."""
+    if new.get("step") and old.get("step"):
+        keep = sum(1 for step in old["step"] if step < new["step"][0])
+        old = {key: values[:keep] for key, values in old.items()}
     n_old, n_new = len(old.get("step", [])), len(new.get("step", []))
     merged: dict[str, list[float]] = {}
     for key in list(old) + [k for k in new if k not in old]:
         merged[key] = list(old.get(key, [math.nan] * n_old)) + list(new.get(key, [math.nan] * n_new))
     return merged
+
+
+def _write_history_so_far(out: Path, done: int, history: dict[str, list[float]] | None,
+                          upto: int | None = None) -> None:
+    """history.csv after a session that stopped early: the earlier sessions' rows (when resumed) and this
+    one's, without rows of steps after ``upto`` (None: keep all)."""
+    if not history or not history.get("step"):
+        return
+    if upto is not None:
+        keep = sum(1 for step in history["step"] if step <= upto)
+        history = {key: values[:keep] for key, values in history.items()}
+        if not keep:
+            return
+    merged = _merge_history(_read_history(out / "history.csv"), history) if done else history
+    _write_history(out / "history.csv", merged)
 
 
 def _json_safe(value):
@@ -567,7 +586,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         batches = fdist.shard(data.batches(per_process_batch), rank, world)
     started = time.perf_counter()
-    from fastgan.checkpoint import NonFiniteTrainingError, StopOnSignal, TrainingInterrupted, list_checkpoints
+    from fastgan.checkpoint import (NonFiniteTrainingError, StopOnSignal, TrainingInterrupted, checkpoint_step,
+                                    list_checkpoints)
 
     def save_on_signal(tr, step):  # runs between two steps, never inside an update; on every rank
         return tr.save_checkpoint(out, keep=KEEP_CHECKPOINTS)
@@ -580,22 +600,24 @@ def _train(args: argparse.Namespace) -> int:
                                   progress=config["progress"] and main_process, callbacks=[stop])
     except TrainingInterrupted as exc:
         if main_process:
+            _write_history_so_far(out, done, getattr(exc, "history", None), upto=exc.step)
             print(f"\nfastgan train: interrupted after step {exc.step}; checkpoint written to {exc.path}; "
                   f"continue with: fastgan train --resume --out {out}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Not saved here: the interrupt may have landed inside an update. The periodic checkpoint is intact.
         if main_process:
             kept = list_checkpoints(out)
+            # Rows past the last checkpoint are dropped: a resume redoes those steps and logs them again.
+            last_step = checkpoint_step(kept[0]) if kept else None
+            _write_history_so_far(out, done, getattr(exc, "history", None), upto=last_step if kept else done)
             hint = (f"the last checkpoint is {kept[0]}; continue with: fastgan train --resume --out {out}"
                     if kept else "no checkpoint was written yet")
             print(f"\nfastgan train: interrupted at step {trainer.step_count}; {hint}", file=sys.stderr)
         return 130
     except NonFiniteTrainingError as exc:
         if main_process:
-            if exc.history:
-                partial = _merge_history(_read_history(out / "history.csv"), exc.history) if done else exc.history
-                _write_history(out / "history.csv", partial)
+            _write_history_so_far(out, done, exc.history)
             kept = list_checkpoints(out)
             last = (f"the last good checkpoint is {kept[0]}; after fixing the cause continue with: "
                     f"fastgan train --resume --out {out}" if kept else "no checkpoint was written before it")

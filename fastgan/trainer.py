@@ -109,6 +109,19 @@ def _loss_kinds() -> tuple[str, ...]:
     return tuple(LOSS_KINDS)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """``module.eval()`` for the block, every submodule's own mode restored after: a probe or a sample
+    updates no running statistics and draws no dropout, and each sample depends on its own noise only."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -277,7 +290,7 @@ class _GraphEntry:
 _DEFAULT_OPTIMIZER = ("fastgan.optim.fused", "FusedAdam")
 
 
-def _rebuild_optimizer(cfg: dict[str, Any], params: list) -> torch.optim.Optimizer:
+def _rebuild_optimizer(cfg: dict[str, Any], params: list, what: str) -> torch.optim.Optimizer:
     """An optimizer like the recorded one over ``params``, for ``Trainer.load``: fastgan's fused ones
     come back as their torch counterparts, which the Trainer turns into fused twins (with the EMA)."""
     import importlib
@@ -287,7 +300,16 @@ def _rebuild_optimizer(cfg: dict[str, Any], params: list) -> torch.optim.Optimiz
     elif cfg["module"].startswith("fastgan.") and cfg["class"] == "FusedAdam":
         cls = torch.optim.AdamW if defaults.get("decoupled_weight_decay") else torch.optim.Adam
     else:
-        cls = getattr(importlib.import_module(cfg["module"]), cfg["class"])
+        # The file names the class; import and call only torch's and fastgan's optimizers, so that a
+        # crafted checkpoint cannot make weights_only loading call arbitrary code.
+        module, name = str(cfg["module"]), str(cfg["class"])
+        cls = None
+        if module == "torch.optim" or module.startswith(("torch.optim.", "fastgan.optim.")):
+            cls = getattr(importlib.import_module(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f"the checkpoint's {what} is {module}.{name}; Trainer.load rebuilds only optimizers of "
+                             f"torch.optim and fastgan.optim: pass {what}=... (an optimizer over the new network's "
+                             "parameters) to Trainer.load, and its state is restored into it")
     accepted = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
         defaults = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
@@ -402,6 +424,9 @@ class Trainer:
             if lr_value is not None and opt_value is not None:
                 raise ValueError(f"{lr_name} sets the learning rate of the default optimizer, but {opt_name} was "
                                  f"given; set the learning rate on {opt_name} instead")
+        if g_optimizer is not None and d_optimizer is not None and (lr != 2e-4 or tuple(betas) != (0.5, 0.999)):
+            raise ValueError("lr and betas set the default optimizers, but g_optimizer and d_optimizer were both "
+                             "given; set them on those optimizers instead")
         g_lr = lr if g_lr is None else _check_real("g_lr", g_lr, 0.0, low_open=True)
         d_lr = lr if d_lr is None else _check_real("d_lr", d_lr, 0.0, low_open=True)
         self.r1_gamma = _check_real("r1_gamma", r1_gamma, 0.0)
@@ -437,8 +462,9 @@ class Trainer:
         # D's modules not known to be per-sample; the joint real+fake forward needs none
         self.batch_dependent_layers = _modules_blocking_joint_forward(discriminator)
         self.joint_d_forward = (not self.batch_dependent_layers) if joint_d_forward is None else joint_d_forward
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                                 or not -2 ** 63 <= seed < 2 ** 64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed's range) or None, got {seed!r}")
 
         # ---- random generators ---------------------------------------------------------------
         if seed is None:
@@ -447,9 +473,9 @@ class Trainer:
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(self.seed)
         self._sample_gen = torch.Generator(device=self.device)
-        self._sample_gen.manual_seed(self.seed + 1)
+        self._sample_gen.manual_seed((self.seed + 1) % 2 ** 64)
         self._data_gen = torch.Generator()
-        self._data_gen.manual_seed(self.seed + 2)
+        self._data_gen.manual_seed((self.seed + 2) % 2 ** 64)
         self._cursor: _IndexCursor | None = None
         self._pending_cursor_state: dict[str, Any] | None = None
         self.loaded_rank_states: dict[str, Any] | None = None  # see load_state_dict
@@ -734,16 +760,18 @@ class Trainer:
             calls.append((module, output))
 
         hooks = [m.register_forward_hook(record) for m in leaves]
-        modes = [(m, m.training) for m in d.modules()]
         try:
-            d.eval()  # no running-statistics update, no dropout: the probe leaves no trace
-            with torch.no_grad():
+            with _eval_mode(d), torch.no_grad():  # the probe leaves no trace
                 out = d(probe)
+        except RuntimeError as exc:
+            packed = (f"; with pack={self.pack} D takes {self.pack} samples concatenated along dimension 1, so "
+                      f"its first layer must take {self.pack} x {real.shape[1]} channels or features"
+                      if self.pack > 1 else "")
+            raise ValueError(f"the discriminator failed on a batch of shape {tuple(probe.shape)}{packed}: "
+                             f"{exc}") from exc
         finally:
             for h in hooks:
                 h.remove()
-            for m, mode in modes:
-                m.training = mode
         n_in = probe.shape[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n_in or out.numel() != n_in:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -988,6 +1016,8 @@ class Trainer:
         if z is not None:
             self._check_z(z, None)
             batch = z.shape[0]
+            if batch % self.pack:
+                raise ValueError(f"z has batch size {batch}, which does not divide by pack={self.pack}")
         else:
             if batch_size is None:
                 if self._checked_real is None:
@@ -997,7 +1027,7 @@ class Trainer:
             if batch % self.pack:
                 raise ValueError(f"batch_size={batch} does not divide by pack={self.pack}")
         if not self._setup_done:  # no real batch seen yet: check D on generated samples instead
-            with torch.no_grad():
+            with _eval_mode(self.generator), torch.no_grad():
                 probe = self.generator(z if z is not None else self._draw_z(batch))
             self._check_fake(probe, None)
             self._setup(probe.to(self.param_dtype))
@@ -1132,9 +1162,12 @@ class Trainer:
         after N skipped updates of one network in a row ``fit`` raises
         :class:`fastgan.checkpoint.NonFiniteTrainingError` naming the step and the network; no
         checkpoint is written after that step (the guard is checked before each one), so the last
-        good checkpoint stays. The error carries the history so far as ``.history``. The counters
+        good checkpoint stays. The counters
         live on the device; the host reads them at log steps, before checkpoints, every N steps and
         at the end. ``None`` (default) watches nothing.
+
+        Whatever stops ``fit`` early (an exception, ``KeyboardInterrupt``) carries the history logged
+        so far as its ``.history``.
         """
         steps = _check_int("steps", steps, 0)
         batch_size = _check_int("batch_size", batch_size, 1)
@@ -1144,6 +1177,10 @@ class Trainer:
             checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
             if out_dir is None:
                 raise ValueError("checkpoint_every needs out_dir=... (the folder the checkpoints go to)")
+            self._check_out_dir(out_dir)
+        elif out_dir is not None:
+            raise ValueError("out_dir is the folder checkpoint_every writes checkpoints to; give checkpoint_every=... "
+                             "too (nothing would be written)")
         guard = None
         if max_nonfinite_steps is not None:
             max_nonfinite_steps = _check_int("max_nonfinite_steps", max_nonfinite_steps, 1)
@@ -1199,15 +1236,28 @@ class Trainer:
                                         refresh=False)
                 if checkpoint_due:
                     self.save_checkpoint(out_dir, keep=keep_checkpoints)
-        except Exception as exc:
-            from fastgan.checkpoint import NonFiniteTrainingError
-            if isinstance(exc, NonFiniteTrainingError):
-                exc.history = history  # what was logged before the stop (the CLI writes it)
+        except BaseException as exc:
+            # What was logged before the stop (a non-finite stop, an interrupt: the CLI writes it).
+            with contextlib.suppress(AttributeError, TypeError):
+                exc.history = history
             raise
         finally:
             if bar is not None:
                 bar.close()
         return history
+
+    def _check_out_dir(self, out_dir) -> None:
+        """Refuse a checkpoint folder holding checkpoints of steps this run has not reached: they belong to
+        another run (this one would overwrite some and interleave with the rest) or to the steps after
+        the checkpoint this trainer was loaded from (rotation would have to delete one run or the other)."""
+        from fastgan.checkpoint import checkpoint_step, digest_matches, list_checkpoints
+        # A corrupted or truncated one (its digest does not match) is no run's data: the run rewrites it.
+        ahead = [p for p in list_checkpoints(out_dir)
+                 if (checkpoint_step(p) or 0) > self.step_count and digest_matches(p) is not False]
+        if ahead:
+            raise ValueError(f"out_dir {os.fspath(out_dir)!r} holds {ahead[0].name}, a checkpoint of a later step than "
+                             f"this trainer's ({self.step_count}): another run's, or the rest of the run this one "
+                             "was loaded from. Choose another out_dir, or move those checkpoints away first")
 
     def _observe_nonfinite(self, guard, step: int, stats: dict[str, torch.Tensor], g: bool) -> None:
         """Feed one D update (and the G update when ``g``) to a NonFiniteGuard (device ops only)."""
@@ -1339,9 +1389,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @torch.no_grad()
     def sample(self, n: int, z: torch.Tensor | None = None, ema: bool = True) -> torch.Tensor:
         """``n`` samples of G (of its EMA copy when there is one and ``ema``), on fresh noise from a
-        sampling generator of its own (training noise is not disturbed) or on the given ``z``."""
+        sampling generator of its own (training noise is not disturbed) or on the given ``z`` (then
+        ``n`` must be its batch size). G runs in eval mode (BatchNorm on its running statistics, no
+        dropout; its own mode is restored after), so sampling leaves no trace in G and each sample
+        depends on its own noise only; no autograd graph is recorded."""
         if z is None:
             n = _check_int("n", n, 1)
             z = torch.empty((n, *self.latent_dim), device=self.device, dtype=self.param_dtype)
@@ -1351,8 +1405,11 @@ class Trainer:
                 z.uniform_(-1.0, 1.0, generator=self._sample_gen)
         else:
             self._check_z(z, None)
+            if n != z.shape[0]:
+                raise ValueError(f"n={n!r} but z holds {z.shape[0]} latents; give n=z.shape[0] with z")
         net = self._ema_module() if (ema and self.ema is not None) else self.generator
-        return net(z)
+        with _eval_mode(net):
+            return net(z)
 
     def _ema_module(self) -> nn.Module:
         """A copy of G carrying the EMA weights, made once and refreshed from the EMA at each call."""
@@ -1554,7 +1611,7 @@ class Trainer:
         for name, net in (("g_optimizer", generator), ("d_optimizer", discriminator)):
             recorded = cfg[name]
             if name not in overrides and (recorded["module"], recorded["class"]) != _DEFAULT_OPTIMIZER:
-                kwargs[name] = _rebuild_optimizer(recorded, [p for p in net.parameters() if p.requires_grad])
+                kwargs[name] = _rebuild_optimizer(recorded, [p for p in net.parameters() if p.requires_grad], name)
         kwargs.update(overrides)
         trainer = cls(generator, discriminator, **kwargs)
         trainer.load_state_dict(state)  # also restores the optimizers' hyper-parameters and state

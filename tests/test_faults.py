@@ -538,10 +538,17 @@ def test_cli_sigint_writes_a_checkpoint_and_exits_cleanly(tmp_path, cli_uninterr
     assert written, f"no checkpoint was written on SIGINT; stderr: {stderr[-2000:]}"
     step = load_checkpoint(written[0])["step"]
     assert 0 < step < CLI_SIGINT_STEPS
+    # The history logged before the signal is kept (every 10th step up to the checkpoint's) ...
+    logged = [int(float(row.split(",")[0])) for row in (out / "history.csv").read_text().splitlines()[1:]]
+    assert logged == list(range(10, step + 1, 10))
     result = subprocess.run(_cli("--resume", "--out", str(out), "--steps", str(CLI_SIGINT_STEPS), "--no-progress"),
                             capture_output=True, text=True, timeout=900, env=_cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_final(_final_params(out), cli_uninterrupted_long, CLI_SIGINT_STEPS)
+    # ... and continued by the resumed session: one row per log step, none twice, none lost.
+    logged = [int(float(row.split(",")[0])) for row in (out / "history.csv").read_text().splitlines()[1:]]
+    assert logged[:len(range(10, step + 1, 10))] == list(range(10, step + 1, 10))
+    assert logged == sorted(set(logged)) and logged[-1] == CLI_SIGINT_STEPS
 
 
 # ------------------------------------------------------------------------------------------------

@@ -243,6 +243,112 @@ def test_resume_equals_uninterrupted_run(tmp_path, precision):
         assert torch.equal(a["scaler"]["d"]["scale"], b["scaler"]["d"]["scale"])
 
 
+def test_checkpoints_of_other_runs_are_never_overwritten_or_rotated_away(tmp_path):
+    """A run folder holding checkpoints of later steps than the trainer's (another run's, or the rest of the
+    run a trainer was loaded from to branch off) is refused before anything is written; rotation deletes
+    only checkpoints of earlier steps, never the one just written."""
+    from fastgan.checkpoint import list_checkpoints, save_checkpoint
+    run = tmp_path / "run"
+    first = make_trainer()
+    first.fit(data_tensor(), steps=6, batch_size=8, checkpoint_every=2, out_dir=run, progress=False, keep_checkpoints=3)
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["checkpoint-000000006.pt", "checkpoint-000000004.pt", "checkpoint-000000002.pt"]
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    branch = Trainer.load(run / "checkpoint-000000002.pt", *mlp_pair(9))
+    with pytest.raises(ValueError, match="holds checkpoint-000000006.pt, a checkpoint of a later step"):
+        branch.fit(data_tensor(), steps=1, batch_size=8, checkpoint_every=1, out_dir=run, progress=False)
+    with pytest.raises(ValueError, match="a checkpoint of a later step than this trainer's \\(0\\)"):
+        make_trainer(seed=7).fit(data_tensor(), steps=2, batch_size=8, checkpoint_every=1, out_dir=run,
+                                 progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written, nothing deleted
+    # Written anyway (save_checkpoint itself): the new one stays, the later ones stay, earlier ones rotate.
+    path = save_checkpoint({"format": "fastgan.test"}, run, 3, keep=1)
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-000000006.pt", "checkpoint-000000004.pt",
+                                                       path.name]
+    # The branch continues in a folder of its own.
+    branch.fit(data_tensor(), steps=2, batch_size=8, checkpoint_every=1, out_dir=tmp_path / "branch", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "branch")] == ["checkpoint-000000004.pt",
+                                                                      "checkpoint-000000003.pt"]
+
+
+def test_load_rebuilds_only_optimizer_classes_of_torch_and_fastgan(tmp_path):
+    """The checkpoint names its optimizers' classes; Trainer.load must not import and call whatever a
+    (tampered) file names -- that would undo weights_only loading's protection."""
+    g, d = mlp_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, d_optimizer=torch.optim.SGD(d.parameters(), lr=0.1))
+    state = trainer.state_dict()
+    for module, name in (("builtins", "print"), ("os", "system"), ("torch.optim", "lr_scheduler"),
+                         ("torch.optim.lr_scheduler", "StepLR"), ("fastgan.optim.fused", "fused_twin")):
+        tampered = copy.deepcopy(state)
+        tampered["config"]["d_optimizer"] = dict(tampered["config"]["d_optimizer"], module=module, **{"class": name})
+        with pytest.raises(ValueError, match=f"d_optimizer is {module}.{name}; Trainer.load rebuilds only"):
+            Trainer.from_state_dict(tampered, *mlp_pair(3))
+    # With the optimizer given, such a checkpoint still loads.
+    g2, d2 = mlp_pair(3)
+    tampered["config"]["d_optimizer"]["module"] = "builtins"
+    loaded = Trainer.from_state_dict(tampered, g2, d2, d_optimizer=torch.optim.SGD(d2.parameters(), lr=0.1))
+    assert loaded.step_count == trainer.step_count
+
+
+def test_sample_runs_the_generator_in_eval_mode_without_a_trace():
+    """sample(): BatchNorm on running statistics (sample i depends on z[i] alone, one sample works), no
+    update of G's buffers, G's mode restored, no autograd graph."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, DIM))
+    d = nn.Sequential(nn.Linear(DIM, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+    trainer.fit(data_tensor(), steps=3, batch_size=8, progress=False)
+    buffers = {k: v.clone() for k, v in g.state_dict().items() if "running" in k or "batches" in k}
+    z = torch.randn(6, NZ)
+    out = trainer.sample(6, z=z)
+    assert not out.requires_grad and g.training
+    torch.testing.assert_close(trainer.sample(2, z=z[:2]), out[:2])
+    assert trainer.sample(1).shape == (1, DIM)
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in buffers.items())
+
+
+def test_lr_scheduler_of_a_given_torch_optimizer_drives_the_trainer():
+    """A drop-in user keeps their torch optimizer and its LR scheduler; the trainer runs the fused twin, so
+    the scheduler must set the twin's learning rate (they share their param groups), with no warning."""
+    import warnings
+    g, d = mlp_pair()
+    g_opt = torch.optim.Adam(g.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(g_opt, step_size=1, gamma=0.5)
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, g_optimizer=g_opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            trainer.step(torch.randn(8, DIM))
+            sched.step()
+    assert trainer.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 8)
+    assert g_opt.param_groups is trainer.g_optimizer.param_groups
+
+
+def test_user_torch_optimizers_and_per_network_lr_match_torch_updates():
+    """g_lr / d_lr and torch optimizers given to the trainer take effect: one d_step against the same
+    update written with torch.optim by hand."""
+    import torch.nn.functional as F
+    for build in (lambda g, d: dict(d_lr=3e-3, g_lr=7e-4),
+                  lambda g, d: dict(d_optimizer=torch.optim.SGD(d.parameters(), lr=0.05, momentum=0.9))):
+        g, d = mlp_pair()
+        g_ref, d_ref = copy.deepcopy(g), copy.deepcopy(d)
+        kwargs = build(g, d)
+        trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, **kwargs)
+        ref_opt = (torch.optim.Adam(d_ref.parameters(), lr=3e-3, betas=(0.5, 0.999)) if "d_lr" in kwargs
+                   else torch.optim.SGD(d_ref.parameters(), lr=0.05, momentum=0.9))
+        for _ in range(2):
+            real, z = torch.randn(8, DIM), torch.randn(8, NZ)
+            trainer.d_step(real, z)
+            ref_opt.zero_grad()
+            logits_r, logits_f = d_ref(real).view(-1), d_ref(g_ref(z).detach()).view(-1)
+            (F.softplus(-logits_r).mean() + F.softplus(logits_f).mean()).backward()
+            ref_opt.step()
+        for p, q in zip(d.parameters(), d_ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        if "g_lr" in kwargs:
+            assert trainer.g_optimizer.param_groups[0]["lr"] == 7e-4
+
+
 def test_resume_with_user_optimizers(tmp_path):
     """Torch optimizers given to the trainer run as fused twins; the checkpoint brings them back."""
     def build(model_seed):
@@ -361,6 +467,7 @@ def test_load_state_dict_checks_compatibility(tmp_path):
     (dict(fuse="yes"), "fuse"),
     (dict(joint_d_forward="auto"), "joint_d_forward"),
     (dict(seed=1.5), "seed"),
+    (dict(seed=2 ** 64), r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
 ])
 def test_option_errors_name_the_option(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -375,6 +482,9 @@ def test_optimizer_errors():
         Trainer(g, d, latent_dim=NZ, fuse=False, g_optimizer=torch.optim.Adam(d.parameters()))
     with pytest.raises(TypeError, match="d_optimizer"):
         Trainer(g, d, latent_dim=NZ, fuse=False, d_optimizer="adam")
+    with pytest.raises(ValueError, match="lr and betas set the default optimizers"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, lr=1e-3, g_optimizer=torch.optim.Adam(g.parameters()),
+                d_optimizer=torch.optim.Adam(d.parameters()))
     with pytest.raises(ValueError, match="fp16.*needs fused optimizers.*d_optimizer"):
         with pytest.warns(RuntimeWarning, match="no fused twin"):
             Trainer(g, d, latent_dim=NZ, fuse=False, precision="fp16", d_optimizer=torch.optim.RMSprop(d.parameters()))
@@ -429,6 +539,13 @@ def test_step_errors_name_the_culprit():
         trainer.step([1.0, 2.0])
     with pytest.raises(ValueError, match="generator's output has shape"):
         trainer.step(torch.randn(8, DIM + 1))
+    with pytest.raises(ValueError, match="z has batch size 5, which does not divide by pack=2"):
+        trainer.g_step(torch.randn(5, NZ))
+    with pytest.raises(ValueError, match="n=3 but z holds 4 latents"):
+        trainer.sample(3, z=torch.randn(4, NZ))
+    g, d = mlp_pair()  # D's first layer takes DIM features, not pack x DIM
+    with pytest.raises(ValueError, match=r"pack=2 D takes 2 samples .* must take 2 x 3 channels or features"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, pack=2).step(torch.randn(8, DIM))
 
 
 def test_discriminator_output_must_be_one_value_per_sample():
@@ -473,6 +590,8 @@ def test_fit_option_errors(tmp_path):
     trainer = make_trainer(pack=3)
     with pytest.raises(ValueError, match="checkpoint_every needs out_dir"):
         trainer.fit(data_tensor(), steps=2, batch_size=6, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match="out_dir is the folder checkpoint_every writes"):
+        trainer.fit(data_tensor(), steps=2, batch_size=6, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="batch_size=8 does not divide by pack=3"):
         trainer.fit(data_tensor(), steps=2, batch_size=8, progress=False)
     with pytest.raises(ValueError, match="steps"):

@@ -862,7 +862,8 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
     """The fused twin of a torch ``Adam`` / ``AdamW`` (-> FusedAdam) or ``SGD`` (-> FusedSGD): same
     parameters, param groups, hyperparameters and (if it has stepped) state. A fused optimizer is
     returned as is. The torch optimizer should not be stepped afterwards (its parameters now live in
-    the twin's flat buffers); attach LR schedulers to the twin."""
+    the twin's flat buffers). The two share their param groups, so an LR scheduler of either (made
+    before or after) sets the twin's learning rate."""
     if isinstance(optimizer, _FusedOptimizer):
         if ema is not None and optimizer.ema is not ema:
             raise ValueError("fused_twin: the optimizer is already fused and has a different ema")
@@ -893,4 +894,9 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
         sd = optimizer.state_dict()
         sd["param_groups"] = twin.state_dict()["param_groups"]  # ids are the same; keep the twin's groups
         twin.load_state_dict(sd)
+    # One set of param groups for both: an LR scheduler attached to the torch optimizer (before or after)
+    # sets the learning rate the twin uses, and reading its param_groups shows the twin's values. torch's
+    # schedulers warn when their optimizer's own step never ran, which is now the case by design.
+    optimizer.param_groups = twin.param_groups
+    optimizer._opt_called = True
     return twin
