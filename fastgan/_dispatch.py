@@ -85,10 +85,16 @@ def auto_impl(op: str, device: torch.device) -> str:
     return "ref"
 
 
-def resolve_impl(op: str, impl: str, device: torch.device) -> str:
-    """Validate ``impl`` for ``op`` on ``device`` and return the concrete implementation."""
+def check_impl(impl) -> str:
+    """``impl`` if it names an implementation choice, else a ValueError naming it."""
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def resolve_impl(op: str, impl: str, device: torch.device) -> str:
+    """Validate ``impl`` for ``op`` on ``device`` and return the concrete implementation."""
+    check_impl(impl)
     if impl == "auto":
         chosen = auto_impl(op, device)
         if chosen == "ref" and (op, str(device)) not in _warned:

@@ -83,12 +83,13 @@ CASES = [
     ((5, 4, 1, 7), "channels_last"),
     ((5, 4, 6, 1), "channels_last"),
 ]
-DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("shape,layout,dtype", [case + (torch.float32,) for case in CASES] +
-                         [case + (torch.bfloat16,) for case in (CASES[1], CASES[5], CASES[7])])
+                         [case + (low,) for low in (torch.bfloat16, torch.float16)
+                          for case in (CASES[1], CASES[5], CASES[7])])
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_torch_batch_norm(impl, path, shape, layout, dtype, training, triton_path):
     triton_path(path)
@@ -483,6 +484,16 @@ def test_argument_errors(impl):
         call(act="lrelu", alpha=-1.0)
     with pytest.raises(ValueError, match="eps"):
         call(eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be a finite"):
+        call(eps=float("inf"))
+    with pytest.raises(ValueError, match="momentum must be a finite number or None"):
+        call(momentum=float("nan"))
+    with pytest.raises(ValueError, match="num_batches_tracked must be a one-element tensor"):
+        batch_norm_act(x, None, None, torch.zeros(3), torch.ones(3), True, momentum=None, impl=impl,
+                       num_batches_tracked=torch.ones(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="training must be a Python bool, got numpy.bool"):
+        import numpy as np
+        call(training=np.bool_(True))
     with pytest.raises(ValueError, match="momentum=None"):
         call(momentum=None)
     with pytest.raises(ValueError, match="impl must be one of"):

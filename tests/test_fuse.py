@@ -390,6 +390,118 @@ def test_bias_act_module():
         BiasAct(5, act="elu")
 
 
+def test_fused_conv_modules_take_unbatched_input():
+    """torch's convolutions accept unbatched (C, L) / (C, H, W) input: the bias runs along dim 0 there."""
+    torch.manual_seed(0)
+    for conv, shape in ((nn.Conv2d(3, 5, 3, padding=1), (3, 5, 7)), (nn.Conv2d(3, 5, 3, padding=1), (3, 6, 7)),
+                        (nn.Conv1d(3, 4, 3), (3, 9)), (nn.ConvTranspose2d(3, 4, 3), (3, 4, 4))):
+        x = torch.randn(shape)
+        fused = fastgan.fuse(nn.Sequential(conv, nn.LeakyReLU(0.2)))
+        assert "Act" in type(fused[0]).__name__
+        torch.testing.assert_close(fused(x), F.leaky_relu(conv(x), 0.2))
+        torch.testing.assert_close(fused(x[None])[0], fused(x))
+
+
+def test_fuse_leaves_forwards_with_python_branches_alone():
+    """fx records one path through forward: a branch not taken while tracing (``noise is None`` is never
+    true for a Proxy; ``self.training`` takes the mode of the moment) may put work between a layer and its
+    activation, so such a level is not fused -- also when the branch sits in a method forward calls."""
+    class NoiseBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)
+
+        def forward(self, x, noise=None):
+            h = self.fc(x)
+            if noise is None:
+                h = h * 3.0
+            return self.out(self.act(h))
+
+    class EvalBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self._scale(self.fc(x)))
+
+        def _scale(self, h):
+            return h * 3.0 if not self.training else h
+
+    class Straight(nn.Module):  # no branch: fused
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    x = torch.randn(5, 4)
+    for cls in (NoiseBranch, EvalBranch):
+        torch.manual_seed(0)
+        model = cls()
+        fused = fastgan.fuse(model)
+        assert type(fused.fc) is nn.Linear and type(fused.act) is nn.Tanh
+        for mode in (True, False):
+            model.train(mode)
+            fused.train(mode)
+            torch.testing.assert_close(fused(x), model(x))
+    assert type(fastgan.fuse(Straight()).fc) is FusedLinear
+
+
+def test_fuse_keeps_batch_norm_extra_state_and_fuses_traced_graph_modules():
+    """A BatchNorm carrying more than the standard state (an extra buffer, a non-persistent one, a
+    state_dict hook) keeps all of it when fused, as linear and conv layers do; an fx.GraphModule whose
+    graph calls nested submodules (targets like ``block.fc``) is fused along its graph."""
+    bn = nn.BatchNorm1d(4)
+    bn.register_buffer("extra", torch.arange(4.0))
+    bn.register_buffer("scratch", torch.zeros(2), persistent=False)
+    model = nn.Sequential(bn, nn.ReLU())
+    fused = fastgan.fuse(model)
+    assert type(fused[0]).__name__ == "BatchNormAct1d"
+    assert list(fused.state_dict()) == list(model.state_dict()) and "0.extra" in fused.state_dict()
+    assert fused[0].scratch is bn.scratch and fused[0].extra is bn.extra
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.LeakyReLU(0.2)
+
+        def forward(self, x):
+            return self.act(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.out = Block(), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.out(self.block(x))
+
+    torch.manual_seed(0)
+    traced = torch.fx.symbolic_trace(Net())
+    reference = copy.deepcopy(traced)
+    fused = fastgan.fuse(traced)
+    assert type(fused.block.fc) is FusedLinear and type(fused.block.act) is nn.Identity
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fused(x), reference(x))
+
+
+def test_module_arguments_are_checked_at_construction():
+    for build in (lambda: FusedLinear(3, 4, impl="cuda"), lambda: Conv2dAct(3, 4, 3, impl="gpu"),
+                  lambda: BiasAct(3, impl=None), lambda: fastgan.nn.BatchNormAct2d(3, impl="fast")):
+        with pytest.raises(ValueError, match="impl must be one of"):
+            build()
+    with pytest.raises(ValueError, match="gain"):
+        BiasAct(3, gain=0.0)
+    with pytest.raises(ValueError, match="clamp"):
+        BiasAct(3, clamp=-1.0)
+    with pytest.raises(ValueError, match="dim"):
+        BiasAct(3, dim=1.0)
+    with pytest.raises(ValueError, match="num_features"):
+        BiasAct(-3)
+
+
 def test_fuse_argument_errors():
     with pytest.raises(TypeError, match="module"):
         fastgan.fuse("model")

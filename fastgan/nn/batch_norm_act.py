@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from fastgan.ops.activations import resolve_act
+from fastgan._dispatch import check_impl
+from fastgan.nn.layers import _adopt
 from fastgan.ops.batch_norm_act import batch_norm_act
 
 
@@ -25,7 +27,7 @@ class _BatchNormActMixin:
         spec, alpha_value = resolve_act(act, alpha)  # validates early, at construction
         self.act = spec.name
         self.alpha = alpha_value
-        self.impl = impl
+        self.impl = check_impl(impl)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -56,18 +58,9 @@ class _BatchNormActMixin:
         if type(bn) is not cls._torch_base:
             raise TypeError(f"{cls.__name__}.from_batchnorm expects an {cls._torch_base.__name__} "
                             f"(exactly that class), got {type(bn).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.num_features = bn.num_features
-        module.eps = bn.eps
-        module.momentum = bn.momentum
-        module.affine = bn.affine
-        module.track_running_stats = bn.track_running_stats
-        module.register_parameter("weight", bn.weight)  # same Parameter objects (None when affine=False)
-        module.register_parameter("bias", bn.bias)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            module.register_buffer(name, getattr(bn, name))  # same tensors (None when not tracked)
-        module.train(bn.training)
+        # All of bn's state -- its parameter and buffer objects, and whatever else the instance carries
+        # (extra buffers, non-persistent flags, hooks) -- as the fused linear and conv layers adopt theirs.
+        module = _adopt(cls, bn)
         module._init_act(act, alpha, impl)
         return module
 

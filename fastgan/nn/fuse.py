@@ -16,13 +16,21 @@ Where: inside ``nn.Sequential`` (consecutive children), and inside other modules
 ``torch.fx`` can trace: there a child layer is fused when its output goes only to an activation
 child, each called exactly once in ``forward``. (If other methods of such a module call that
 activation child directly, they will find an ``nn.Identity``: pass such modules to fuse() in parts.)
+fx records the one path through ``forward`` that its tracing took, so a module whose ``forward`` (or
+a method of its own that ``forward`` calls) branches in Python -- ``if``, conditional expressions,
+``and`` / ``or``, loops with a condition, ``try`` -- is not fused at that level: a branch not taken
+while tracing (``if noise is None``, ``if not self.training``) could put work between a layer and
+its activation. Its children are still fused. Branches inside other helper functions stay invisible.
 Only exact types are fused: subclasses, layers with hooks (e.g. the old ``spectral_norm``),
 parametrized layers and anything else are left as they are.
 """
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import itertools
+import textwrap
 from collections import Counter
 
 from torch import fx, nn
@@ -124,23 +132,61 @@ class _ShallowTracer(fx.Tracer):
         return True
 
 
+_BRANCHES = (ast.If, ast.IfExp, ast.While, ast.BoolOp, ast.Try, ast.Match)
+
+
+def _forward_branches(m: nn.Module) -> bool:
+    """Whether ``m``'s forward, or a method of ``m``'s class that it calls as ``self.<name>(...)`` (and so
+    on), branches in Python (or cannot be read): fx would record only the path its tracing took."""
+    cls, seen, todo = type(m), set(), ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        fn = inspect.getattr_static(cls, name, None)
+        fn = getattr(fn, "__func__", fn)  # staticmethod / classmethod
+        if not inspect.isfunction(fn) or fn.__module__.startswith("torch."):
+            continue  # a child module or an attribute; nn.Module's own methods
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            return True
+        for node in ast.walk(tree):
+            if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
+                return True
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
+                todo.append(node.func.attr)
+    return False
+
+
 def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
-    try:
-        graph = _ShallowTracer().trace(m)
-    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: not traceable, leave this level
-        return
+    if isinstance(m, fx.GraphModule):
+        graph = m.graph  # already traced: its graph is its forward (no branches), targets may be dotted
+    else:
+        if _forward_branches(m):
+            return
+        try:
+            graph = _ShallowTracer().trace(m)
+        except Exception:  # noqa: BLE001 - data-dependent control flow etc.: not traceable, leave this level
+            return
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in list(graph.nodes):
-        if node.op != "call_module" or "." in node.target or calls[node.target] != 1:
+        if node.op != "call_module" or calls[node.target] != 1:
             continue
         if len(node.args) != 1 or node.kwargs or len(node.users) != 1:
             continue
         user = next(iter(node.users))
-        if (user.op != "call_module" or "." in user.target or calls[user.target] != 1
-                or user.args != (node,) or user.kwargs):
+        if user.op != "call_module" or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
             continue
-        act = _activation(getattr(m, user.target))
-        fused = _fused_layer(getattr(m, node.target), *act, bn_classes) if act is not None else None
+        act = _activation(m.get_submodule(user.target))
+        fused = _fused_layer(m.get_submodule(node.target), *act, bn_classes) if act is not None else None
         if fused is not None:
-            setattr(m, node.target, fused)
-            setattr(m, user.target, nn.Identity())
+            _set_submodule(m, node.target, fused)
+            _set_submodule(m, user.target, nn.Identity())
+
+
+def _set_submodule(m: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(m.get_submodule(parent) if parent else m, name, module)

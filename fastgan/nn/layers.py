@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgan.ops.activations import resolve_act
-from fastgan.ops.bias_act import autocast_dtype, bias_act, bias_act_fresh_
+from fastgan._dispatch import check_impl
+from fastgan.ops.bias_act import _check_clamp, _check_gain, autocast_dtype, bias_act, bias_act_fresh_
 from fastgan.ops.linear_act import linear_act
 
 __all__ = ["FusedLinear", "BiasAct", "Conv1dAct", "Conv2dAct", "Conv3dAct",
@@ -37,8 +38,8 @@ class _ActMixin:
     impl: str
 
     def _set_act(self, act: str, alpha: float | None, impl: str = "auto") -> None:
-        spec, alpha = resolve_act(act, alpha)
-        self.act, self.alpha, self.impl = spec.name, alpha, impl
+        spec, alpha = resolve_act(act, alpha)  # validated at construction, not at the first forward
+        self.act, self.alpha, self.impl = spec.name, alpha, check_impl(impl)
 
     def _act_repr(self) -> str:
         return f"act={self.act!r}" + (f", alpha={self.alpha}" if self.act == "lrelu" else "")
@@ -79,6 +80,12 @@ class BiasAct(_ActMixin, nn.Module):
                  alpha: float | None = None, gain: float = 1.0, clamp: float | None = None,
                  device=None, dtype=None, impl: str = "auto") -> None:
         super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
+            raise ValueError(f"num_features must be an int >= 0, got {num_features!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"dim must be an int (the dimension the bias runs along), got {dim!r}")
+        _check_gain(gain)
+        _check_clamp(clamp)
         self.num_features, self.dim, self.gain, self.clamp = num_features, dim, gain, clamp
         self._set_act(act, alpha, impl)
         if bias:
@@ -123,8 +130,12 @@ class _ConvActMixin(_ActMixin):
         return dtype in (torch.bfloat16, torch.float16)
 
     def _bias_act(self, y: Tensor, bias_in_conv: bool) -> Tensor:
+        bias = None if bias_in_conv else self.bias
+        if y.dim() == len(self.kernel_size) + 1:
+            # An unbatched input ((C, L), (C, H, W), ...), which torch's convolutions accept: channels on dim 0.
+            return bias_act(y, bias, 0, self.act, self.alpha, impl=self.impl)
         # y is the convolution's fresh output: the activation may overwrite it (bias_act_fresh_).
-        return bias_act_fresh_(y, None if bias_in_conv else self.bias, self.act, self.alpha, impl=self.impl)
+        return bias_act_fresh_(y, bias, self.act, self.alpha, impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._act_repr()}"

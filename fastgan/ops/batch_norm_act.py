@@ -25,6 +25,8 @@ part of the differentiable forward op: torch.library only attaches autograd to f
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -382,18 +384,21 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                          f"running_var={'None' if running_var is None else 'a tensor'}")
     if num_batches_tracked is not None:
         tensor_arg("num_batches_tracked", num_batches_tracked, floating=False)
+        if num_batches_tracked.numel() != 1:
+            raise ValueError(f"num_batches_tracked must be a one-element tensor (nn.BatchNorm's counter), got shape "
+                             f"{tuple(num_batches_tracked.shape)}")
     device = same_device(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
                          num_batches_tracked=num_batches_tracked)
     if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        raise TypeError(f"training must be a Python bool, got {type(training).__module__}.{type(training).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, the number of "
                              "batches seen including this one (nn.BatchNorm's buffer)")
-    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise ValueError(f"momentum must be a number or None, got {momentum!r}")
+    elif isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not math.isfinite(momentum):
+        raise ValueError(f"momentum must be a finite number or None, got {momentum!r}")
     spec, alpha = resolve_act(act, alpha)
     use_batch_stats = training or running_mean is None
     count = x.numel() // c if c > 0 else 0
