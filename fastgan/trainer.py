@@ -449,6 +449,7 @@ class Trainer:
         self._graphs_on = self.device.type == "cuda" and cuda_graphs in ("auto", True)
         self._graphs_asked = cuda_graphs is True
         self._graphs: dict[tuple, _GraphEntry] = {}
+        self._graph_hypers: tuple | None = None  # the optimizers' hyperparameters the graphs were captured with
         if not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
@@ -1065,9 +1066,33 @@ class Trainer:
     # CUDA graphs
     # ------------------------------------------------------------------------------------------
 
+    def _graph_hyperparameters(self) -> tuple:
+        """What the captured optimizer steps keep as they were at capture: every param group's values
+        (the fused optimizers' learning rates excepted: their kernels read them from device tensors,
+        see ``_FusedOptimizer.use_device_lr``) and the EMA's beta."""
+        key = []
+        for opt in (self.d_optimizer, self.g_optimizer):
+            device_lr = getattr(opt, "_device_lr", None) is not None
+            for group in opt.param_groups:
+                key.append(tuple(v for k, v in group.items() if k != "params" and not (device_lr and k == "lr")))
+        key.append(self.ema.beta if self.ema is not None else None)
+        return tuple(key)
+
+    def _refresh_graph_arguments(self) -> None:
+        """Before replaying: the device learning rates follow the param groups (LR schedulers), and a
+        change of any other hyperparameter the graphs were captured with drops them (captured again
+        after a warm-up), so a replay never applies stale values."""
+        for opt in (self.d_optimizer, self.g_optimizer):
+            sync = getattr(opt, "sync_device_lr", None)
+            if sync is not None:
+                sync()
+        if self._graphs and self._graph_hypers != self._graph_hyperparameters():
+            self._graphs.clear()
+
     def _run(self, kind: str, real, z, r1_due: bool, eager: Callable) -> dict[str, torch.Tensor]:
         if not self._graphs_on:
             return eager(real, z, r1_due)
+        self._refresh_graph_arguments()
         shape = real.shape if isinstance(real, torch.Tensor) else (real,)
         key = (kind, tuple(shape), z is not None, r1_due)
         entry = self._graphs.get(key)
@@ -1104,6 +1129,11 @@ class Trainer:
         return dict(zip(entry.names, values.unbind()))
 
     def _capture(self, entry: _GraphEntry, real, z, r1_due: bool, eager: Callable) -> None:
+        for opt in (self.d_optimizer, self.g_optimizer):
+            use_device_lr = getattr(opt, "use_device_lr", None)
+            if use_device_lr is not None:
+                use_device_lr()
+        self._graph_hypers = self._graph_hyperparameters()
         if isinstance(real, torch.Tensor):
             entry.static_real = real.detach().clone()
         if z is not None:

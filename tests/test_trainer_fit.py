@@ -324,6 +324,30 @@ def test_lr_scheduler_of_a_given_torch_optimizer_drives_the_trainer():
     assert g_opt.param_groups is trainer.g_optimizer.param_groups
 
 
+def test_graph_arguments_follow_hyperparameter_changes():
+    """The CUDA-graph bookkeeping, on CPU: captured graphs are dropped when a hyperparameter they were
+    captured with changes (betas, momentum, the EMA's beta, a learning rate the kernels take as a float),
+    but not when only a learning rate read from the device changes (tests/gpu replays the real thing)."""
+    trainer = make_trainer(ema_beta=0.9)
+    trainer._graphs = {"captured": object()}
+    trainer._graph_hypers = trainer._graph_hyperparameters()
+    trainer._refresh_graph_arguments()
+    assert trainer._graphs  # nothing changed
+    for change in (lambda: trainer.d_optimizer.param_groups[0].__setitem__("betas", (0.1, 0.99)),
+                   lambda: trainer.g_optimizer.param_groups[0].__setitem__("lr", 1e-5),
+                   lambda: setattr(trainer.ema, "beta", 0.5)):
+        change()
+        trainer._refresh_graph_arguments()
+        assert not trainer._graphs
+        trainer._graphs = {"captured": object()}
+        trainer._graph_hypers = trainer._graph_hyperparameters()
+    trainer.g_optimizer._device_lr = {}  # as use_device_lr() leaves it on CUDA
+    trainer._graph_hypers = trainer._graph_hyperparameters()
+    trainer.g_optimizer.param_groups[0]["lr"] = 3e-5
+    trainer._refresh_graph_arguments()
+    assert trainer._graphs
+
+
 def test_user_torch_optimizers_and_per_network_lr_match_torch_updates():
     """g_lr / d_lr and torch optimizers given to the trainer take effect: one d_step against the same
     update written with torch.optim by hand."""

@@ -313,6 +313,7 @@ class _FusedOptimizer(Optimizer):
             raise TypeError(f"ema must be a fastgan.optim.EMA or None, got {type(ema).__name__}")
         self._buckets: list[list[_Bucket]] = []  # per param group
         self._device: torch.device | None = None
+        self._device_lr: dict[int, list] | None = None  # see use_device_lr
         self.ema = ema
         super().__init__(params, defaults)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device or "cpu")
@@ -541,9 +542,45 @@ class _FusedOptimizer(Optimizer):
             inv_scale = inv_scale.float()
         return inv_scale.reshape(())
 
+    # ---- CUDA graphs -----------------------------------------------------------------------------
+    def use_device_lr(self) -> None:
+        """From now on the CUDA kernels read each param group's learning rate from a 0-d float32 device
+        tensor this optimizer owns. A captured CUDA graph replays the arguments it was captured with: a
+        float ``group["lr"]`` would stay what it was at capture, and a tensor one replaced by another
+        would go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does)
+        copies each group's current learning rate in. No effect on CPU, whose kernels read floats."""
+        if self._device is None or self._device.type != "cuda":
+            return
+        if self._device_lr is None:
+            self._device_lr = {}
+        self.sync_device_lr()
+
+    def sync_device_lr(self) -> None:
+        """Set the device learning rates of :meth:`use_device_lr` from ``group["lr"]``: a fill on the device
+        when a float changed (an LR scheduler stepped), a device copy for tensors, nothing otherwise; no
+        host synchronisation."""
+        if self._device_lr is None:
+            return
+        for group in self.param_groups:
+            lr = group["lr"]
+            entry = self._device_lr.get(id(group))
+            if entry is None or entry[2] is not group:
+                entry = self._device_lr[id(group)] = [torch.empty((), dtype=torch.float32, device=self._device),
+                                                      None, group]
+            if isinstance(lr, torch.Tensor):
+                entry[0].copy_(lr.reshape(()))
+                entry[1] = None
+            elif lr != entry[1]:
+                entry[0].fill_(float(lr))
+                entry[1] = lr
+
     def _lr_args(self, group, b: _Bucket):
         """(lr_tensor, lr_float) for a kernel call: a tensor lr on the parameters' device is read by the
         kernel (graph capture sees scheduler updates); otherwise a float."""
+        if self._device_lr is not None and b.device.type == "cuda":
+            entry = self._device_lr.get(id(group))
+            if entry is not None and entry[2] is group:
+                return entry[0], 0.0
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device == b.device and b.device.type == "cuda":

@@ -123,6 +123,34 @@ def test_graphed_lazy_r1_and_ema_equal_eager():
     torch.testing.assert_close(graphed.sample(8, z=z), eager.sample(8, z=z), rtol=1e-4, atol=1e-5)
 
 
+def test_lr_schedules_and_hyperparameter_changes_reach_the_replayed_steps():
+    """A captured step keeps the arguments it was captured with: the fused kernels read the learning rate
+    from a device tensor the trainer refreshes before each replay (an LR scheduler stepping every step,
+    and an lr assigned by hand), and a change of another hyperparameter (Adam's betas, the EMA's beta)
+    drops the graphs, which are captured again. Graphed must equal eager throughout."""
+    eager, graphed = twins(mlp_pair(6), latent_dim=NZ, ema_beta=0.9)
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(t.g_optimizer, gamma=0.7) for t in (eager, graphed)]
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    for i in range(12):
+        real = torch.rand(16, DIM, device=DEVICE, generator=gen)
+        z = torch.randn(16, NZ, device=DEVICE, generator=gen)
+        s_eager, s_graph = eager.step(real, z), graphed.step(real, z)
+        torch.testing.assert_close(s_graph["g_loss"], s_eager["g_loss"], rtol=1e-4, atol=1e-5)
+        for s in schedulers:
+            s.step()
+        if i == 5:
+            for t in (eager, graphed):
+                t.d_optimizer.param_groups[0]["lr"] = 5e-4          # assigned by hand
+                t.d_optimizer.param_groups[0]["betas"] = (0.2, 0.99)  # baked into the capture
+                t.ema.beta = 0.5
+        if i == 4:
+            assert captured(graphed) == 1
+    assert captured(graphed) == 1  # captured again after the change
+    assert_same_params(eager, graphed)
+    z = torch.randn(8, NZ, device=DEVICE)
+    torch.testing.assert_close(graphed.sample(8, z=z), eager.sample(8, z=z), rtol=1e-4, atol=1e-5)
+
+
 def test_replayed_steps_do_not_synchronise_with_the_host():
     trainer = Trainer(*mlp_pair(), latent_dim=NZ, cuda_graphs=True, seed=0)
     real = torch.rand(32, DIM, device=DEVICE)
