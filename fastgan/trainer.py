@@ -1086,8 +1086,9 @@ class Trainer:
             sync = getattr(opt, "sync_device_lr", None)
             if sync is not None:
                 sync()
-        if self._graphs and self._graph_hypers != self._graph_hyperparameters():
+        if self._graph_hypers is not None and self._graph_hypers != self._graph_hyperparameters():
             self._graphs.clear()
+            self._graph_hypers = None
 
     def _run(self, kind: str, real, z, r1_due: bool, eager: Callable) -> dict[str, torch.Tensor]:
         if not self._graphs_on:

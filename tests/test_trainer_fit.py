@@ -329,6 +329,10 @@ def test_graph_arguments_follow_hyperparameter_changes():
     captured with changes (betas, momentum, the EMA's beta, a learning rate the kernels take as a float),
     but not when only a learning rate read from the device changes (tests/gpu replays the real thing)."""
     trainer = make_trainer(ema_beta=0.9)
+    trainer._graphs = {"warming up": object()}
+    trainer.d_optimizer.param_groups[0]["betas"] = (0.3, 0.99)
+    trainer._refresh_graph_arguments()
+    assert trainer._graphs  # nothing captured yet: nothing to drop
     trainer._graphs = {"captured": object()}
     trainer._graph_hypers = trainer._graph_hyperparameters()
     trainer._refresh_graph_arguments()
