@@ -786,8 +786,13 @@ class Trainer:
             i -= 1
         if i >= 0 and isinstance(calls[i][0], nn.Sigmoid):
             last, last_out = calls[i]
-            if (sum(1 for m, _ in calls if m is last) == 1 and last_out.numel() == out.numel()
-                    and torch.equal(last_out.reshape(-1), out.reshape(-1))):
+            if last_out.numel() == out.numel() and torch.equal(last_out.reshape(-1), out.reshape(-1)):
+                if sum(1 for m, _ in calls if m is last) != 1:
+                    # Its input cannot be taken as D's logit without changing its other use, and its
+                    # probabilities taken as logits would train the wrong game.
+                    raise ValueError("the discriminator ends in an nn.Sigmoid module that it also calls elsewhere "
+                                     "in its forward; fastgan's losses need logits: end D with a Sigmoid module "
+                                     "of its own, or without one")
                 self._replace_final_sigmoid(last)
         if self.fuse and not self._d_layers_fused:
             self._fuse_module(d)

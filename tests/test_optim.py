@@ -119,12 +119,18 @@ def test_several_param_groups(kind):
     assert_close_fp32(ours_p, ref_p)
 
 
-@pytest.mark.parametrize("tensor_lr", [False, True])
-def test_scheduler(tensor_lr):
+@pytest.mark.parametrize("kind,tensor_lr", [("adam", False), ("adam", True), ("sgd", False), ("sgd", True)])
+def test_scheduler(kind, tensor_lr):
+    """OneCycleLR moves the learning rate and cycles the momentum (Adam's beta1, SGD's momentum): both must
+    reach the fused update, as they reach torch's."""
     ours_p = make_params()
     ref_p = clone_params(ours_p)
-    ours = FusedAdam(ours_p, lr=torch.tensor(0.01) if tensor_lr else 0.01)
-    ref = torch.optim.Adam(ref_p, lr=torch.tensor(0.01) if tensor_lr else 0.01)
+    lr = torch.tensor(0.01) if tensor_lr else 0.01
+    if kind == "adam":
+        ours, ref = FusedAdam(ours_p, lr=lr), torch.optim.Adam(ref_p, lr=lr.clone() if tensor_lr else lr)
+    else:
+        ours = FusedSGD(ours_p, lr=lr, momentum=0.9)
+        ref = torch.optim.SGD(ref_p, lr=lr.clone() if tensor_lr else lr, momentum=0.9)
     s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.05, total_steps=60)
     s2 = torch.optim.lr_scheduler.OneCycleLR(ref, max_lr=0.05, total_steps=60)
     gen = torch.Generator().manual_seed(3)
@@ -260,9 +266,9 @@ def test_unscale_matches_dividing_gradients_first(kind, scale):
     ours_p = make_params()
     ref_p = clone_params(ours_p)
     if kind == "adam":
-        ours, ref = FusedAdam(ours_p, lr=0.01, weight_decay=0.01), FusedAdam(ref_p, lr=0.01, weight_decay=0.01)
+        ours, ref = FusedAdam(ours_p, lr=0.01, weight_decay=0.01), torch.optim.Adam(ref_p, lr=0.01, weight_decay=0.01)
     else:
-        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), FusedSGD(ref_p, lr=0.01, momentum=0.9)
+        ours, ref = FusedSGD(ours_p, lr=0.01, momentum=0.9), torch.optim.SGD(ref_p, lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(7)
     inv = torch.tensor(1.0 / scale)
     for _ in range(20):
@@ -271,8 +277,9 @@ def test_unscale_matches_dividing_gradients_first(kind, scale):
             q.grad = g * scale / scale
         ours.step(inv_scale=inv)
         ref.step()
-    # A power of two scales exactly; 1/3 differs from dividing by 3 in the last bit.
-    assert_close_fp32(ours_p, ref_p, rtol=0 if scale == 1024.0 else 1e-6)
+    # torch.optim on the divided gradients (a power of two scales exactly; 1/3 differs from dividing by 3
+    # in the last bit, and torch's own vectorised sqrt in the last bit of some inputs)
+    assert_close_fp32(ours_p, ref_p)
 
 
 def test_unscale_overflow_is_reported():

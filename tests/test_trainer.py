@@ -668,6 +668,25 @@ def test_sigmoid_inside_discriminator_is_left_alone(recwarn):
     assert not [w for w in recwarn if "Sigmoid" in str(w.message)]
 
 
+def test_final_sigmoid_used_twice_is_an_error():
+    """D's final Sigmoid module also gates a hidden layer: its input cannot be taken as the logit without
+    changing the gate, and its output taken as a logit would train the wrong game -- a clear error."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 6))
+
+    class SharedSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.sigmoid = nn.Linear(6, 6), nn.Linear(6, 1), nn.Sigmoid()
+
+        def forward(self, x):
+            return self.sigmoid(self.head(self.body(x) * self.sigmoid(x)))
+
+    trainer = Trainer(g, SharedSigmoid(), latent_dim=NZ, fuse=False, seed=0)
+    with pytest.raises(ValueError, match="ends in an nn.Sigmoid module that it also calls elsewhere"):
+        trainer.step(torch.randn(4, 6))
+
+
 def test_stats_are_zero_dim_and_nothing_syncs_with_the_host(monkeypatch):
     g, d = mlp_pair()
     trainer = Trainer(g, d, latent_dim=NZ, r1_gamma=1.0, r1_every=2, ema_beta=0.9, fuse=False, seed=0)
