@@ -118,6 +118,30 @@ def test_dtypes_accumulate_in_float32_and_return_input_dtype_grads(impl, dtype, 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradients_under_a_loss_scale(impl, dtype):
+    """Mixed precision: fp16 / bf16 logits, the loss scaled by GradScaler's starting 65536 before backward.
+    d loss / d logit (~1/n) is kept in float32 and scaled there: in fp16 the scale alone is inf, and
+    1/n for a large batch rounds into fp16's subnormals (percent errors). Each gradient must be the
+    exact one to within the logits' dtype's rounding."""
+    n, scale = 65536, 65536.0
+    r, f = logits(n, dtype).requires_grad_(), logits(n, dtype).requires_grad_()
+    out = d_loss(r, f, "nonsaturating", impl=impl)
+    got_r, got_f = torch.autograd.grad(out.loss * scale, (r, f))
+    (got_g,) = torch.autograd.grad(g_loss(f, "nonsaturating", impl=impl) * scale, (f,))
+    _, gr, gf = expected_d(r.detach(), f.detach(), "nonsaturating")
+    _, gg = expected_g(f.detach(), "nonsaturating")
+    info = torch.finfo(dtype)
+    for got, exp in ((got_r, gr), (got_f, gf), (got_g, gg)):
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        exact = scale * exp.double()
+        # one rounding to the dtype: half an ulp, whose size is fixed below the smallest normal number
+        bound = (info.eps / 2) * torch.maximum(exact.abs(), torch.full_like(exact, info.smallest_normal))
+        excess = ((got.double() - exact).abs() / bound).max()
+        assert excess <= 1.0, f"{impl} {dtype}: a gradient is off by {excess:.3g} times its rounding"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_extreme_logits_stay_finite(impl, kind):
     big = torch.tensor([1e4, -1e4, 0.5, -1e4, 1e4], dtype=torch.float32)

@@ -83,13 +83,13 @@ inline TermGrad<T> d_term(T v, const SoftplusSigmoid<T>& ss) {
 // through the lambda's by-reference captures, GCC reloads them every iteration and either
 // vectorises the loop with gathers and scatters or not at all (each ~8x slower).
 template <int64_t KIND, bool REAL, bool WRITE_GRAD, typename scalar_t, typename acc_t>
-SideSums d_side(const scalar_t* x, scalar_t* grad, int64_t n) {
+SideSums d_side(const scalar_t* x, acc_t* grad, int64_t n) {
   const acc_t inv_n = acc_t(1) / acc_t(n);
   const int64_t chunks = (n + kGrain - 1) / kGrain;
   std::vector<SideSums> partial(chunks);
   const auto chunk_range = [&](int64_t c0, int64_t c1) {
     const scalar_t* __restrict xs = x;
-    scalar_t* __restrict gs = grad;
+    acc_t* __restrict gs = grad;
     const acc_t scale = inv_n;  // a local too: a captured float may alias the float stores
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     for (int64_t c = c0; c < c1; ++c) {
@@ -106,7 +106,7 @@ SideSums d_side(const scalar_t* x, scalar_t* grad, int64_t n) {
         // value term: log D(x) for real = -softplus(-v); log(1 - D(G(z))) for fake = -softplus(v)
         s_sp += REAL ? ss.softplus_neg : ss.softplus_pos;
         s_sig += ss.sigmoid;
-        if constexpr (WRITE_GRAD) gs[i] = static_cast<scalar_t>(finite ? g * scale : nan);
+        if constexpr (WRITE_GRAD) gs[i] = finite ? g * scale : nan;
       }
       partial[c] = SideSums{double(s_loss), double(s_sp), double(s_sig), double(s_bad)};
     }
@@ -120,13 +120,13 @@ SideSums d_side(const scalar_t* x, scalar_t* grad, int64_t n) {
 }
 
 template <bool REAL, typename scalar_t, typename acc_t, int64_t KIND>
-SideSums d_side_grad_or_not(const scalar_t* x, scalar_t* grad, int64_t n) {
+SideSums d_side_grad_or_not(const scalar_t* x, acc_t* grad, int64_t n) {
   return grad ? d_side<KIND, REAL, true, scalar_t, acc_t>(x, grad, n)
               : d_side<KIND, REAL, false, scalar_t, acc_t>(x, grad, n);
 }
 
 template <bool REAL, typename scalar_t, typename acc_t>
-SideSums d_side_of_kind(const scalar_t* x, scalar_t* grad, int64_t n, int64_t kind) {
+SideSums d_side_of_kind(const scalar_t* x, acc_t* grad, int64_t n, int64_t kind) {
   switch (kind) {
     case kMinimax: return d_side_grad_or_not<REAL, scalar_t, acc_t, kMinimax>(x, grad, n);
     case kNonSaturating: return d_side_grad_or_not<REAL, scalar_t, acc_t, kNonSaturating>(x, grad, n);
@@ -150,13 +150,13 @@ struct GSums {
 };
 
 template <int64_t KIND, bool WRITE_GRAD, typename scalar_t, typename acc_t>
-GSums g_side(const scalar_t* x, scalar_t* grad, int64_t n) {
+GSums g_side(const scalar_t* x, acc_t* grad, int64_t n) {
   const acc_t inv_n = acc_t(1) / acc_t(n);
   const int64_t chunks = (n + kGrain - 1) / kGrain;
   std::vector<GSums> partial(chunks);
   const auto chunk_range = [&](int64_t c0, int64_t c1) {
     const scalar_t* __restrict xs = x;  // see d_side: locals, not captures, so the loop vectorises
-    scalar_t* __restrict gs = grad;
+    acc_t* __restrict gs = grad;
     const acc_t scale = inv_n;
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     for (int64_t c = c0; c < c1; ++c) {
@@ -171,7 +171,7 @@ GSums g_side(const scalar_t* x, scalar_t* grad, int64_t n) {
         const bool finite = (v - v) == acc_t(0);
         bad += finite ? acc_t(0) : acc_t(1);
         s += term;
-        if constexpr (WRITE_GRAD) gs[i] = static_cast<scalar_t>(finite ? g * scale : nan);
+        if constexpr (WRITE_GRAD) gs[i] = finite ? g * scale : nan;
       }
       partial[c] = GSums{double(s), double(bad)};
     }
@@ -183,12 +183,12 @@ GSums g_side(const scalar_t* x, scalar_t* grad, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t, int64_t KIND>
-GSums g_side_grad_or_not(const scalar_t* x, scalar_t* grad, int64_t n) {
+GSums g_side_grad_or_not(const scalar_t* x, acc_t* grad, int64_t n) {
   return grad ? g_side<KIND, true, scalar_t, acc_t>(x, grad, n) : g_side<KIND, false, scalar_t, acc_t>(x, grad, n);
 }
 
 template <typename scalar_t, typename acc_t>
-GSums g_side_of_kind(const scalar_t* x, scalar_t* grad, int64_t n, int64_t kind) {
+GSums g_side_of_kind(const scalar_t* x, acc_t* grad, int64_t n, int64_t kind) {
   switch (kind) {
     case kMinimax: return g_side_grad_or_not<scalar_t, acc_t, kMinimax>(x, grad, n);
     case kNonSaturating: return g_side_grad_or_not<scalar_t, acc_t, kNonSaturating>(x, grad, n);
@@ -207,7 +207,10 @@ void check_kind(int64_t kind) { TORCH_CHECK(kind >= 0 && kind <= 4, "unknown los
 
 at::ScalarType acc_type_of(const torch::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The D loss, the four statistics (as doubles) and, when asked, the gradients (in the logits' dtype).
+// The D loss, the four statistics (as doubles) and, when asked, the gradients -- in the accumulation
+// dtype (float32, float64 for float64 logits): bf16 / fp16 would round d loss / d logit (~1/n) into
+// their subnormals for large n, and a loss scale (GradScaler's 65536) multiplied in fp16 overflows.
+// The backward scales them in that dtype and casts the result to the logits' dtype.
 struct DLossResult {
   double loss, value, jsd, d_real, d_fake;
   torch::Tensor grad_real, grad_fake;
@@ -219,14 +222,15 @@ DLossResult d_loss_compute(const torch::Tensor& real, const torch::Tensor& fake,
   TORCH_CHECK(real.scalar_type() == fake.scalar_type(), "real_logits and fake_logits must share a dtype");
   check_kind(kind);
   DLossResult out{};
-  out.grad_real = need_grad ? torch::empty_like(real) : torch::empty({0}, real.options());
-  out.grad_fake = need_grad ? torch::empty_like(fake) : torch::empty({0}, fake.options());
+  const auto acc = real.options().dtype(acc_type_of(real));
+  out.grad_real = torch::empty({need_grad ? real.numel() : 0}, acc);
+  out.grad_fake = torch::empty({need_grad ? fake.numel() : 0}, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, real.scalar_type(), "d_loss_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const SideSums r = d_side_of_kind<true, scalar_t, acc_t>(
-        real.data_ptr<scalar_t>(), need_grad ? out.grad_real.data_ptr<scalar_t>() : nullptr, real.numel(), kind);
+        real.data_ptr<scalar_t>(), need_grad ? out.grad_real.data_ptr<acc_t>() : nullptr, real.numel(), kind);
     const SideSums f = d_side_of_kind<false, scalar_t, acc_t>(
-        fake.data_ptr<scalar_t>(), need_grad ? out.grad_fake.data_ptr<scalar_t>() : nullptr, fake.numel(), kind);
+        fake.data_ptr<scalar_t>(), need_grad ? out.grad_fake.data_ptr<acc_t>() : nullptr, fake.numel(), kind);
     const double nr = double(real.numel()), nf = double(fake.numel());
     out.loss = r.loss / nr + f.loss / nf;
     out.value = -(r.softplus_term / nr + f.softplus_term / nf);
@@ -269,12 +273,12 @@ std::vector<torch::Tensor> d_loss_forward(const torch::Tensor& real, const torch
 std::vector<torch::Tensor> g_loss_forward(const torch::Tensor& fake, int64_t kind, bool need_grad) {
   check_logits(fake, "fake_logits");
   check_kind(kind);
-  auto grad = need_grad ? torch::empty_like(fake) : torch::empty({0}, fake.options());
+  auto grad = torch::empty({need_grad ? fake.numel() : 0}, fake.options().dtype(acc_type_of(fake)));  // see DLossResult
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, fake.scalar_type(), "g_loss_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const GSums s = g_side_of_kind<scalar_t, acc_t>(fake.data_ptr<scalar_t>(),
-                                                    need_grad ? grad.data_ptr<scalar_t>() : nullptr, fake.numel(), kind);
+                                                    need_grad ? grad.data_ptr<acc_t>() : nullptr, fake.numel(), kind);
     loss = s.nonfinite > 0 ? std::numeric_limits<double>::quiet_NaN() : s.loss / double(fake.numel());
   });
   return {scalar_of(loss, fake.options().dtype(acc_type_of(fake))), grad};
@@ -372,7 +376,10 @@ struct LossBackward : public torch::autograd::Node {
     grads.clear();
     if (d.empty()) d = recompute(xs);
     const bool unit = g.numel() == 1 && g.device().is_cpu() && scalar_value(g) == 1.0;
-    for (size_t i = 0; i < xs.size(); ++i) out[i] = unit ? std::move(d[i]) : d[i].mul_(g);
+    for (size_t i = 0; i < xs.size(); ++i) {
+      // d is in the accumulation dtype: scaled there, then cast (no copy for float32 / float64 logits).
+      out[i] = (unit ? std::move(d[i]) : d[i].mul_(g)).to(xs[i].scalar_type());
+    }
     return out;
   }
 

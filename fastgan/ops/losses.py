@@ -125,7 +125,9 @@ def _g_loss_impl(fake, kind: int, impl: str, need_grad: bool):
 
 
 def _empty_grad(x: torch.Tensor, need_grad: bool) -> torch.Tensor:
-    return torch.empty_like(x) if need_grad else x.new_empty(0)
+    # d loss / d logits is kept in the accumulation dtype (see csrc/cpu/losses.cpp, DLossResult): in bf16 /
+    # fp16 its ~1/n values round into subnormals, and a loss scale multiplied in fp16 overflows.
+    return x.new_empty(x.numel() if need_grad else 0, dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastgan::d_loss", mutates_args=())
@@ -164,7 +166,9 @@ def _d_loss_backward(ctx, grad_stats, _grad_real_out, _grad_fake_out):
             loss = d_loss_reference(real, fake, _kind_name(ctx.kind)).loss
             gr, gf = torch.autograd.grad(loss, (real, fake), g, create_graph=True)
         return gr, gf, None, None, None
-    return (g * grad_real).to(grad_real.dtype), (g * grad_fake).to(grad_fake.dtype), None, None, None
+    # Scaled in the accumulation dtype, then cast to the logits' (a loss scale of 65536 is inf in fp16).
+    return ((g * grad_real).to(real.dtype).view_as(real), (g * grad_fake).to(fake.dtype).view_as(fake),
+            None, None, None)
 
 
 _d_loss_op.register_autograd(_d_loss_backward, setup_context=_d_loss_setup)
@@ -197,7 +201,7 @@ def _g_loss_backward(ctx, grad_loss, _grad_out):
             loss = g_loss_reference(fake, _kind_name(ctx.kind))
             (gf,) = torch.autograd.grad(loss, (fake,), grad_loss, create_graph=True)
         return gf, None, None, None
-    return (grad_loss * grad_fake).to(grad_fake.dtype), None, None, None
+    return (grad_loss * grad_fake).to(fake.dtype).view_as(fake), None, None, None
 
 
 _g_loss_op.register_autograd(_g_loss_backward, setup_context=_g_loss_setup)

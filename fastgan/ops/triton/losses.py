@@ -229,7 +229,9 @@ def _acc(dtype: torch.dtype):
 
 
 def _grad_buffer(x: torch.Tensor, need_grad: bool) -> torch.Tensor:
-    return torch.empty_like(x) if need_grad else x.new_empty(0)
+    # In the accumulation dtype, as the C++ path keeps it (fastgan/ops/losses.py, _empty_grad).
+    _, acc_torch = _acc(x.dtype)
+    return x.new_empty(x.numel() if need_grad else 0, dtype=acc_torch)
 
 
 def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad: bool):
