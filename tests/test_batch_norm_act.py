@@ -120,6 +120,35 @@ def test_matches_torch_batch_norm(impl, path, shape, layout, dtype, training, tr
         close(db, db_exp, rtol, what + " dbias")
 
 
+def test_triton_grid_of_large_maps_fits_cuda_limits():
+    """The element-wise passes put row blocks on grid axis 0 (up to 2**31 - 1); axis 1 (channel blocks) must
+    stay within CUDA's 65535 also for maps whose rows alone need more blocks than that."""
+    kernels = pytest.importorskip("fastgan.ops.triton.batch_norm_act")
+    for shape, layout in (((32, 64, 256, 256), torch.channels_last), ((64, 32, 1024, 1024), torch.contiguous_format),
+                          ((4096, 65536), torch.contiguous_format)):
+        x = torch.empty(shape, device="meta", memory_format=layout)  # shapes and strides only, no memory
+        r, c, _, _, _ = kernels._geometry(x)
+        grid = kernels._apply_grid(r, c, *kernels._blocks(x, c))
+        assert grid[1] <= 65535 and grid[0] <= 2 ** 31 - 1, (shape, grid)
+        assert grid[0] * kernels._blocks(x, c)[0] >= r
+
+
+@pytest.mark.parametrize("impl,path", IMPL_PATHS)
+def test_backward_of_inputs_whose_strides_two_layouts_share(impl, path, triton_path):
+    """A (N, C, 1, 1) map in channels_last, or a C == 1 map, is "contiguous" in both layouts with strides
+    that differ from what .contiguous() gives its gradient; the backward must take the gradient in
+    the input's own strides (it refused: "grad_out and x must share strides")."""
+    triton_path(path)
+    for base in (torch.randn(4, 1, 1, 8).permute(0, 3, 1, 2), torch.randn(4, 3, 3, 1).permute(0, 3, 1, 2)):
+        x = (base * 1.5 + 0.7).requires_grad_(True)
+        y = batch_norm_act(x, None, None, None, None, True, act="lrelu", impl=impl)
+        grad_y = torch.randn(x.shape)
+        x64 = x.detach().double().requires_grad_(True)
+        y_exp, _, _ = expected(x64, None, None, None, None, True, 0.1, 1e-5, "lrelu", 0.2)
+        close(torch.autograd.grad(y, x, grad_y)[0], torch.autograd.grad(y_exp, x64, grad_y.double())[0], 1e-5,
+              f"{impl} {tuple(x.shape)} strides {x.stride()} dx")
+
+
 @pytest.mark.parametrize("impl,path", IMPL_PATHS)
 @pytest.mark.parametrize("shape", [(4, 5, 3, 3), (6, 3)])
 def test_affine_false_and_no_running_stats(impl, path, shape, triton_path):

@@ -95,6 +95,31 @@ def test_values_and_grads_fp32(impl, act, case, gain, clamp):
     close(gb, gbe, 1e-5)
 
 
+def test_triton_int64_offsets_path(monkeypatch):
+    """Tensors of 2**31 elements or more take int64 offsets (int32 ones would wrap); too big to run here,
+    so the int64 path is forced on small tensors and must compute the same as the reference, for
+    bias_act and for linear_act's fused matmul kernel."""
+    import fastgan.ops.triton.bias_act as bias_kernels
+    import fastgan.ops.triton.linear_act as linear_kernels
+    from fastgan.ops import linear_act
+    assert not bias_kernels._index64(torch.empty(0))
+    monkeypatch.setattr(bias_kernels, "_index64", lambda t: True)
+    monkeypatch.setattr(linear_kernels, "_index64", lambda t: True)
+    for shape, dim, layout in ((2, 5, 3, 4), 1, "contiguous"), ((3, 6, 2, 5), 1, "channels_last"), ((7, 9), 1, "contiguous"):
+        x = make_x(shape, layout).requires_grad_()
+        b = torch.randn(shape[dim]).requires_grad_()
+        y = bias_act(x, b, dim, "lrelu", 0.2, 1.3, None, impl="triton")
+        close(y, expected(x.detach(), b.detach(), dim, "lrelu", 0.2, 1.3, None), 1e-5)
+        g = torch.randn_like(y)
+        gx, gb = torch.autograd.grad(y, (x, b), g)
+        xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        gxe, gbe = torch.autograd.grad(expected(xd, bd, dim, "lrelu", 0.2, 1.3, None), (xd, bd), g.double())
+        close(gx, gxe, 1e-5)
+        close(gb, gbe, 1e-5)
+    x, w, b = torch.randn(37, 19, dtype=torch.float64), torch.randn(23, 19, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    torch.testing.assert_close(linear_act(x, w, b, "tanh", impl="triton"), torch.tanh(x @ w.t() + b))
+
+
 @pytest.mark.parametrize("act", ["lrelu", "tanh"])
 @pytest.mark.parametrize("shape,layout", [((5, 3, 67, 71), "channels_last"), ((1001, 1), "contiguous"),
                                           ((3, 2, 7, 5), "channels_last")])

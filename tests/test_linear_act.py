@@ -265,3 +265,14 @@ def test_triton_dot_precision_follows_torchs_float32_matmul_setting():
         assert dot_precision(torch.bfloat16) is None and dot_precision(torch.float64) is None
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+    # torch >= 2.9's API (after which reading allow_tf32 raises): followed too.
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "tf32"
+            assert dot_precision(torch.float32) == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert dot_precision(torch.float32) == "ieee"
+        finally:
+            matmul.fp32_precision = before

@@ -195,12 +195,6 @@ def _activation_by_index(index: int) -> Activation:
     return ACTIVATION_BY_INDEX[index]
 
 
-def _layout_of(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _forward_setup(ctx, inputs, output):
     x, weight, bias, _mean, _var, training, eps, act, alpha, impl = inputs
     _y, mean, var = output
@@ -213,7 +207,10 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, grad_y, _grad_mean, _grad_var, backward=None):
     x, weight, bias, mean, var = ctx.saved_tensors
     training, eps, act, alpha, impl = ctx.args
-    grad_y = grad_y.contiguous(memory_format=_layout_of(x))
+    if grad_y.stride() != x.stride():
+        # The kernels walk grad_y with x's strides. (contiguous(memory_format=...) is not enough: for
+        # a channels_last (N, C, 1, 1) x, or C == 1, it keeps different but equally "contiguous" strides.)
+        grad_y = torch.empty_like(x).copy_(grad_y)
     backward = _backward_op if backward is None else backward
     dx, dw, db = backward(grad_y, x, weight, bias, mean, var, training, eps, act, alpha, impl)
     return (dx, dw if ctx.has_weight else None, db if ctx.has_bias else None, None, None, None, None, None, None,

@@ -291,12 +291,13 @@ def _scale_shift_kernel(mean_ptr, var_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, C
 @triton.jit
 def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w,
                   ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    """y = act(x * scale[c] + shift[c]); y has x's strides."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """y = act(x * scale[c] + shift[c]); y has x's strides. Rows on grid axis 0 (axis 1 stops at 65535
+    blocks), channels on axis 1."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-    _apply_tile(x_ptr, y_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha,
+    _apply_tile(x_ptr, y_ptr, tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, alpha,
                 HW, s_n, s_c, s_w, ROWS, ACT, ACC)
 
 
@@ -338,15 +339,15 @@ def _grad_stats_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, partial_p
 
 @triton.jit
 def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z). Grid as _apply_kernel's."""
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     p = tl.load(p_ptr + c, mask=c_mask, other=0.0)
     q = tl.load(q_ptr + c, mask=c_mask, other=0.0)
     o = tl.load(o_ptr + c, mask=c_mask, other=0.0)
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
-    _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale,
+    _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale,
                      shift, p, q, o, alpha, HW, s_n, s_c, s_w, ROWS, ACT, ACC)
 
 
@@ -416,7 +417,9 @@ def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
 def _geometry(x: torch.Tensor):
     """(R, C, HW, strides n/c/w, ROWS) of x walked as rows x channels, R = N*H*W; 2-D x is (N, C, 1, 1).
     ROWS is _tile_offsets' row layout: 2 where row r sits at r * s_w (channels_last, (N, C)), 1 where
-    each H x W plane is evenly strided (NCHW). The callers pass contiguous or channels_last x."""
+    each H x W plane is evenly strided (NCHW). HW (a compile-time constant of the kernels) is given as 1
+    where ROWS == 2 does not use it, so channels_last maps of every size share one compilation. The
+    callers pass contiguous or channels_last x."""
     if x.dim() == 2:
         (n, c), h, w = x.shape, 1, 1
         s_n, s_c = x.stride()
@@ -434,7 +437,8 @@ def _geometry(x: torch.Tensor):
         s_n = h * w * s_w
     if s_h != w * s_w:
         raise ValueError(f"batch_norm_act (triton): x must be contiguous or channels_last, got strides {x.stride()}")
-    return n * h * w, c, h * w, (s_n, s_c, s_w), 2 if s_n == h * w * s_w else 1
+    rows = 2 if s_n == h * w * s_w else 1
+    return n * h * w, c, h * w if rows == 1 else 1, (s_n, s_c, s_w), rows
 
 
 def _blocks(x: torch.Tensor, c: int) -> tuple[int, int]:
@@ -444,6 +448,12 @@ def _blocks(x: torch.Tensor, c: int) -> tuple[int, int]:
     else:
         block_c = 1 if c == 1 else 2
     return TILE // block_c, block_c
+
+
+def _apply_grid(r: int, c: int, block_r: int, block_c: int) -> tuple[int, int]:
+    """Grid of the element-wise passes: row blocks on axis 0, which CUDA lets run to 2**31 - 1 blocks (a
+    channels_last map of 32 x 64 x 256 x 256 has 65536 row blocks; axis 1 stops at 65535)."""
+    return triton.cdiv(r, block_r), triton.cdiv(c, block_c)
 
 
 def _acc(x: torch.Tensor):
@@ -581,7 +591,7 @@ def batch_norm_act_forward(x, weight, bias, mean, var, training: bool, eps: floa
         scale, shift = _scale_shift(weight, bias, mean, var, eps, acc, acc_tl)
     y = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
-    grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
+    grid = _apply_grid(r, c, block_r, block_c)
     _apply_kernel[grid](x, y, scale, shift, alpha, r, c, hw,
                         *strides, ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
     return y, mean, var
@@ -616,7 +626,7 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
                              ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows, CHUNK=chunk)
     dx = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
-    grid = (triton.cdiv(c, block_c), triton.cdiv(r, block_r))
+    grid = _apply_grid(r, c, block_r, block_c)
     _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, *strides,
                              ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
     return dx, dweight, dbias

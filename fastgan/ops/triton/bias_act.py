@@ -22,10 +22,14 @@ def _acc(dtype: torch.dtype):
 
 
 @triton.jit
-def _tile(R, C, INNER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets, mask and channel indices of this program's tile."""
+def _tile(R, C, INNER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    """Offsets, mask and channel indices of this program's tile (in int64 where the tensor has 2**31
+    elements or more: int32 offsets would wrap)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX64:
+        r = r.to(tl.int64)
+        c = c.to(tl.int64)
     o = r // INNER
     i = r - o * INNER
     offs = (o * C * INNER + i)[:, None] + (c * INNER)[None, :]
@@ -36,8 +40,8 @@ def _tile(R, C, INNER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _bias_act_kernel(x_ptr, b_ptr, y_ptr, R, C, INNER, alpha, gain, clamp,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs, mask, c = _tile(R, C, INNER, BLOCK_R, BLOCK_C)
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    offs, mask, c = _tile(R, C, INNER, BLOCK_R, BLOCK_C, INDEX64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         b = tl.load(b_ptr + c, mask=c < C, other=0.0).to(ACC)
@@ -52,8 +56,8 @@ def _bias_act_kernel(x_ptr, b_ptr, y_ptr, R, C, INNER, alpha, gain, clamp,
 @triton.jit
 def _bias_act_grad_kernel(gy_ptr, y_ptr, gx_ptr, partial_ptr, R, C, INNER, alpha, gain, inv_gain, clamp,
                           NEED_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_CLAMP: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    offs, mask, c = _tile(R, C, INNER, BLOCK_R, BLOCK_C)
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    offs, mask, c = _tile(R, C, INNER, BLOCK_R, BLOCK_C, INDEX64)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     # f'(x) from the saved output y = clamp(f(x) * gain): f(x) = y / gain
@@ -64,6 +68,11 @@ def _bias_act_grad_kernel(gy_ptr, y_ptr, gx_ptr, partial_ptr, R, C, INNER, alpha
     tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_BIAS:
         tl.store(partial_ptr + tl.program_id(0) * C + c, tl.sum(g, axis=0), mask=c < C)
+
+
+def _index64(t: torch.Tensor) -> bool:
+    """Whether offsets into t need int64 (Triton computes them in int32 from int32 indices)."""
+    return t.numel() >= 2 ** 31 - 1
 
 
 def _blocks(R: int, C: int, inner: int) -> tuple[int, int]:
@@ -89,7 +98,7 @@ def bias_act_forward(x3: torch.Tensor, bias: torch.Tensor | None, y3: torch.Tens
     grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
     _bias_act_kernel[grid](x3, bias if bias is not None else x3, y3, R, C, inner, alpha, gain, max(clamp, 0.0),
                            HAS_BIAS=bias is not None, ACT=act, HAS_CLAMP=clamp >= 0, ACC=acc_tl,
-                           BLOCK_R=block_r, BLOCK_C=block_c)
+                           BLOCK_R=block_r, BLOCK_C=block_c, INDEX64=_index64(x3))
 
 
 def bias_act_backward(gy3: torch.Tensor, y3: torch.Tensor, gx3: torch.Tensor, need_bias_grad: bool, act: int,
@@ -106,7 +115,7 @@ def bias_act_backward(gy3: torch.Tensor, y3: torch.Tensor, gx3: torch.Tensor, ne
     partial = torch.empty((grid[0], C) if need_bias_grad else (1,), device=y3.device, dtype=acc_torch)
     _bias_act_grad_kernel[grid](gy3, y3, gx3, partial, R, C, inner, alpha, gain, 1.0 / gain, max(clamp, 0.0),
                                 NEED_BIAS=need_bias_grad, ACT=act, HAS_CLAMP=clamp >= 0, ACC=acc_tl,
-                                BLOCK_R=block_r, BLOCK_C=block_c)
+                                BLOCK_R=block_r, BLOCK_C=block_c, INDEX64=_index64(y3))
     if not need_bias_grad:
         return y3.new_empty(0)
     return partial.sum(0).to(y3.dtype)

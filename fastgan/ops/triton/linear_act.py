@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from fastgan.ops.triton.activations import apply_act
-from fastgan.ops.triton.bias_act import bias_act_forward
+from fastgan.ops.triton.bias_act import _index64, bias_act_forward
 
 
 @triton.jit
@@ -21,10 +21,14 @@ def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
                        alpha, gain,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, DOT_IN_ACC: tl.constexpr,
                        DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    if INDEX64:  # an operand of 2**31 elements or more: int32 offsets would wrap
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+        rk = rk.to(tl.int64)
     mask_m, mask_n = rm < M, rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -59,12 +63,28 @@ def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int
 
 def dot_precision(dtype: torch.dtype) -> str | None:
     """tl.dot's input precision for float32 operands: TF32 only where torch's own float32 matmuls may use it
-    (torch.backends.cuda.matmul.allow_tf32, i.e. torch.set_float32_matmul_precision other than "highest"),
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or the older allow_tf32 / set_float32_matmul_precision
+    other than "highest"),
     so the fused layer rounds like the nn.Linear it replaces. Triton's default is TF32, which on an H100
     put 1e-3 relative errors into float32 layers that torch computes to 1e-6."""
     if dtype != torch.float32:
         return None  # Triton's default; the setting only means something for float32 operands
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if _cuda_matmul_allows_tf32() else "ieee"
+
+
+def _cuda_matmul_allows_tf32() -> bool:
+    """torch's TF32 setting for CUDA matmuls, through either of its APIs: torch >= 2.9's
+    ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" / "ieee"; "none" defers to
+    ``torch.backends.fp32_precision``, then to the legacy flag), or ``allow_tf32`` -- which raises once
+    the new API has been used, so it is read last."""
+    for precision in (getattr(torch.backends.cuda.matmul, "fp32_precision", None),
+                      getattr(torch.backends, "fp32_precision", None)):
+        if precision in ("tf32", "ieee"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # a mix of the two APIs that torch declines to resolve: full precision
+        return False
 
 
 def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int, alpha: float,
@@ -91,5 +111,6 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
                              alpha, gain, HAS_BIAS=bias is not None, ACT=act, ACC=acc,
                              DOT_IN_ACC=x.device.type != "cuda", DOT_PRECISION=precision,
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             INDEX64=any(_index64(t) for t in (x, weight, y)), num_warps=warps)
     return y
