@@ -119,8 +119,9 @@ def _build_unsynchronised(contender: str, size: str, device: str):
         ema = EMA(_Model(params), EMA_BETA) if contender == "fastgan+ema" else None
         opt = FusedAdam(params, lr=LR, betas=BETAS, eps=EPS, ema=ema)
         (bucket,) = opt._buckets[0]
-        opt.zero_grad(set_to_none=False)  # .grad of every parameter = its view of the flat buffer
-        views = [p.grad for p in params]
+        views = bucket.grad_views
+        for p, view in zip(params, views):
+            p.grad = view  # what autograd leaves after a backward: .grad = its view of the flat buffer
 
         def setup():
             for view, g in zip(reversed(views), reversed(grads)):
