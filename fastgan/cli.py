@@ -52,6 +52,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (steps, device, logging, checkpoints, progress) may be given again when resuming.
 RUN_OPTIONS = ("data", "model", "batch_size", "loss", "d_steps", "lr", "g_lr", "d_lr", "beta1", "beta2",
                "ema_beta", "pack", "precision", "seed", "latent_dim", "width", "prior", "image_size")
+# Of those, the learning rates may be given anew with --resume (lowering them is how a run that stopped
+# on non-finite steps is continued): they are set on the restored optimizers.
+RESUME_OVERRIDES = ("lr", "g_lr", "d_lr")
 SESSION_OPTIONS = ("steps", "device", "log_every", "checkpoint_every", "progress", "eval_samples",
                    "max_skipped_steps")
 
@@ -97,6 +100,14 @@ def _positive_float(text: str) -> float:
 
 def _unit_float(text: str) -> float:
     return _checked(text, float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def _seed(text: str) -> int:
+    return _checked(text, int, lambda v: -2 ** 63 <= v < 2 ** 64, "an integer in [-2**63, 2**64) (torch's seed range)")
+
+
+def _eval_count(text: str) -> int:
+    return _checked(text, int, lambda v: v >= 2, "a number of samples >= 2")
 
 
 def _max_skipped(text: str) -> int:
@@ -405,6 +416,7 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]
             saved = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
             raise UsageError(f"--resume: cannot read {config_path}: {exc}") from None
+        _check_saved_options(saved, config_path)
         return out, saved
     if args.out is None:
         return _default_out(args.data or "digits"), None
@@ -417,11 +429,60 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]
     return out, None
 
 
+def _check_saved_options(saved: Any, path: Path) -> None:
+    """config.json (which a person may have edited) must hold options the command line would accept: each
+    value passes its option's own check."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {path} does not hold the run's options (a JSON object); it was changed, "
+                         "or is not a fastgan run's")
+    sub = argparse.ArgumentParser().add_subparsers()
+    _add_train(sub)
+    for action in sub.choices["train"]._actions:
+        value = saved.get(action.dest)
+        if value is None or action.dest in ("data", "out", "resume"):
+            continue
+        flag = action.option_strings[0] if action.option_strings else action.dest
+        try:
+            if action.choices is not None and value not in action.choices:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, action.choices))}")
+            if callable(action.type) and (isinstance(value, bool) or action.type(str(value)) != value):
+                raise argparse.ArgumentTypeError(f"expected what {flag} accepts")
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise UsageError(f"--resume: {path} records {action.dest} = {value!r}: {exc}") from None
+
+
+def _set_learning_rates(trainer, config: dict[str, Any]) -> None:
+    """--resume with --lr / --g-lr / --d-lr: the restored optimizers continue at the new rates."""
+    for opt, value in ((trainer.g_optimizer, config["g_lr"] or config["lr"]),
+                       (trainer.d_optimizer, config["d_lr"] or config["lr"])):
+        for group in opt.param_groups:
+            group["lr"] = value
+
+
+def _check_checkpoint_matches(config: dict[str, Any], recorded: dict[str, Any], path) -> None:
+    """The options config.json gives must be those the checkpoint was trained with (config.json may have
+    been edited, or copied from another run): refuse rather than train on with one and report the other."""
+    expected = _trainer_kwargs(config, "cpu")
+    for key in ("loss", "d_steps", "prior", "pack", "precision", "ema_beta", "seed", "latent_dim"):
+        if key not in recorded:
+            continue
+        want, got = expected[key], recorded[key]
+        if key == "latent_dim":
+            want, got = (tuple(want) if isinstance(want, (list, tuple)) else (want,)), tuple(got)
+        if want != got:
+            raise UsageError(f"--resume: config.json gives {key} = {want!r}, but {path} was trained with "
+                             f"{key} = {got!r}; config.json was changed or belongs to another run")
+
+
 def _apply_saved(args: argparse.Namespace, saved: dict[str, Any]) -> None:
     """On --resume: take the run's options from its config.json; refuse conflicting ones."""
+    args.lr_overridden = False
     for name in RUN_OPTIONS:
         given = getattr(args, name)
         explicitly = args.ema_beta_given if name == "ema_beta" else given is not None
+        if explicitly and name in RESUME_OVERRIDES:
+            args.lr_overridden = args.lr_overridden or given != saved.get(name)
+            continue
         if explicitly and name in saved and given != saved[name]:
             raise UsageError(f"--resume: the run was started with --{name.replace('_', '-')} {saved[name]!r}; "
                              f"it cannot change to {given!r} (start a new run instead)")
@@ -536,8 +597,12 @@ def _train(args: argparse.Namespace) -> int:
     try:
         if saved is not None:
             state, resumed_from = _load_resume_state(out, say=main_process)
+            if isinstance(state, dict) and isinstance(state.get("config"), dict):
+                _check_checkpoint_matches(config, state["config"], resumed_from)
             trainer = fastgan.Trainer.from_state_dict(state, G, D, device=device)
             del state
+            if getattr(args, "lr_overridden", False):
+                _set_learning_rates(trainer, config)
         else:
             trainer = fastgan.Trainer(G, D, **_trainer_kwargs(config, device))
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -620,7 +685,8 @@ def _train(args: argparse.Namespace) -> int:
             _write_history_so_far(out, done, exc.history)
             kept = list_checkpoints(out)
             last = (f"the last good checkpoint is {kept[0]}; after fixing the cause continue with: "
-                    f"fastgan train --resume --out {out}" if kept else "no checkpoint was written before it")
+                    f"fastgan train --resume --out {out} (with --lr ... to lower the learning rate)"
+                    if kept else "no checkpoint was written before it")
             print(f"\nfastgan train: error: {exc}\n  {last}\n  (--max-skipped-steps {config['max_skipped_steps']}"
                   f" sets how many skipped steps in a row stop a run; 'none' never stops)", file=sys.stderr)
         return EXIT_NONFINITE
@@ -776,7 +842,7 @@ def _add_train(sub) -> None:
     p.add_argument("--pack", type=_positive_int, help="PacGAN degree: D judges this many samples at once")
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default: auto, the best present)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=_seed)
     p.add_argument("--latent-dim", type=_positive_int)
     p.add_argument("--width", type=_positive_int, help="hidden units (mlp) or base channels (dcgan)")
     p.add_argument("--prior", choices=("normal", "uniform"))
@@ -792,7 +858,7 @@ def _add_train(sub) -> None:
     p.add_argument("--max-skipped-steps", type=_max_skipped,
                    help="stop with an error (exit status 3) after N consecutive updates of D or of G skipped for "
                         f"non-finite losses or gradients; 0 or 'none': never (default {DEFAULT_MAX_SKIPPED_STEPS})")
-    p.add_argument("--eval-samples", type=_positive_int,
+    p.add_argument("--eval-samples", type=_eval_count,
                    help="samples scored for metrics.json (default: 2500 for mixtures, the training split's size "
                         "for digits)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,

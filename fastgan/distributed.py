@@ -227,6 +227,10 @@ def shard(data, rank_: int | None = None, world_size_: int | None = None):
     ``torch.utils.data.DistributedSampler`` instead."""
     r = rank() if rank_ is None else rank_
     n = world_size() if world_size_ is None else world_size_
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {n!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < n:
+        raise ValueError(f"rank {r!r} is not in [0, {n})")
     if n == 1:
         return data
     if isinstance(data, torch.Tensor):

@@ -46,6 +46,10 @@ def save_samples(path: str | os.PathLike, samples: torch.Tensor, *, modes: torch
     """
     plt = _pyplot()
     samples = samples.detach().to("cpu", torch.float32)
+    if samples.dim() == 4 and samples.shape[1] not in (1, 3, 4):
+        # imshow draws grey, RGB or RGBA pixels: of other channel counts, show the first channel
+        title = f"{title} (channel 0 of {samples.shape[1]})" if title else f"channel 0 of {samples.shape[1]}"
+        samples = samples[:, :1]
     if samples.dim() == 4:
         greyscale = samples.shape[1] == 1
         grid = image_grid(samples, pad_value=0.0 if greyscale and dark_on_light else 1.0)

@@ -1249,8 +1249,6 @@ class Trainer:
                 skipped_total = None
                 if guard is not None and (log_due or checkpoint_due or i % max_nonfinite_steps == 0):
                     skipped_total = guard.check(self.step_count)  # raises after too many in a row
-                for cb in callbacks:
-                    cb(self, self.step_count, stats)
                 if bar is not None:
                     bar.update(1)
                 if log_due:
@@ -1270,6 +1268,9 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix({k: f"{values[k]:.4g}" for k in ("d_loss", "g_loss", "jsd") if k in values},
                                         refresh=False)
+                # After the step's history row: a callback that stops training (StopOnSignal) keeps it.
+                for cb in callbacks:
+                    cb(self, self.step_count, stats)
                 if checkpoint_due:
                     self.save_checkpoint(out_dir, keep=keep_checkpoints)
         except BaseException as exc:

@@ -132,6 +132,52 @@ def test_resume_errors(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written over
 
 
+def test_resume_checks_config_json_and_lowers_learning_rates(tmp_path, capsys):
+    """config.json may have been edited: values the command line would refuse, or options the checkpoint
+    was not trained with, are usage errors (exit 2) before anything is written. The learning rates may be
+    given anew (how a run that stopped on non-finite steps continues); the restored optimizers take them."""
+    import json
+    out = tmp_path / "run"
+    assert _train("--data", "ring8", "--steps", "4", "--batch-size", "16", "--out", str(out), *FAST) == 0
+    config_path = out / "config.json"
+    original = json.loads(config_path.read_text())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for edited, message in (([1, 2], "does not hold the run's options"),
+                            ({**original, "steps": "abc"}, "records steps = 'abc'"),
+                            ({**original, "lr": -5}, "records lr = -5"),
+                            ({**original, "loss": "softmax"}, "records loss = 'softmax'"),
+                            ({**original, "loss": "hinge"}, "gives loss = 'hinge', but .* was trained with")):
+        config_path.write_text(json.dumps(edited))
+        assert _train("--resume", "--out", str(out), "--steps", "6") == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        config_path.write_bytes(before["config.json"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written over
+    assert _train("--resume", "--out", str(out), "--steps", "6", "--lr", "1e-5", *FAST) == 0
+    state = torch.load(list_checkpoints(out)[0], weights_only=True)
+    assert state["step"] == 6
+    for name in ("g_optimizer", "d_optimizer"):
+        assert all(group["lr"] == 1e-5 for group in state[name]["param_groups"])
+    assert json.loads(config_path.read_text())["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("args, message", [(["--seed", str(2 ** 64)], "--seed"),
+                                           (["--eval-samples", "1"], "--eval-samples")])
+def test_out_of_range_numbers_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _train("--data", "ring8", "--steps", "2", *args, *FAST)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_pictures_of_any_channel_count(tmp_path):
+    """samples.png of image data whose channels imshow cannot draw (2, 5): the first channel, named."""
+    from fastgan.plots import save_samples
+    for channels in (1, 2, 3, 4, 5):
+        path = tmp_path / f"c{channels}.png"
+        save_samples(path, torch.rand(6, channels, 8, 8) * 2 - 1, title="run")
+        _assert_image(path)
+
+
 def test_existing_out_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()

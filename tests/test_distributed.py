@@ -138,6 +138,10 @@ def test_shard_gives_disjoint_covering_slices():
     assert fd.shard(data, 0, 1) is data
     with pytest.raises(TypeError, match="DistributedSampler"):
         fd.shard(iter([data]), 0, 2)
+    for rank, world, message in ((5, 3, r"rank 5 is not in \[0, 3\)"), (-1, 2, r"rank -1 is not in"),
+                                 (0, 0, "world_size must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            fd.shard(data, rank, world)
 
 
 def test_wrap_data_parallel_without_a_process_group_says_what_is_missing():

@@ -129,6 +129,20 @@ def test_fit_calls_callbacks_writes_checkpoints_and_shows_progress(tmp_path, cap
                                             "checkpoint-000000005.pt", "checkpoint-000000005.pt.sha256"]
 
 
+def test_whatever_stops_fit_carries_the_history_of_every_step_done():
+    """A callback that stops training (StopOnSignal raises after writing its checkpoint) runs after the
+    step's history row: the row of the step the checkpoint holds is not lost."""
+    trainer = make_trainer()
+
+    def stop(t, step, stats):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit(data_tensor(), steps=10, batch_size=8, log_every=1, callbacks=[stop], progress=False)
+    assert info.value.history["step"] == [1.0, 2.0, 3.0] and trainer.step_count == 3
+
+
 def test_two_fits_continue_one_stream():
     x = data_tensor(20)
     a, b = make_trainer(), make_trainer()
