@@ -120,6 +120,24 @@ def test_matches_torch_batch_norm(impl, path, shape, layout, dtype, training, tr
         close(db, db_exp, rtol, what + " dbias")
 
 
+def test_cpu_statistics_with_an_outlying_first_value_and_large_planes():
+    """The C++ statistics sum values shifted by a reference per channel, in float lanes moved to double:
+    the reference was the channel's first value, so one 100-sigma first value cancelled 4 digits of the
+    variance (1e-3 errors in y), and a 2048 x 2048 plane summed in float lost 1e-4 of it."""
+    torch.manual_seed(0)
+    for shape in ((32768, 4), (64, 4, 16, 16), (8, 3, 64, 64)):
+        x = torch.randn(shape)
+        x.view(-1)[0] = 100.0  # channel 0's first value, in memory order
+        y = batch_norm_act(x, None, None, None, None, True, impl="cpu")
+        y_exp = F.batch_norm(x.double(), None, None, training=True)
+        torch.testing.assert_close(y.double(), y_exp, rtol=2e-5, atol=2e-5)  # was off by 1.5e-3 at (32768, 4)
+    x = torch.randn(1, 2, 2048, 2048)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    batch_norm_act(x, None, None, rm, rv, True, momentum=1.0, impl="cpu")
+    torch.testing.assert_close(rv.double(), x.double().var(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rm.double(), x.double().mean(dim=(0, 2, 3)), rtol=0, atol=1e-6)
+
+
 def test_triton_grid_of_large_maps_fits_cuda_limits():
     """The element-wise passes put row blocks on grid axis 0 (up to 2**31 - 1); axis 1 (channel blocks) must
     stay within CUDA's 65535 also for maps whose rows alone need more blocks than that."""
@@ -468,7 +486,10 @@ def test_torch_compile_fullgraph(impl):
         y1.sum().backward()
         y2.sum().backward()
         close(x2.grad, x1.grad, 1e-5, "compiled dx")
-        close(compiled_model.bn.weight.grad, eager.bn.weight.grad, 1e-5, "compiled dweight")
+        # dweight comes back through a BatchNorm over 4 samples, which amplifies rounding: a 1e-7 relative
+        # change of x moves it by ~1e-5 (measured), so compiled and eager (inductor's conv rounds otherwise)
+        # agree to that, not to 1e-5 of its scale.
+        close(compiled_model.bn.weight.grad, eager.bn.weight.grad, 5e-5, "compiled dweight")
     for key, value in eager.state_dict().items():
         close(compiled_model.state_dict()[key], value, 1e-5, f"compiled {key}")
     assert int(compiled_model.bn.num_batches_tracked) == 2

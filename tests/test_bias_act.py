@@ -247,6 +247,7 @@ def test_empty_input():
     (dict(act="lrelu", alpha=float("nan")), "alpha"),
     (dict(dim=4), "dim"),
     (dict(gain=0.0), "gain"),
+    (dict(gain=1e-39), "gain must be a finite non-zero number of float32's normal range"),
     (dict(clamp=-1.0), "clamp"),
     (dict(impl="cuda"), "impl"),
     (dict(bias=torch.zeros(4)), "bias"),

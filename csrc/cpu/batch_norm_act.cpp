@@ -7,8 +7,8 @@
 //  * rows: (N*H*W) x C with channels contiguous (2-D input, channels_last, or H*W == 1). Parallel over
 //    fixed chunks of rows with per-chunk partial sums (deterministic whatever the thread count),
 //    then an elementwise pass, vectorised across channels.
-// Statistics: per-plane lane (planar) or per-chunk (rows) sums in the op-math type of values shifted by the
-// channel's first value (no cancellation in the variance), combined in double.
+// Statistics: per-plane lane (planar) or per-chunk (rows) sums in the op-math type of values shifted by
+// the mean of the channel's first values (see shift_sample), combined in double.
 #include <torch/extension.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -108,6 +108,36 @@ int64_t rows_per_chunk(int64_t rows) { return std::clamp<int64_t>((rows + 63) / 
 // fixed order: not on the grouping or the thread count.
 constexpr int kLanes = 16;
 
+// The shift of a channel's sums, sum(x - ref) and sum((x - ref)^2): the mean of its first kShiftSample
+// values (in memory order). The variance is then sum(d^2)/n - mean(d)^2, which cancels by as many digits
+// as the shift is standard deviations away from the mean: with the channel's first value as the shift,
+// an atypical first value (100 sigma off: 4 digits) cost that much; a sample's mean stays close.
+constexpr int64_t kShiftSample = 64;
+
+// Of one plane's values, the float lanes hold at most this many per lane before they move to double
+// (a 2048 x 2048 plane summed in float lanes lost 1e-4 of its variance).
+constexpr int64_t kMaxFloatRun = 4096 * kLanes;
+
+template <typename scalar_t, typename opm>
+opm planar_shift(const scalar_t* x, const Layout& L, int64_t c) {
+  const int64_t want = std::min<int64_t>(kShiftSample, L.count());
+  double s = 0;
+  int64_t got = 0;
+  for (int64_t n = 0; n < L.n && got < want; ++n) {
+    const scalar_t* p = x + (n * L.c + c) * L.hw;
+    for (int64_t i = 0; i < L.hw && got < want; ++i, ++got) s += double(p[i]);
+  }
+  return static_cast<opm>(s / double(want));
+}
+
+template <typename scalar_t, typename opm>
+opm rows_shift(const scalar_t* x, const Layout& L, int64_t c) {
+  const int64_t want = std::min<int64_t>(kShiftSample, L.rows());
+  double s = 0;
+  for (int64_t r = 0; r < want; ++r) s += double(x[r * L.c + c]);
+  return static_cast<opm>(s / double(want));
+}
+
 // Channels per group: an even share per thread (at least one channel).
 inline int64_t channel_group(int64_t C) {
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
@@ -193,13 +223,20 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
         std::fill(lane_q.begin(), lane_q.end(), 0.0);
         std::fill(float_s.begin(), float_s.end(), opm(0));
         std::fill(float_q.begin(), float_q.end(), opm(0));
-        for (int64_t k = 0; k < G; ++k) ref[k] = static_cast<opm>(x[(c0 + k) * HW]);
+        for (int64_t k = 0; k < G; ++k) ref[k] = planar_shift<scalar_t, opm>(x, L, c0 + k);
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t* p = x + (n * C + c0) * HW;
           for (int64_t k = 0; k < G; ++k, p += HW) {
             opm* A = float_s.data() + k * kLanes;
             opm* Q = float_q.data() + k * kLanes;
-            plane_moments(p, HW, ref[k], A, Q);
+            if (HW <= kMaxFloatRun) {
+              plane_moments(p, HW, ref[k], A, Q);
+              continue;
+            }
+            for (int64_t off = 0; off < HW; off += kMaxFloatRun) {  // a large plane: to double piece by piece
+              plane_moments(p + off, std::min(kMaxFloatRun, HW - off), ref[k], A, Q);
+              flush_lanes(A, Q, lane_s.data() + k * kLanes, lane_q.data() + k * kLanes, kLanes);
+            }
           }
           if ((n + 1) % flush_every == 0 || n + 1 == N)
             flush_lanes(float_s.data(), float_q.data(), lane_s.data(), lane_q.data(), G * kLanes);
@@ -240,7 +277,7 @@ void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training
   if (training) {
     const int64_t rpc = rows_per_chunk(R), chunks = (R + rpc - 1) / rpc;
     std::vector<opm> shift(C);
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<opm>(x[c]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = rows_shift<scalar_t, opm>(x, L, c);
     std::vector<double> partial(size_t(chunks) * 2 * C);
     at::parallel_for(0, chunks, grain_for(rpc * C), [&](int64_t k0, int64_t k1) {
       std::vector<opm> a(C), q(C);

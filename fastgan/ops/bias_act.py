@@ -280,9 +280,15 @@ def bias_act_grad_call(grad_out: Tensor, out: Tensor, need_bias_grad: bool, dim:
 # Public API: validation and dispatch.
 # ---------------------------------------------------------------------------------------------
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
 def _check_gain(gain) -> float:
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain) or gain == 0:
-        raise ValueError(f"gain must be a finite non-zero number, got {gain!r}")
+    # The kernels divide by gain in float32 (the saved output back to f(x)): 1 / gain must be finite there.
+    if (isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain)
+            or not _FLOAT32.smallest_normal <= abs(gain) <= _FLOAT32.max):
+        raise ValueError(f"gain must be a finite non-zero number of float32's normal range "
+                         f"(|gain| in [{_FLOAT32.smallest_normal:.3g}, {_FLOAT32.max:.3g}]), got {gain!r}")
     return float(gain)
 
 
