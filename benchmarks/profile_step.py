@@ -6,6 +6,12 @@ Prints, per contender, the median step time and the ops with the most self CPU t
 on a GPU), so that a missed target can be traced to an op, a copy or Python overhead (the gap between
 the step time and the sum of op self times).
 
+``--gemm-floor`` (problems whose networks are nn.Linear layers: mlp-*, toy2d-*) first times the step's
+matrix products alone -- G's forward, D's joint forward of real and fake, D's weight and input
+gradients, D's forward on the fake batch and input gradients in the G step, G's gradients -- in the
+order fastgan's step runs them, with nothing else: no implementation of the step that computes those
+products can be faster, so it says how far a speed target is reachable.
+
 ``--phases`` (CPU) instead times the phases of the step in place: G's and D's forward calls, the
 backward passes, the optimizer steps and zero_grad calls, the loss functions (the time each takes
 within a step, median over the steps; "rest" is the median of what a step spends outside them). fastgan's C++ layers run their GEMMs outside torch's
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run")
     parser.add_argument("--phases", action="store_true", help="time the phases of the step instead (CPU)")
+    parser.add_argument("--gemm-floor", action="store_true",
+                        help="first time the step's matrix products alone (networks of nn.Linear layers)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     problem = problems[args.problem]
     initial = problem.models(seed=0)
     inputs = common.InputSets(problem, device)
+    if args.gemm_floor:
+        print_gemm_floor(problem, initial, device, args.steps)
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name in args.contenders:
@@ -65,6 +75,55 @@ def main(argv: list[str] | None = None) -> int:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(events.table(sort_by=sort, row_limit=args.rows))
     return 0
+
+
+def print_gemm_floor(problem, models, device, steps: int) -> None:
+    """Median time of the products of one training step (see the module docstring), in fastgan's order."""
+    generator, discriminator = models
+    g_layers = [m for m in generator.modules() if isinstance(m, torch.nn.Linear)]
+    d_layers = [m for m in discriminator.modules() if isinstance(m, torch.nn.Linear)]
+    if not g_layers or not d_layers or any(isinstance(m, torch.nn.modules.conv._ConvNd)
+                                           for m in (*generator.modules(), *discriminator.modules())):
+        raise SystemExit("--gemm-floor: the networks must be made of nn.Linear layers (mlp-*, toy2d-* problems)")
+    g_w = [m.weight.detach().to(device) for m in g_layers]
+    d_w = [m.weight.detach().to(device) for m in d_layers]
+    b = problem.batch
+
+    def forward(weights, x):
+        acts = [x]
+        for w in weights:
+            acts.append(x := x @ w.t())
+        return acts
+
+    def backward(weights, acts, grad, weight_grads=True, first_input_grad=False):
+        for i in reversed(range(len(weights))):
+            if weight_grads:
+                grad.t() @ acts[i]
+            if i > 0 or first_input_grad:
+                grad = grad @ weights[i]
+        return grad
+
+    z = torch.randn(b, g_w[0].shape[1], device=device)
+    real = torch.randn(b, d_w[0].shape[1], device=device)
+    ones2, ones = torch.ones(2 * b, d_w[-1].shape[0], device=device), torch.ones(b, d_w[-1].shape[0], device=device)
+
+    def products():
+        g_acts = forward(g_w, z)                                                 # G(z), reused by the G step
+        backward(d_w, forward(d_w, torch.cat([real, g_acts[-1]])), ones2)        # D step: joint forward, grads
+        grad_fake = backward(d_w, forward(d_w, g_acts[-1]), ones, weight_grads=False, first_input_grad=True)
+        backward(g_w, g_acts, grad_fake)                                         # G step: D frozen, then G
+
+    for _ in range(5):
+        products()
+    times = []
+    for _ in range(max(steps, 20)):
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        products()
+        common.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    print(f"\n=== {problem.name}: the step's matrix products alone (fastgan's order, nothing else): median "
+          f"{statistics.median(times) * 1e3:.3f} ms, fastest {min(times) * 1e3:.3f} ms ===")
 
 
 def _phase_targets(contender) -> list[tuple[object, str, str]]:
