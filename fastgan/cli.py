@@ -477,6 +477,11 @@ def _check_checkpoint_matches(config: dict[str, Any], recorded: dict[str, Any], 
 def _apply_saved(args: argparse.Namespace, saved: dict[str, Any]) -> None:
     """On --resume: take the run's options from its config.json; refuse conflicting ones."""
     args.lr_overridden = False
+    if args.lr is not None and args.g_lr is None and args.d_lr is None:
+        # --lr alone sets both networks' rates, also where the run was started with --g-lr / --d-lr
+        args.g_lr = args.d_lr = None
+        args.lr_overridden = bool(saved.get("g_lr") or saved.get("d_lr"))
+        saved = {k: v for k, v in saved.items() if k not in ("g_lr", "d_lr")}
     for name in RUN_OPTIONS:
         given = getattr(args, name)
         explicitly = args.ema_beta_given if name == "ema_beta" else given is not None

@@ -60,11 +60,12 @@ Choices worth knowing (each one is tested in ``tests/test_trainer*.py``):
   ``g_step``, ``step``, with and without a due R1 step, per batch shape) runs eagerly twice as
   warm-up, then is captured once (noise drawn inside the graph from the trainer's generator, the
   batch copied into a static buffer, optimizer steps included) and replayed. If capture fails the
-  trainer warns once and stays eager. What a replay does is fixed at capture: Python-side
-  changes afterwards do not reach it. Give a learning-rate scheduler a tensor ``lr`` on the device
-  (fastgan's fused optimizers read tensor learning rates inside the kernel) and do not change
-  ``ema.beta`` after the first steps, or pass ``cuda_graphs=False``. Each batch shape gets its own
-  graph (``fit`` keeps one shape by dropping incomplete batches).
+  trainer warns once and stays eager. A replay repeats the arguments of its capture, so the fused
+  optimizers read their learning rates from device tensors refreshed from the param groups before
+  each replay (LR schedulers work), and a change of any other hyperparameter (betas, momentum, the
+  EMA's beta) drops the graphs, which are captured again; hyperparameters that change nearly every
+  step (OneCycleLR's momentum cycling) turn the graphs off with a warning. Each batch shape gets its
+  own graph (``fit`` keeps one shape by dropping incomplete batches).
 * **Stats** are 0-d tensors on the device; nothing in a step reads a value back to the host.
   Under CUDA graphs they are copies of the graph's outputs (one small copy per call).
 """
@@ -450,6 +451,8 @@ class Trainer:
         self._graphs_asked = cuda_graphs is True
         self._graphs: dict[tuple, _GraphEntry] = {}
         self._graph_hypers: tuple | None = None  # the optimizers' hyperparameters the graphs were captured with
+        self._replays_since_capture = 0
+        self._quick_recaptures = 0  # graphs dropped for new hyperparameters soon after their capture, in a row
         if not isinstance(fuse, bool):
             raise ValueError(f"fuse must be True or False, got {fuse!r}")
         self.fuse = fuse
@@ -1094,6 +1097,23 @@ class Trainer:
         if self._graph_hypers is not None and self._graph_hypers != self._graph_hyperparameters():
             self._graphs.clear()
             self._graph_hypers = None
+            self._quick_recaptures = self._quick_recaptures + 1 if self._replays_since_capture < 50 else 0
+            if self._quick_recaptures >= 3:  # capturing again every few steps: slower than no graphs
+                self._stop_graphs("the optimizers' hyperparameters (other than the learning rate) or the EMA's "
+                                  "beta change every few steps (a momentum-cycling LR schedule?), so the captured "
+                                  "steps would be captured again and again")
+
+    def _stop_graphs(self, why: str) -> None:
+        """Train on without CUDA graphs, with one warning saying why."""
+        self._graphs_on = False
+        self._graphs.clear()
+        self._graph_hypers = None
+        for opt in (self.d_optimizer, self.g_optimizer):
+            use_device_lr = getattr(opt, "use_device_lr", None)
+            if use_device_lr is not None:
+                use_device_lr(False)  # eager steps read group["lr"] again
+        warnings.warn(f"fastgan.Trainer: {why}; training continues without CUDA graphs", RuntimeWarning,
+                      stacklevel=5)
 
     def _run(self, kind: str, real, z, r1_due: bool, eager: Callable) -> dict[str, torch.Tensor]:
         if not self._graphs_on:
@@ -1117,12 +1137,8 @@ class Trainer:
             try:
                 self._capture(entry, real, z, r1_due, eager)
             except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager
-                self._graphs_on = False
-                self._graphs.clear()
                 self._graph_failure = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"fastgan.Trainer: CUDA graph capture of {kind}() failed "
-                              f"({self._graph_failure}); training continues without CUDA graphs",
-                              RuntimeWarning, stacklevel=4)
+                self._stop_graphs(f"CUDA graph capture of {kind}() failed ({self._graph_failure})")
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize(self.device)
                 return eager(real, z, r1_due)
@@ -1131,6 +1147,7 @@ class Trainer:
         if entry.static_z is not None:
             entry.static_z.copy_(z)
         entry.graph.replay()
+        self._replays_since_capture += 1
         values = entry.out.clone()  # the graph overwrites its outputs on the next replay
         return dict(zip(entry.names, values.unbind()))
 
@@ -1140,6 +1157,7 @@ class Trainer:
             if use_device_lr is not None:
                 use_device_lr()
         self._graph_hypers = self._graph_hyperparameters()
+        self._replays_since_capture = 0
         if isinstance(real, torch.Tensor):
             entry.static_real = real.detach().clone()
         if z is not None:
@@ -1425,7 +1443,6 @@ class Trainer:
     # sampling
     # ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     @torch.no_grad()
     def sample(self, n: int, z: torch.Tensor | None = None, ema: bool = True) -> torch.Tensor:
         """``n`` samples of G (of its EMA copy when there is one and ``ema``), on fresh noise from a

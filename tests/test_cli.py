@@ -159,6 +159,14 @@ def test_resume_checks_config_json_and_lowers_learning_rates(tmp_path, capsys):
     for name in ("g_optimizer", "d_optimizer"):
         assert all(group["lr"] == 1e-5 for group in state[name]["param_groups"])
     assert json.loads(config_path.read_text())["lr"] == 1e-5
+    # A run started with per-network rates: --lr alone on resume sets both networks' rates.
+    per_net = tmp_path / "per_net"
+    assert _train("--data", "ring8", "--steps", "2", "--batch-size", "16", "--g-lr", "1e-4", "--d-lr", "4e-4",
+                  "--out", str(per_net), *FAST) == 0
+    assert _train("--resume", "--out", str(per_net), "--steps", "3", "--lr", "5e-5", *FAST) == 0
+    state = torch.load(list_checkpoints(per_net)[0], weights_only=True)
+    for name in ("g_optimizer", "d_optimizer"):
+        assert all(group["lr"] == 5e-5 for group in state[name]["param_groups"])
 
 
 @pytest.mark.parametrize("args, message", [(["--seed", str(2 ** 64)], "--seed"),

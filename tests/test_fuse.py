@@ -428,6 +428,19 @@ def test_fuse_leaves_forwards_with_python_branches_alone():
         def _scale(self, h):
             return h * 3.0 if not self.training else h
 
+    class BaseBranch(nn.Module):  # the branch sits in a base class's forward, reached by super().forward()
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.act(h if self.training else h * 3.0)
+
+    class Derived(BaseBranch):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
     class Straight(nn.Module):  # no branch: fused
         def __init__(self):
             super().__init__()
@@ -437,7 +450,7 @@ def test_fuse_leaves_forwards_with_python_branches_alone():
             return self.act(self.fc(x))
 
     x = torch.randn(5, 4)
-    for cls in (NoiseBranch, EvalBranch):
+    for cls in (NoiseBranch, EvalBranch, Derived):
         torch.manual_seed(0)
         model = cls()
         fused = fastgan.fuse(model)

@@ -336,6 +336,11 @@ def test_lr_scheduler_of_a_given_torch_optimizer_drives_the_trainer():
             sched.step()
     assert trainer.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 8)
     assert g_opt.param_groups is trainer.g_optimizer.param_groups
+    # Loading a state (a manual resume) keeps the groups shared: the scheduler still drives the trainer.
+    trainer.load_state_dict(trainer.state_dict())
+    sched.step()
+    assert trainer.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 16)
+    assert g_opt.param_groups is trainer.g_optimizer.param_groups
 
 
 def test_graph_arguments_follow_hyperparameter_changes():
@@ -343,6 +348,7 @@ def test_graph_arguments_follow_hyperparameter_changes():
     captured with changes (betas, momentum, the EMA's beta, a learning rate the kernels take as a float),
     but not when only a learning rate read from the device changes (tests/gpu replays the real thing)."""
     trainer = make_trainer(ema_beta=0.9)
+    trainer._replays_since_capture = 100  # graphs that have been replayed a while
     trainer._graphs = {"warming up": object()}
     trainer.d_optimizer.param_groups[0]["betas"] = (0.3, 0.99)
     trainer._refresh_graph_arguments()
@@ -359,11 +365,31 @@ def test_graph_arguments_follow_hyperparameter_changes():
         assert not trainer._graphs
         trainer._graphs = {"captured": object()}
         trainer._graph_hypers = trainer._graph_hyperparameters()
-    trainer.g_optimizer._device_lr = {}  # as use_device_lr() leaves it on CUDA
+        trainer._replays_since_capture = 100
+    trainer.g_optimizer._device_lr = []  # as use_device_lr() leaves it on CUDA
     trainer._graph_hypers = trainer._graph_hyperparameters()
     trainer.g_optimizer.param_groups[0]["lr"] = 3e-5
     trainer._refresh_graph_arguments()
     assert trainer._graphs
+    assert trainer.g_optimizer._device_lr[0][0].item() == pytest.approx(3e-5)  # synced, by group position
+    trainer.g_optimizer.param_groups[0]["lr"] = torch.tensor(2e-5)  # a CPU tensor: read on the host
+    trainer._refresh_graph_arguments()
+    assert trainer.g_optimizer._device_lr[0][0].item() == pytest.approx(2e-5)
+    # Hyperparameters changing every few steps: captured again and again would be slower than eager,
+    # so the third quick change turns the graphs off, with a warning, and the learning rates are read
+    # from the param groups again.
+    trainer._graphs_on = True
+    for beta1 in (0.4, 0.5, 0.6):
+        trainer._graphs = {"captured": object()}
+        trainer._graph_hypers = trainer._graph_hyperparameters()
+        trainer._replays_since_capture = 2
+        trainer.d_optimizer.param_groups[0]["betas"] = (beta1, 0.99)
+        if beta1 < 0.6:
+            trainer._refresh_graph_arguments()
+            assert trainer._graphs_on
+    with pytest.warns(RuntimeWarning, match="change every few steps.*without CUDA graphs"):
+        trainer._refresh_graph_arguments()
+    assert not trainer._graphs_on and trainer.g_optimizer._device_lr is None
 
 
 def test_user_torch_optimizers_and_per_network_lr_match_torch_updates():

@@ -144,20 +144,28 @@ def _forward_branches(m: nn.Module) -> bool:
         if name in seen:
             continue
         seen.add(name)
-        fn = inspect.getattr_static(cls, name, None)
-        fn = getattr(fn, "__func__", fn)  # staticmethod / classmethod
-        if not inspect.isfunction(fn) or fn.__module__.startswith("torch."):
-            continue  # a child module or an attribute; nn.Module's own methods
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            return True
-        for node in ast.walk(tree):
-            if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
+        # Every class of the MRO that defines it (super().forward() runs a base class's).
+        functions = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
+        functions = [getattr(fn, "__func__", fn) for fn in functions]  # staticmethod / classmethod
+        functions = [fn for fn in functions if inspect.isfunction(fn) and not fn.__module__.startswith("torch.")]
+        for fn in functions:  # (others: a child module or an attribute; nn.Module's own methods)
+            if _branches_in(fn, todo):
                 return True
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
-                todo.append(node.func.attr)
+    return False
+
+
+def _branches_in(fn, todo: list) -> bool:
+    """Whether function ``fn``'s source branches (or cannot be read); queues the ``self.<name>(...)`` it calls."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    for node in ast.walk(tree):
+        if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
+            return True
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
+            todo.append(node.func.attr)
     return False
 
 

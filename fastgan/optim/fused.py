@@ -344,6 +344,8 @@ class _FusedOptimizer(Optimizer):
                 raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
             by_key[(p.dtype, p.device)].append(p)
         buckets = [_Bucket(ps) for ps in by_key.values()]
+        for b in buckets:
+            b.group_index = len(self._buckets)
         self._buckets.append(buckets)
         if self.ema is not None:
             for b in buckets:
@@ -362,10 +364,16 @@ class _FusedOptimizer(Optimizer):
         # keys added since (Adam's decoupled_weight_decay came with torch 2.6): fill them from this
         # optimizer's defaults, as torch's own __setstate__ fills its (so AdamW checkpoints loaded into
         # FusedAdam(decoupled_weight_decay=True) stay AdamW).
+        shared = self.__dict__.get("param_groups")
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if shared is not None and shared is not self.param_groups:
+            # The same list object as before: fused_twin shares it with a torch optimizer (whose LR
+            # scheduler must keep reaching these groups after a load).
+            shared[:] = self.param_groups
+            self.param_groups = shared
 
     # ---- gradients -------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -543,44 +551,48 @@ class _FusedOptimizer(Optimizer):
         return inv_scale.reshape(())
 
     # ---- CUDA graphs -----------------------------------------------------------------------------
-    def use_device_lr(self) -> None:
-        """From now on the CUDA kernels read each param group's learning rate from a 0-d float32 device
-        tensor this optimizer owns. A captured CUDA graph replays the arguments it was captured with: a
-        float ``group["lr"]`` would stay what it was at capture, and a tensor one replaced by another
-        would go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does)
-        copies each group's current learning rate in. No effect on CPU, whose kernels read floats."""
+    def use_device_lr(self, enabled: bool = True) -> None:
+        """From now on (``enabled``) the CUDA kernels read each param group's learning rate from a 0-d
+        float32 device tensor this optimizer owns, one per group position. A captured CUDA graph replays
+        the arguments it was captured with: a float ``group["lr"]`` would stay what it was at capture,
+        and a tensor one replaced by another (or the group replaced, as ``load_state_dict`` does) would
+        go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does) copies
+        each group's current learning rate in. ``enabled=False`` goes back to reading ``group["lr"]``
+        at each call. No effect on CPU, whose kernels read floats."""
+        if not enabled:
+            self._device_lr = None
+            return
         if self._device is None or self._device.type != "cuda":
             return
         if self._device_lr is None:
-            self._device_lr = {}
+            self._device_lr = []
         self.sync_device_lr()
 
     def sync_device_lr(self) -> None:
         """Set the device learning rates of :meth:`use_device_lr` from ``group["lr"]``: a fill on the device
-        when a float changed (an LR scheduler stepped), a device copy for tensors, nothing otherwise; no
-        host synchronisation."""
-        if self._device_lr is None:
+        when the value changed (an LR scheduler stepped), a device copy for a CUDA tensor, nothing
+        otherwise; no host synchronisation (a CPU tensor lr is read on the host)."""
+        entries = self._device_lr
+        if entries is None:
             return
-        for group in self.param_groups:
-            lr = group["lr"]
-            entry = self._device_lr.get(id(group))
-            if entry is None or entry[2] is not group:
-                entry = self._device_lr[id(group)] = [torch.empty((), dtype=torch.float32, device=self._device),
-                                                      None, group]
-            if isinstance(lr, torch.Tensor):
+        for i, group in enumerate(self.param_groups):
+            if i == len(entries):
+                entries.append([torch.empty((), dtype=torch.float32, device=self._device), None])
+            entry, lr = entries[i], group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.device.type == "cuda":
                 entry[0].copy_(lr.reshape(()))
                 entry[1] = None
-            elif lr != entry[1]:
-                entry[0].fill_(float(lr))
-                entry[1] = lr
+                continue
+            value = float(lr)
+            if value != entry[1]:
+                entry[0].fill_(value)
+                entry[1] = value
 
     def _lr_args(self, group, b: _Bucket):
         """(lr_tensor, lr_float) for a kernel call: a tensor lr on the parameters' device is read by the
         kernel (graph capture sees scheduler updates); otherwise a float."""
-        if self._device_lr is not None and b.device.type == "cuda":
-            entry = self._device_lr.get(id(group))
-            if entry is not None and entry[2] is group:
-                return entry[0], 0.0
+        if self._device_lr is not None and b.device.type == "cuda" and b.group_index < len(self._device_lr):
+            return self._device_lr[b.group_index][0], 0.0
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device == b.device and b.device.type == "cuda":
@@ -752,7 +764,7 @@ class FusedAdam(_FusedOptimizer):
             b.kernels.optim_adam_step(*args, lr_tensor, lr, beta1, beta2, eps, weight_decay, decoupled, shadow,
                                       ema_beta, check_inside)
         else:
-            _adam_torch(*args, lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            _adam_torch(*args, lr=lr_tensor if lr_tensor is not None else group["lr"], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                         decoupled=decoupled, ema_shadow=shadow, ema_beta=ema_beta)
 
 
@@ -833,7 +845,7 @@ class FusedSGD(_FusedOptimizer):
         else:
             kw = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
                       ema_shadow=shadow, ema_beta=ema_beta)
-            _sgd_torch(*args, lr=group["lr"], **kw)
+            _sgd_torch(*args, lr=lr_tensor if lr_tensor is not None else group["lr"], **kw)
 
 
 # ---- the same math as plain torch ops (no fastgan._C, or dtypes/devices it does not cover) ---------

@@ -194,7 +194,9 @@ def test_cuda_graph_capture_of_a_step(cuda_device, kind):
         ema = EMA(model, 0.9)
         lr = torch.tensor(0.01, device=cuda_device)
         opt = FusedAdam(ps, lr=lr, ema=ema) if kind == "adam" else FusedSGD(ps, lr=lr, momentum=0.9, ema=ema)
-        opt.zero_grad(set_to_none=False)  # .grad = views of the flat buffer (static addresses)
+        (bucket,) = opt._buckets[0]
+        for p, view in zip(ps, bucket.grad_views):  # .grad = views of the flat buffer (static addresses), as
+            p.grad = view                           # after a backward
         return opt, ema
 
     graph_p = params_on(cuda_device)

@@ -71,8 +71,11 @@ def _bias_act_grad_kernel(gy_ptr, y_ptr, gx_ptr, partial_ptr, R, C, INNER, alpha
 
 
 def _index64(t: torch.Tensor) -> bool:
-    """Whether offsets into t need int64 (Triton computes them in int32 from int32 indices)."""
-    return t.numel() >= 2 ** 31 - 1
+    """Whether offsets into t need int64 (Triton computes them in int32 from int32 indices): its farthest
+    element, through its strides, at 2**31 - 1 or beyond."""
+    if t.numel() == 0:
+        return False
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) >= 2 ** 31 - 1
 
 
 def _blocks(R: int, C: int, inner: int) -> tuple[int, int]:
