@@ -22,7 +22,7 @@ STEPS = 5      # steps before the checkpoint
 MORE = 3       # steps after it
 
 _WORKER = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     import torch.distributed as dist
     from torch import nn
     import fastgan.distributed as fd
@@ -69,6 +69,12 @@ _WORKER = textwrap.dedent("""
     if fd.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Everything is written and the group is gone: leave without interpreter finalisation, where gloo's
+    # worker threads can still be torn down and abort the process ("terminate called without an active
+    # exception", SIGABRT after a run whose results were complete: seen once in CI, pytorch#190489).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 
@@ -163,7 +169,7 @@ def test_single_process_helpers_are_no_ops():
 
 
 _DDP_LOOP = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     import torch.distributed as dist
     from torch import nn
     import fastgan.distributed as fd
@@ -216,6 +222,12 @@ _DDP_LOOP = textwrap.dedent("""
     if fd.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    # Everything is written and the group is gone: leave without interpreter finalisation, where gloo's
+    # worker threads can still be torn down and abort the process ("terminate called without an active
+    # exception", SIGABRT after a run whose results were complete: seen once in CI, pytorch#190489).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 
