@@ -504,12 +504,30 @@ def _apply_saved(args: argparse.Namespace, saved: dict[str, Any]) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from fastgan import distributed as fdist
     try:
-        return _train(args)
+        code = _train(args)
     except UsageError as exc:
         print(f"fastgan train: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
+        code = 2
+    except BaseException:
         fdist.destroy()
+        raise
+    worker = fdist.is_initialized()
+    fdist.destroy()
+    if worker:
+        _leave_worker(code)
+    return code
+
+
+def _leave_worker(code: int) -> None:
+    """End a torchrun worker whose files are written and whose process group is destroyed, skipping the
+    interpreter's finalisation: gloo's worker threads can still be torn down there and abort the process
+    (SIGABRT, "terminate called without an active exception": pytorch#190489), which made a complete run
+    exit with a failure (seen in CI with the same DDP set-up)."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _start_processes(args: argparse.Namespace):
