@@ -1099,8 +1099,8 @@ class Trainer:
             self._graph_hypers = None
             self._quick_recaptures = self._quick_recaptures + 1 if self._replays_since_capture < 50 else 0
             if self._quick_recaptures >= 3:  # capturing again every few steps: slower than no graphs
-                self._stop_graphs("the optimizers' hyperparameters (other than the learning rate) or the EMA's "
-                                  "beta change every few steps (a momentum-cycling LR schedule?), so the captured "
+                self._stop_graphs("the optimizers' hyperparameters (other than the fused optimizers' learning "
+                                  "rates) or the EMA's beta change every few steps (a momentum-cycling LR schedule?), so the captured "
                                   "steps would be captured again and again")
 
     def _stop_graphs(self, why: str) -> None:
@@ -1119,6 +1119,8 @@ class Trainer:
         if not self._graphs_on:
             return eager(real, z, r1_due)
         self._refresh_graph_arguments()
+        if not self._graphs_on:  # just turned off (hyperparameters changing every few steps)
+            return eager(real, z, r1_due)
         shape = real.shape if isinstance(real, torch.Tensor) else (real,)
         key = (kind, tuple(shape), z is not None, r1_due)
         entry = self._graphs.get(key)

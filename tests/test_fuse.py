@@ -402,6 +402,10 @@ def test_fused_conv_modules_take_unbatched_input():
         torch.testing.assert_close(fused(x[None])[0], fused(x))
 
 
+def _scale_unless_training(module, h):
+    return h if module.training else h * 3.0
+
+
 def test_fuse_leaves_forwards_with_python_branches_alone():
     """fx records one path through forward: a branch not taken while tracing (``noise is None`` is never
     true for a Proxy; ``self.training`` takes the mode of the moment) may put work between a layer and its
@@ -441,6 +445,22 @@ def test_fuse_leaves_forwards_with_python_branches_alone():
         def forward(self, x):
             return super().forward(x) + 1.0
 
+    class HelperBase(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def _scale(self, h):
+            return h if self.training else h * 3.0
+
+    class SuperHelper(HelperBase):  # the branch in a base-class helper reached through super()
+        def forward(self, x):
+            return self.act(super()._scale(self.fc(x)))
+
+    class ModuleHelper(HelperBase):  # ... and in a function of the module called by name
+        def forward(self, x):
+            return self.act(_scale_unless_training(self, self.fc(x)))
+
     class Straight(nn.Module):  # no branch: fused
         def __init__(self):
             super().__init__()
@@ -450,7 +470,7 @@ def test_fuse_leaves_forwards_with_python_branches_alone():
             return self.act(self.fc(x))
 
     x = torch.randn(5, 4)
-    for cls in (NoiseBranch, EvalBranch, Derived):
+    for cls in (NoiseBranch, EvalBranch, Derived, SuperHelper, ModuleHelper):
         torch.manual_seed(0)
         model = cls()
         fused = fastgan.fuse(model)

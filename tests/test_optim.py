@@ -784,6 +784,13 @@ def test_validation_errors():
         with pytest.raises(ValueError, match=message):
             opt.add_param_group(dict(params=clone_params(ps[2:]), **group))
         assert len(opt.param_groups) == len(opt._buckets) == 1  # the rejected group left nothing behind
+    opt = FusedAdam(clone_params(ps[:2]), lr=0.1)
+    with pytest.raises(ValueError, match="floating point"):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)]))
+    assert len(opt.param_groups) == len(opt._buckets) == 1
+    late = clone_params(ps[2:3])
+    opt.add_param_group(dict(params=late, lr=0.5))  # takes position 1, its own lr
+    assert opt._buckets[1][0].group_index == 1 and opt.param_groups[1]["lr"] == 0.5
     twice = clone_params(ps)
     with pytest.raises(ValueError, match="more than once"):
         FusedAdam(twice + twice[:1])

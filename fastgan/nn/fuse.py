@@ -136,37 +136,44 @@ _BRANCHES = (ast.If, ast.IfExp, ast.While, ast.BoolOp, ast.Try, ast.Match)
 
 
 def _forward_branches(m: nn.Module) -> bool:
-    """Whether ``m``'s forward, or a method of ``m``'s class that it calls as ``self.<name>(...)`` (and so
-    on), branches in Python (or cannot be read): fx would record only the path its tracing took."""
-    cls, seen, todo = type(m), set(), ["forward"]
+    """Whether ``m``'s forward, or Python code it calls -- methods of ``m``'s class reached as
+    ``self.<name>(...)``, ``super().<name>(...)`` or ``<Class>.<name>(self, ...)``, and functions of their
+    modules called by name -- branches in Python (or cannot be read): fx would record only the path its
+    tracing took. Calls reached any other way stay invisible."""
+    cls = type(m)
+
+    def methods(name: str) -> list:
+        # every class of the MRO that defines it (super() runs a base class's); nn.Module's own excluded
+        found = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
+        return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
+
+    todo, seen = methods("forward"), set()
     while todo:
-        name = todo.pop()
-        if name in seen:
+        fn = todo.pop()
+        if fn in seen:
             continue
-        seen.add(name)
-        # Every class of the MRO that defines it (super().forward() runs a base class's).
-        functions = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
-        functions = [getattr(fn, "__func__", fn) for fn in functions]  # staticmethod / classmethod
-        functions = [fn for fn in functions if inspect.isfunction(fn) and not fn.__module__.startswith("torch.")]
-        for fn in functions:  # (others: a child module or an attribute; nn.Module's own methods)
-            if _branches_in(fn, todo):
-                return True
-    return False
-
-
-def _branches_in(fn, todo: list) -> bool:
-    """Whether function ``fn``'s source branches (or cannot be read); queues the ``self.<name>(...)`` it calls."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return True
-    for node in ast.walk(tree):
-        if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
+        seen.add(fn)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
             return True
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"):
-            todo.append(node.func.attr)
+        for node in ast.walk(tree):
+            if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
+                return True
+            if not isinstance(node, ast.Call):
+                continue
+            if isinstance(node.func, ast.Attribute):  # self.x(...), super().x(...), Base.x(self, ...)
+                todo.extend(methods(node.func.attr))
+            elif isinstance(node.func, ast.Name):  # a helper function of the module
+                target = fn.__globals__.get(node.func.id)
+                if _own_code(target):
+                    todo.append(target)
     return False
+
+
+def _own_code(fn) -> bool:
+    """A Python function outside torch (whose own modules fx traces as leaves or knows)."""
+    return inspect.isfunction(fn) and not (fn.__module__ or "").startswith("torch")
 
 
 def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:

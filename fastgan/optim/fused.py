@@ -313,7 +313,7 @@ class _FusedOptimizer(Optimizer):
             raise TypeError(f"ema must be a fastgan.optim.EMA or None, got {type(ema).__name__}")
         self._buckets: list[list[_Bucket]] = []  # per param group
         self._device: torch.device | None = None
-        self._device_lr: dict[int, list] | None = None  # see use_device_lr
+        self._device_lr: list[list] | None = None  # per group position; see use_device_lr
         self.ema = ema
         super().__init__(params, defaults)
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device or "cpu")
@@ -329,19 +329,21 @@ class _FusedOptimizer(Optimizer):
                 raise ValueError("params: a parameter appears more than once in a param group")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        try:
+        try:  # a rejected group leaves nothing behind (later groups would take its place and settings)
             self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
+            device = self._device
+            for p in group["params"]:
+                device = device or p.device
+                if p.device != device:
+                    raise ValueError(f"params: all parameters must be on one device; got {device} and {p.device}")
+                if not p.is_floating_point():
+                    raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
         except Exception:
             self.param_groups.pop()
             raise
+        self._device = device
         by_key: dict[tuple, list] = defaultdict(list)
         for p in group["params"]:
-            if self._device is None:
-                self._device = p.device
-            elif p.device != self._device:
-                raise ValueError(f"params: all parameters must be on one device; got {self._device} and {p.device}")
-            if not p.is_floating_point():
-                raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
             by_key[(p.dtype, p.device)].append(p)
         buckets = [_Bucket(ps) for ps in by_key.values()]
         for b in buckets:
