@@ -321,16 +321,9 @@ def evaluate(trainer, data, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sample(trainer, n: int, ema: bool):
-    """``n`` samples on the CPU, drawn in chunks (eval mode for BatchNorm, restored after)."""
+    """``n`` samples on the CPU, drawn in chunks (Trainer.sample runs G in eval mode, without grad)."""
     import torch
-    generator = trainer.generator
-    was_training = generator.training
-    generator.eval()
-    try:
-        chunks = [trainer.sample(min(1024, n - i), ema=ema).detach().float().cpu() for i in range(0, n, 1024)]
-    finally:
-        generator.train(was_training)
-    return torch.cat(chunks)
+    return torch.cat([trainer.sample(min(1024, n - i), ema=ema).float().cpu() for i in range(0, n, 1024)])
 
 
 def _fixed_noise(trainer, n: int, seed: int):
@@ -349,22 +342,16 @@ def _draw_pictures(trainer, data, config: dict[str, Any], out: Path, history: di
     step = int(history["step"][-1]) if history.get("step") else 0
     title = f"{data.name} · {config['model']} · {config['loss']} · step {step}"
     use_ema = config["ema_beta"] is not None
-    generator = trainer.generator
-    was_training = generator.training
-    generator.eval()
-    try:
-        if data.mixture is not None:
-            samples = _sample(trainer, 2500, use_ema)
-            save_samples(out / "samples.png", samples, modes=data.mixture.modes, std=data.mixture.std, title=title)
-        elif data.kind == "images":
-            z = _fixed_noise(trainer, NUM_PICTURE_SAMPLES, config["seed"])
-            samples = trainer.sample(NUM_PICTURE_SAMPLES, z=z, ema=use_ema).detach().float().cpu()
-            save_samples(out / "samples.png", samples, title=title, dark_on_light=data.name == "digits")
-        else:
-            samples = _sample(trainer, 1000, use_ema)
-            save_samples(out / "samples.png", samples, real=data.train[:1000], title=title)
-    finally:
-        generator.train(was_training)
+    if data.mixture is not None:
+        samples = _sample(trainer, 2500, use_ema)
+        save_samples(out / "samples.png", samples, modes=data.mixture.modes, std=data.mixture.std, title=title)
+    elif data.kind == "images":
+        z = _fixed_noise(trainer, NUM_PICTURE_SAMPLES, config["seed"])
+        samples = trainer.sample(NUM_PICTURE_SAMPLES, z=z, ema=use_ema).float().cpu()
+        save_samples(out / "samples.png", samples, title=title, dark_on_light=data.name == "digits")
+    else:
+        samples = _sample(trainer, 1000, use_ema)
+        save_samples(out / "samples.png", samples, real=data.train[:1000], title=title)
     save_training(out / "training.png", history, title=title)
 
 

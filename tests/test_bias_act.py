@@ -102,7 +102,10 @@ def test_triton_int64_offsets_path(monkeypatch):
     import fastgan.ops.triton.bias_act as bias_kernels
     import fastgan.ops.triton.linear_act as linear_kernels
     from fastgan.ops import linear_act
-    assert not bias_kernels._index64(torch.empty(0))
+    assert not bias_kernels._index64(torch.empty(0)) and not bias_kernels._index64(torch.empty(64, 32))
+    # the farthest element through the strides decides, not the element count (meta: no memory)
+    assert bias_kernels._index64(torch.empty(2 ** 31, device="meta"))
+    assert bias_kernels._index64(torch.empty(1, device="meta").as_strided((2, 3), (2 ** 31, 1)))
     monkeypatch.setattr(bias_kernels, "_index64", lambda t: True)
     monkeypatch.setattr(linear_kernels, "_index64", lambda t: True)
     for shape, dim, layout in ((2, 5, 3, 4), 1, "contiguous"), ((3, 6, 2, 5), 1, "channels_last"), ((7, 9), 1, "contiguous"):

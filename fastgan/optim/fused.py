@@ -710,12 +710,11 @@ class FusedAdam(_FusedOptimizer):
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, ema: EMA | None = None):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False, maximize=False,
                         foreach=None, capturable=False, differentiable=False, fused=None,
                         decoupled_weight_decay=bool(decoupled_weight_decay))
-        self._validate_group(defaults)
+        self._validate_group(defaults)  # betas too: then a pair
+        defaults["betas"] = tuple(betas)
         super().__init__(params, defaults, ema)
 
     def _validate_group(self, group, where: str = "") -> None:
