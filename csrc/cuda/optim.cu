@@ -78,11 +78,11 @@ template <typename T>
 __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
                             float* __restrict__ v, int64_t n, const float* __restrict__ steps,
                             const float* __restrict__ found_inf, const float* __restrict__ inv_scale,
-                            const float* __restrict__ lr_ptr, double lr_value, double beta1, double beta2, float eps,
+                            const double* __restrict__ lr_ptr, double lr_value, double beta1, double beta2, float eps,
                             double weight_decay, int decoupled, float* __restrict__ shadow, float ema_w) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
   // Per-thread scalars, in double as torch computes them on the host from Python floats.
-  const double lr = lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr_value;
+  const double lr = lr_ptr != nullptr ? *lr_ptr : lr_value;
   const double step = static_cast<double>(steps[0]) + 1.0;
   const double bc1 = 1.0 - pow(beta1, step);
   const double bc2 = 1.0 - pow(beta2, step);
@@ -116,11 +116,11 @@ __global__ void adam_kernel(T* __restrict__ p, const T* __restrict__ g, float* _
 template <typename T>
 __global__ void sgd_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ buf, int64_t n,
                            const float* __restrict__ steps, const float* __restrict__ found_inf,
-                           const float* __restrict__ inv_scale, const float* __restrict__ lr_ptr, double lr_value,
+                           const float* __restrict__ inv_scale, const double* __restrict__ lr_ptr, double lr_value,
                            float momentum, float dampening, int nesterov, float weight_decay,
                            float* __restrict__ shadow, float ema_w) {
   if (found_inf != nullptr && *found_inf != 0.f) return;
-  const float neg_lr = static_cast<float>(-(lr_ptr != nullptr ? static_cast<double>(*lr_ptr) : lr_value));
+  const float neg_lr = static_cast<float>(-(lr_ptr != nullptr ? *lr_ptr : lr_value));
   const float inv = inv_scale != nullptr ? *inv_scale : 1.f;
   const bool first = steps[0] == 0.f;  // torch: the momentum buffer starts as a clone of the gradient
   const float omd = 1.f - dampening;
@@ -180,7 +180,7 @@ int fastgan_optim_nonfinite_check(const void* grad, int dtype, int64_t n, const 
 // step; all steps_count entries are incremented unless the step is skipped. lr_ptr (device) overrides lr.
 int fastgan_optim_adam(void* param, const void* grad, int dtype, float* exp_avg, float* exp_avg_sq, int64_t n,
                        float* steps, int64_t steps_count, float* found_inf, int check_nonfinite,
-                       const float* inv_scale, const float* lr_ptr, double lr, double beta1, double beta2, double eps,
+                       const float* inv_scale, const double* lr_ptr, double lr, double beta1, double beta2, double eps,
                        double weight_decay, int decoupled, float* ema_shadow, double ema_beta, cudaStream_t stream) {
   int err = prologue(grad, dtype, n, inv_scale, found_inf, check_nonfinite, stream);
   if (err != 0) return err;
@@ -204,7 +204,7 @@ int fastgan_optim_adam(void* param, const void* grad, int dtype, float* exp_avg,
 // One SGD step (momentum_buffer may be null when momentum == 0); protocol as fastgan_optim_adam.
 int fastgan_optim_sgd(void* param, const void* grad, int dtype, float* momentum_buffer, int64_t n, float* steps,
                       int64_t steps_count, float* found_inf, int check_nonfinite, const float* inv_scale,
-                      const float* lr_ptr, double lr, double momentum, double dampening, int nesterov,
+                      const double* lr_ptr, double lr, double momentum, double dampening, int nesterov,
                       double weight_decay, float* ema_shadow, double ema_beta, cudaStream_t stream) {
   int err = prologue(grad, dtype, n, inv_scale, found_inf, check_nonfinite, stream);
   if (err != 0) return err;

@@ -13,11 +13,11 @@ int fastgan_optim_nonfinite_check(const void* grad, int dtype, int64_t n, const 
                                   cudaStream_t stream);
 int fastgan_optim_adam(void* param, const void* grad, int dtype, float* exp_avg, float* exp_avg_sq, int64_t n,
                        float* steps, int64_t steps_count, float* found_inf, int check_nonfinite,
-                       const float* inv_scale, const float* lr_ptr, double lr, double beta1, double beta2, double eps,
+                       const float* inv_scale, const double* lr_ptr, double lr, double beta1, double beta2, double eps,
                        double weight_decay, int decoupled, float* ema_shadow, double ema_beta, cudaStream_t stream);
 int fastgan_optim_sgd(void* param, const void* grad, int dtype, float* momentum_buffer, int64_t n, float* steps,
                       int64_t steps_count, float* found_inf, int check_nonfinite, const float* inv_scale,
-                      const float* lr_ptr, double lr, double momentum, double dampening, int nesterov,
+                      const double* lr_ptr, double lr, double momentum, double dampening, int nesterov,
                       double weight_decay, float* ema_shadow, double ema_beta, cudaStream_t stream);
 }
 
@@ -53,14 +53,20 @@ const float* optional_scalar(const c10::optional<at::Tensor>& t, const char* nam
 }
 
 // A tensor lr on the device is read by the kernel (so graph replays see scheduler updates); a CPU
-// tensor is read here (no device synchronisation).
-const float* lr_pointer(const c10::optional<at::Tensor>& lr_tensor, double& lr, const at::Tensor& like) {
+// tensor is read here (no device synchronisation). The device lr is float64, as the float lr of an
+// eager step is: a float32 copy of 2e-4 would move lr / bias_correction by an ulp now and then, and
+// a replayed step would not repeat the eager one bit for bit.
+const double* lr_pointer(const c10::optional<at::Tensor>& lr_tensor, double& lr, const at::Tensor& like) {
   if (!lr_tensor.has_value()) return nullptr;
   if (!lr_tensor->is_cuda()) {
     lr = lr_tensor->item<double>();
     return nullptr;
   }
-  return device_scalar(*lr_tensor, "lr tensor", like);
+  const at::Tensor& t = *lr_tensor;
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == at::kDouble && t.numel() == 1 && t.is_contiguous(),
+              "lr tensor must be a one-element float64 tensor on ", like.device(), ", got ", t.scalar_type(), " on ",
+              t.device(), " with ", t.numel(), " elements");
+  return t.data_ptr<double>();
 }
 
 void check_status(int err, const char* what) {
@@ -94,7 +100,7 @@ void optim_adam_step(const at::Tensor& param, const at::Tensor& grad, const at::
   check_buffer(exp_avg_sq, "exp_avg_sq", param, true);
   if (ema_shadow.has_value()) check_buffer(*ema_shadow, "ema_shadow", param, true);
   c10::cuda::CUDAGuard guard(param.device());
-  const float* lr_ptr = lr_pointer(lr_tensor, lr, param);
+  const double* lr_ptr = lr_pointer(lr_tensor, lr, param);
   check_status(
       fastgan_optim_adam(param.data_ptr(), grad.data_ptr(), dtype, exp_avg.data_ptr<float>(),
                          exp_avg_sq.data_ptr<float>(), param.numel(), device_scalar(steps, "steps", param),
@@ -119,7 +125,7 @@ void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad,
   if (momentum_buffer.has_value()) check_buffer(*momentum_buffer, "momentum_buffer", param, true);
   if (ema_shadow.has_value()) check_buffer(*ema_shadow, "ema_shadow", param, true);
   c10::cuda::CUDAGuard guard(param.device());
-  const float* lr_ptr = lr_pointer(lr_tensor, lr, param);
+  const double* lr_ptr = lr_pointer(lr_tensor, lr, param);
   check_status(
       fastgan_optim_sgd(param.data_ptr(), grad.data_ptr(), dtype,
                         momentum_buffer.has_value() ? momentum_buffer->data_ptr<float>() : nullptr, param.numel(),

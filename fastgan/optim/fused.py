@@ -555,7 +555,8 @@ class _FusedOptimizer(Optimizer):
     # ---- CUDA graphs -----------------------------------------------------------------------------
     def use_device_lr(self, enabled: bool = True) -> None:
         """From now on (``enabled``) the CUDA kernels read each param group's learning rate from a 0-d
-        float32 device tensor this optimizer owns, one per group position. A captured CUDA graph replays
+        float64 device tensor this optimizer owns, one per group position (float64 as the Python float of
+        an eager step: a replayed step then repeats an eager one bit for bit). A captured CUDA graph replays
         the arguments it was captured with: a float ``group["lr"]`` would stay what it was at capture,
         and a tensor one replaced by another (or the group replaced, as ``load_state_dict`` does) would
         go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does) copies
@@ -579,7 +580,7 @@ class _FusedOptimizer(Optimizer):
             return
         for i, group in enumerate(self.param_groups):
             if i == len(entries):
-                entries.append([torch.empty((), dtype=torch.float32, device=self._device), None])
+                entries.append([torch.empty((), dtype=torch.float64, device=self._device), None])
             entry, lr = entries[i], group["lr"]
             if isinstance(lr, torch.Tensor) and lr.device.type == "cuda":
                 entry[0].copy_(lr.reshape(()))
@@ -598,7 +599,7 @@ class _FusedOptimizer(Optimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device == b.device and b.device.type == "cuda":
-                return (lr if lr.dtype == torch.float32 else lr.float()).reshape(()), 0.0
+                return (lr if lr.dtype == torch.float64 else lr.double()).reshape(()), 0.0
             return None, float(lr)
         return None, float(lr)
 

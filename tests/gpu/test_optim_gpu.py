@@ -184,6 +184,36 @@ def test_state_dict_round_trip_with_torch(cuda_device):
     assert_close_scaled(back_p, ours_p, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_device_lr_steps_equal_float_lr_steps_bit_for_bit(cuda_device, kind):
+    """use_device_lr (the Trainer's CUDA graphs read lr from the device) must not change a step's
+    arithmetic. 2e-4 has no exact float32 value: a float32 device copy moved lr / bias_correction1 by an
+    ulp now and then, and Adam's later steps amplified that into 3.5e-5 weight differences between
+    graphed and eager DCGAN training (H100, tests/gpu/test_trainer_gpu.py)."""
+    def build(ps):
+        if kind == "sgd":
+            return FusedSGD(ps, lr=2e-4, momentum=0.9, weight_decay=1e-2)
+        return FusedAdam(ps, lr=2e-4, betas=(0.5, 0.999), weight_decay=1e-2, decoupled_weight_decay=kind == "adamw")
+
+    device_p = params_on(cuda_device)
+    float_p = clone(device_p)
+    on_device, on_host = build(device_p), build(float_p)
+    on_device.use_device_lr()
+    gen = torch.Generator(device=cuda_device).manual_seed(11)
+    for i in range(12):
+        if i == 6:  # a scheduler's new value, also without an exact float32 one
+            for opt in (on_device, on_host):
+                opt.param_groups[0]["lr"] = 1e-3 / 3
+            on_device.sync_device_lr()
+        for p, q, g in zip(device_p, float_p, random_grads(device_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        on_device.step()
+        on_host.step()
+    assert on_device._device_lr is not None and on_device._device_lr[0][0].dtype == torch.float64
+    for p, q in zip(device_p, float_p):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_cuda_graph_capture_of_a_step(cuda_device, kind):
     """A step (with EMA and inv_scale, lr as a device tensor) captured once and replayed matches eager
