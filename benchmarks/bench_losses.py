@@ -2,6 +2,11 @@
 two BCEWithLogitsLoss calls (against ones / zeros, each followed by backward) vs torch.compile of that
 eager code. All contenders see the same logits (several input sets, rotated) in one run.
 
+On CUDA each size is timed in two modes (``common.op_timing_modes``): as called (groups ending in
+``(cuda)``: bound by the host's dispatch and launches at these sizes) and as a CUDA-graph replay of the
+same forward + backward on one input set (``(cuda, graphed)``: device time, as inside fastgan.Trainer's
+captured steps).
+
     python -m pytest benchmarks/bench_losses.py --benchmark-enable
 """
 import itertools
@@ -10,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import common
 from fastgan.ops import d_loss
 
 SIZES = [64, 4096, 262144]
@@ -80,20 +86,28 @@ def bench_contenders_agree(n):
         torch.testing.assert_close(gf, results["eager"][2], rtol=1e-5, atol=1e-8, msg=name)
 
 
+@pytest.mark.parametrize("mode", common.op_timing_modes(DEVICE))
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 @pytest.mark.parametrize("n", SIZES)
-def bench_d_loss_forward_backward(benchmark, contender, n):
+def bench_d_loss_forward_backward(benchmark, contender, n, mode):
     step = CONTENDERS[contender]
-    inputs = itertools.cycle(_input_sets(n))
-    for _ in range(3):  # warm-up (and compilation) outside the timed rounds
-        _run(step, *next(inputs))
-    _sync()
-
-    def one_step():
-        _run(step, *next(inputs))
+    group = f"d_loss fwd+bwd N={n} ({DEVICE.type})"
+    iterations = 5 if n < 100000 else 1
+    if mode == "graphed":
+        real, fake = _input_sets(n)[0]
+        one_step = common.graphed(lambda: _run(step, real, fake))
+        iterations = one_step.steps
+        group = group[:-1] + ", graphed)"  # "... (cuda)" -> "... (cuda, graphed)"
+    else:
+        inputs = itertools.cycle(_input_sets(n))
+        for _ in range(3):  # warm-up (and compilation) outside the timed rounds
+            _run(step, *next(inputs))
         _sync()
 
-    benchmark.group = f"d_loss fwd+bwd N={n} ({DEVICE.type})"
-    benchmark.extra_info.update(contender=contender, n=n, device=DEVICE.type)
-    benchmark.pedantic(one_step, rounds=200 if n < 100000 else 30, iterations=5 if n < 100000 else 1,
-                       warmup_rounds=1)
+        def one_step():
+            _run(step, *next(inputs))
+            _sync()
+
+    benchmark.group = group
+    benchmark.extra_info.update(contender=contender, n=n, device=DEVICE.type, mode=mode)
+    benchmark.pedantic(one_step, rounds=200 if n < 100000 else 30, iterations=iterations, warmup_rounds=1)
