@@ -303,6 +303,22 @@ def test_gpu_check_dry_run(tmp_path):
     assert (out / "report.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU mode; a CUDA machine runs it for real")
+def test_gpu_check_keeps_for_the_suites_only_what_they_need(tmp_path):
+    """A small budget with one suite still gives tests/gpu its asked limit: the time kept for the suites
+    follows their number (a flat 200 s left a 300 s call with two suites 17 s of tests on an H100)."""
+    out = tmp_path / "o"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FASTGAN_GPU_CHECK_SUITES="bench_losses", FASTGAN_GPU_CHECK_BUDGET="200",
+               FASTGAN_GPU_CHECK_TESTS_LIMIT="100")
+    subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(out)], cwd=tmp_path, env=env,
+                   capture_output=True, text=True, timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert "tests/gpu: ok" in summary and "gets" not in summary, summary
+    assert "bench_losses (collect only): ok" in summary
+
+
 def test_gpu_check_refuses_without_cuda_unless_dry_run(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
