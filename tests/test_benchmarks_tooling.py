@@ -342,3 +342,41 @@ def test_profile_kernels_tables_each_variant(capsys):
         assert float(line.split()[1]) > 0
     with pytest.raises(SystemExit):
         profile.main(["no-such-problem"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel_resources.py
+# ---------------------------------------------------------------------------------------------------
+
+def _kernel_resources(*args, interpret: bool):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, str(BENCH / "kernel_resources.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_no_triton_launch_spills_registers_on_sm90(tmp_path):
+    """Every kernel launch of every op at the benchmarks' sizes, compiled offline for an H100 by
+    Triton's own ptxas: none spills registers to the stack (a spilling kernel is several times slower on
+    the GPU, and nothing else run on a CPU shows it). The check itself must find a spill where there is
+    one: d_loss's 4096-logit program at Triton's default 4 warps (as before the warps grew with the block)."""
+    result = _kernel_resources(interpret=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "0 with spills" in result.stdout
+    for kernel in ("_d_loss_kernel", "_g_loss_kernel", "_bias_act_grad_kernel", "_linear_act_kernel",
+                   "_stats_kernel", "_single_pass_backward_kernel"):
+        assert kernel in result.stdout
+
+    recorded = _kernel_resources("--record-only", "--ops", "d_loss", interpret=True)
+    assert recorded.returncode == 0, recorded.stderr[-4000:]
+    launches = json.loads(recorded.stdout)
+    big = [l for l in launches if l["kernel"] == "_d_loss_kernel" and l["args"]["BLOCK"] == 4096]
+    assert big and all(l["options"]["num_warps"] == 16 for l in big)
+    for launch in big:
+        launch["options"]["num_warps"] = 4
+    path = tmp_path / "launches.json"
+    path.write_text(json.dumps(launches))
+    spilled = _kernel_resources("--launches", str(path), interpret=False)
+    assert spilled.returncode == 1 and "<-- spills" in spilled.stdout, spilled.stdout[-4000:] + spilled.stderr

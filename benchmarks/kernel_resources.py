@@ -1,0 +1,270 @@
+"""Registers and spills of every Triton kernel launch fastgan's ops make, compiled for sm_90 without a GPU.
+
+A kernel that spills registers to local memory on the GPU runs several times slower than one that does
+not, and nothing on a CPU machine shows it: the interpreter runs the same code at the same speed either
+way. This script finds such launches on any machine. Triton's wheel ships ptxas and cuobjdump, so it
+can compile each launch for an H100 offline and read its resource usage.
+
+    python benchmarks/kernel_resources.py             # table of every distinct launch; exit 1 on a spill
+    python benchmarks/kernel_resources.py --ops d_loss,bias_act
+
+It works in two phases, each in its own process. Triton decides at import whether ``@triton.jit`` gives
+interpreted or compiled kernels, so one process cannot do both.
+
+1. With ``TRITON_INTERPRET=1``, run each op (``impl="triton"``, forward and backward) on CPU tensors of
+   the benchmarks' GAN sizes. Record every launch: kernel, argument types, constexprs and num_warps, as
+   the wrappers pick them for CUDA tensors where they pick by device (``_as_on_cuda``).
+   The kernels are not executed (their outputs stay uninitialised), so large shapes cost only their
+   allocation.
+2. Without the interpreter, compile each distinct launch with ``triton.compile`` for
+   ``GPUTarget("cuda", 90, 32)`` and read REG / STACK / LOCAL from ``cuobjdump --dump-resource-usage``.
+
+Needs triton >= 3.2's ``ASTSource(fn, signature, constexprs)``. Tested with 3.9.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS = ("d_loss", "g_loss", "bias_act", "linear_act", "batch_norm_act")
+DTYPE_CODES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16", "int32": "i32",
+               "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
+
+
+# ---- phase 1: record the launches (TRITON_INTERPRET=1) ------------------------------------------------
+
+def _encode(value):
+    import torch
+    import triton.language as tl
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, tl.dtype):
+        return {"tl_dtype": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
+
+
+def _workloads(ops: tuple[str, ...]):
+    """(label, thunk) pairs: each thunk runs one op's forward and backward at one benchmark size."""
+    import torch
+
+    from fastgan import ops as F
+
+    def leaf(*shape, dtype=torch.float32, channels_last=False):
+        t = torch.randn(*shape, dtype=dtype)
+        if channels_last:
+            t = t.to(memory_format=torch.channels_last)
+        return t.requires_grad_()
+
+    work = []
+    if "d_loss" in ops:
+        for n in (64, 4096, 262144):
+            work.append((f"d_loss n={n}", lambda n=n: F.d_loss(leaf(n), leaf(n), "nonsaturating",
+                                                                impl="triton").loss.backward()))
+    if "g_loss" in ops:
+        for n in (64, 4096, 262144):
+            work.append((f"g_loss n={n}", lambda n=n: F.g_loss(leaf(n), "nonsaturating", impl="triton").backward()))
+    if "bias_act" in ops:
+        for cl in (False, True):
+            for dtype in (torch.float32, torch.bfloat16):
+                def run(cl=cl, dtype=dtype):
+                    x, b = leaf(32, 128, 16, 16, dtype=dtype, channels_last=cl), leaf(128, dtype=dtype)
+                    F.bias_act(x, b, act="lrelu", impl="triton").sum().backward()
+                work.append((f"bias_act {dtype} channels_last={cl}", run))
+        work.append(("bias_act clamp=256", lambda: F.bias_act(leaf(32, 128, 16, 16), leaf(128), act="lrelu",
+                                                               gain=2 ** 0.5, clamp=256.0,
+                                                               impl="triton").sum().backward()))
+    if "linear_act" in ops:
+        for batch, features in ((64, 256), (512, 1024)):
+            for dtype in (torch.float32, torch.bfloat16):
+                def run(batch=batch, features=features, dtype=dtype):
+                    x, w, b = leaf(batch, features, dtype=dtype), leaf(features, features, dtype=dtype), \
+                        leaf(features, dtype=dtype)
+                    F.linear_act(x, w, b, act="lrelu", impl="triton").sum().backward()
+                work.append((f"linear_act {batch}x{features} {dtype}", run))
+    if "batch_norm_act" in ops:
+        shapes = [((64, 64, 32, 32), False), ((64, 128, 16, 16), False), ((64, 256, 8, 8), False),
+                  ((64, 512, 4, 4), False), ((64, 128, 16, 16), True), ((64, 256), False)]
+        for shape, cl in shapes:
+            for training in (True, False):
+                def run(shape=shape, cl=cl, training=training):
+                    c = shape[1]
+                    x = leaf(*shape, channels_last=cl)
+                    w, b = leaf(c), leaf(c)
+                    rm, rv = torch.zeros(c), torch.ones(c)
+                    F.batch_norm_act(x, w, b, rm, rv, training, act="lrelu", impl="triton").sum().backward()
+                work.append((f"batch_norm_act {shape} channels_last={cl} training={training}", run))
+    return work
+
+
+def _as_on_cuda(kernel: str, values: dict, options: dict) -> None:
+    """Where a wrapper picks a launch by device, put in what it picks for CUDA tensors (the recording
+    runs on CPU ones): the linear layer's tiles and warps, tl.dot without the interpreter's workaround,
+    and TF32 for float32 operands (full-precision float32 goes to cuBLAS on CUDA, not to this kernel)."""
+    if kernel == "_linear_act_kernel":
+        import torch
+
+        from fastgan.ops.triton.linear_act import _config
+        block_m, block_n, block_k, warps = _config(values["M"], values["N"], values["K"], torch.device("cuda"))
+        values.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IN_ACC=False)
+        if values.get("DOT_PRECISION") == "ieee":
+            values["DOT_PRECISION"] = "tf32"
+        options["num_warps"] = warps
+
+
+def record(ops: tuple[str, ...]) -> list[dict]:
+    import triton.runtime.interpreter as interpreter
+
+    launches, seen = [], set()
+    current = {"label": ""}
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        values = dict(zip(self.arg_names, args)) | kwargs
+        _as_on_cuda(self.fn.__name__, values, options)
+        entry = {"module": self.fn.__module__, "kernel": self.fn.__name__,
+                 "args": {k: _encode(v) for k, v in values.items()}, "options": options}
+        key = json.dumps(entry, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            launches.append(entry | {"first_seen": current["label"]})
+        return None  # not executed: only the launch's shape matters here
+
+    interpreter.InterpretedFunction.run = recording_run
+    for label, thunk in _workloads(ops):
+        current["label"] = label
+        thunk()
+    return launches
+
+
+# ---- phase 2: compile each launch for sm_90 and read its resource usage -----------------------------
+
+def _signature(fn, args: dict) -> tuple[dict, dict]:
+    import triton.language as tl
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        value = args.get(p.name, p.default if p.has_default else None)
+        if p.is_constexpr:
+            if isinstance(value, dict) and "tl_dtype" in value:
+                value = tl.dtype(value["tl_dtype"])
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+        elif isinstance(value, dict) and "tensor" in value:
+            signature[p.name] = "*" + DTYPE_CODES[value["tensor"]]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {p.name}={value!r}")
+    return signature, constexprs
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    line = next(l for l in out.splitlines() if "REG:" in l)
+    fields = dict(item.split(":") for item in line.split() if ":" in item)
+    return {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL", "SHARED")}
+
+
+def compile_launches(launches: list[dict]) -> list[dict]:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    rows = []
+    for launch in launches:
+        fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        signature, constexprs = _signature(fn, launch["args"])
+        options = {"num_warps": launch["options"].get("num_warps", 4)}
+        if "num_stages" in launch["options"]:
+            options["num_stages"] = launch["options"]["num_stages"]
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=target, options=options)
+        usage = _resource_usage(compiled.asm["cubin"])
+        shown = {k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("ROWS", "CHUNK", "TILE")}
+        rows.append({"kernel": launch["kernel"], "first_seen": launch["first_seen"],
+                     "num_warps": options["num_warps"], "blocks": shown, **usage})
+    return rows
+
+
+def all_kernels(ops: tuple[str, ...]) -> list[str]:
+    """The @triton.jit kernels (names ending in _kernel) that ``ops`` own: each op's module in
+    fastgan/ops/triton, the loss module's kernels split by their d_ / g_ prefix."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+    names = set()
+    for op in ops:
+        module = importlib.import_module(f"fastgan.ops.triton.{'losses' if op.endswith('_loss') else op}")
+        names |= {n for n, v in vars(module).items() if isinstance(v, JITFunction) and n.endswith("_kernel")
+                  and (not op.endswith("_loss") or n.startswith(f"_{op}"))}
+    return sorted(names)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    parser.add_argument("--record-only", action="store_true",
+                        help="phase 1 only (run with TRITON_INTERPRET=1): print the recorded launches as JSON")
+    parser.add_argument("--launches", metavar="JSON", help="phase 2 only: compile the launches of this file "
+                        "(the output of --record-only, possibly edited)")
+    args = parser.parse_args(argv)
+    ops = tuple(o for o in args.ops.split(",") if o)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; expected a subset of {','.join(OPS)}")
+    if args.record_only:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--record-only runs the ops through Triton's interpreter: set TRITON_INTERPRET=1")
+        json.dump(record(ops), sys.stdout)
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: this process compiles real kernels (the recording runs in a child)")
+    if args.launches:
+        launches = json.loads(Path(args.launches).read_text())
+    else:
+        env = dict(os.environ, TRITON_INTERPRET="1",
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        child = subprocess.run([sys.executable, __file__, "--record-only", "--ops", ",".join(ops)], env=env,
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            print(child.stderr, file=sys.stderr)
+            return 2
+        launches = json.loads(child.stdout)
+    rows = compile_launches(launches)
+    missed = sorted(set(all_kernels(ops)) - {r["kernel"] for r in rows})
+    print(f"{'kernel':34} {'warps':>5} {'REG':>4} {'STACK':>5} {'LOCAL':>5}  blocks  (first seen in)")
+    spills = 0
+    for r in rows:
+        flag = "  <-- spills" if r["STACK"] or r["LOCAL"] else ""
+        spills += bool(flag)
+        print(f"{r['kernel']:34} {r['num_warps']:>5} {r['REG']:>4} {r['STACK']:>5} {r['LOCAL']:>5}  "
+              f"{r['blocks']}  ({r['first_seen']}){flag}")
+    print(f"{len(rows)} distinct launches, {spills} with spills")
+    if missed:
+        print(f"kernels no workload launched (add a workload to _workloads): {', '.join(missed)}")
+    return 1 if spills or missed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
