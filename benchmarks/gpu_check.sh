@@ -12,7 +12,7 @@
 #
 # Knobs for a second call in the same lease: FASTGAN_GPU_CHECK_SKIP_BUILD=1 uses a fastgan._C carried
 # with the tree; FASTGAN_GPU_CHECK_TESTS_LIMIT (seconds, default 150) for tests/gpu, 0 to skip it (it gets
-# less where the budget must keep ~45 s per suite, and says so in summary.txt);
+# less where the budget must keep the suites' time, and says so in summary.txt);
 # FASTGAN_GPU_CHECK_SUITES="bench_losses bench_optim" runs only those suites, in that order;
 # FASTGAN_GPU_CHECK_TESTS_ARGS adds pytest arguments for tests/gpu ("-n 8" with pytest-xdist: the
 # Triton compiles, most of its time, then run on 8 cores).
@@ -125,12 +125,22 @@ fi
 # 2. tests/gpu: every kernel against its reference on the GPU (skipped on CPU machines).
 TESTS_LIMIT="${FASTGAN_GPU_CHECK_TESTS_LIMIT:-150}"
 if [ "$TESTS_LIMIT" != 0 ]; then
-    # Keep ~45 s per suite (and the report's time) for step 3, at most 200 s: a flat 200 s starved the
-    # tests of a call that runs one or two suites under a small budget (17 s, H100, 2026-11-26).
-    RESERVE=$(( 45 * ${#SUITES[@]} + 25 )); RESERVE=$(( RESERVE > 200 ? 200 : RESERVE ))
+    # Keep what the chosen suites need for step 3 (their times on an H100, 2026-11-26, and the report's
+    # 25 s), at most 200 s: a flat 200 s starved the tests of a call that ran two suites under a small
+    # budget (17 s).
+    RESERVE=25
+    for suite in "${SUITES[@]}"; do
+        case "$(basename "$suite" .py)" in
+            bench_step) RESERVE=$(( RESERVE + 95 )) ;;
+            bench_ablation) RESERVE=$(( RESERVE + 60 )) ;;
+            *) RESERVE=$(( RESERVE + 40 )) ;;
+        esac
+    done
+    RESERVE=$(( RESERVE > 200 ? 200 : RESERVE ))
     LIMIT=$(( $(remaining) - RESERVE )); LIMIT=$(( LIMIT > TESTS_LIMIT ? TESTS_LIMIT : LIMIT ))
+    LIMIT=$(( LIMIT < 0 ? 0 : LIMIT ))
     if [ "$LIMIT" -lt "$TESTS_LIMIT" ]; then
-        echo "gpu_check: tests/gpu gets ${LIMIT}s of the ${TESTS_LIMIT}s asked (budget ${BUDGET}s; ${RESERVE}s kept for ${#SUITES[@]} suites)" | tee -a "$SUMMARY"
+        echo "gpu_check: tests/gpu gets ${LIMIT}s of the ${TESTS_LIMIT}s asked (budget ${BUDGET}s; ${RESERVE}s kept for ${#SUITES[@]} suite(s))" | tee -a "$SUMMARY"
     fi
     OK_CODES="5" run_phase "tests/gpu" "$LIMIT" "$OUT/tests_gpu.log" \
         "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" \
