@@ -65,7 +65,7 @@ const double* lr_pointer(const c10::optional<at::Tensor>& lr_tensor, double& lr,
   const at::Tensor& t = *lr_tensor;
   TORCH_CHECK(t.device() == like.device() && t.scalar_type() == at::kDouble && t.numel() == 1 && t.is_contiguous(),
               "lr tensor must be a one-element float64 tensor on ", like.device(), ", got ", t.scalar_type(), " on ",
-              t.device(), " with ", t.numel(), " elements");
+              t.device(), " (numel ", t.numel(), ")");
   return t.data_ptr<double>();
 }
 

@@ -556,7 +556,8 @@ class _FusedOptimizer(Optimizer):
     def use_device_lr(self, enabled: bool = True) -> None:
         """From now on (``enabled``) the CUDA kernels read each param group's learning rate from a 0-d
         float64 device tensor this optimizer owns, one per group position (float64 as the Python float of
-        an eager step: a replayed step then repeats an eager one bit for bit). A captured CUDA graph replays
+        an eager step: with the extension's kernels a replayed step then repeats an eager one bit for bit;
+        a CUDA tensor ``group["lr"]`` is best float64 too, as other dtypes are converted at each step). A captured CUDA graph replays
         the arguments it was captured with: a float ``group["lr"]`` would stay what it was at capture,
         and a tensor one replaced by another (or the group replaced, as ``load_state_dict`` does) would
         go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does) copies
