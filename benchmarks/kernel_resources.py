@@ -54,7 +54,15 @@ def _encode(value):
 
 
 def _workloads(ops: tuple[str, ...]):
-    """(label, thunk) pairs: each thunk runs one op's forward and backward at one benchmark size."""
+    """(label, thunk, at_benchmark_sizes) triples: each op's forward and backward at the benchmarks' sizes
+    (float32, bfloat16), then the other variants the ops can launch (every activation and loss kind,
+    float16 / float64, no bias or affine, eval mode, no gradient, double backward) at small sizes, so
+    that every kernel variant is compiled for sm_90. A spill fails the check except in float64 (which
+    GAN training does not use on a GPU; its spills are reported)."""
+    return _benchmark_workloads(ops) + _variant_workloads(ops)
+
+
+def _benchmark_workloads(ops: tuple[str, ...]):
     import torch
 
     from fastgan import ops as F
@@ -103,7 +111,78 @@ def _workloads(ops: tuple[str, ...]):
                     rm, rv = torch.zeros(c), torch.ones(c)
                     F.batch_norm_act(x, w, b, rm, rv, training, act="lrelu", impl="triton").sum().backward()
                 work.append((f"batch_norm_act {shape} channels_last={cl} training={training}", run))
-    return work
+    return [(label, thunk, True) for label, thunk in work]
+
+
+def _double_backward(out, *inputs):
+    """d/d inputs of (the sum of the first-order input gradients squared): the R1 penalty's shape."""
+    import torch
+    grads = torch.autograd.grad(out.sum(), inputs, create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+
+
+def _variant_workloads(ops: tuple[str, ...]):
+    import torch
+
+    from fastgan import ops as F
+    from fastgan.ops.activations import ACTIVATIONS
+    from fastgan.ops.losses import LOSS_KINDS
+
+    def leaf(*shape, dtype=torch.float32, channels_last=False, grad=True):
+        t = torch.randn(*shape, dtype=dtype)
+        if channels_last:
+            t = t.to(memory_format=torch.channels_last)
+        return t.requires_grad_(grad)
+
+    # Every activation / loss kind in float32, every dtype with one of them: the kernels branch on each
+    # separately (a variant per pair would only multiply the compile time).
+    def pairs(names, first):
+        return [(name, torch.float32) for name in names] + \
+            [(first, dtype) for dtype in (torch.bfloat16, torch.float16, torch.float64)]
+
+    work = []
+    for kind, dtype in pairs(LOSS_KINDS, "nonsaturating"):
+        for n in (100, 2000, 5000):  # one program (two block sizes); several programs and the finishing kernel
+            if "d_loss" in ops:
+                work.append((f"d_loss {kind} n={n} {dtype}", lambda kind=kind, n=n, dtype=dtype: F.d_loss(
+                    leaf(n, dtype=dtype), leaf(n, dtype=dtype), kind, impl="triton").loss.backward()))
+            if "g_loss" in ops:
+                work.append((f"g_loss {kind} n={n} {dtype}", lambda kind=kind, n=n, dtype=dtype: F.g_loss(
+                    leaf(n, dtype=dtype), kind, impl="triton").backward()))
+        if "d_loss" in ops:
+            work.append((f"d_loss {kind} {dtype} no grad", lambda kind=kind, dtype=dtype: F.d_loss(
+                leaf(100, dtype=dtype, grad=False), leaf(100, dtype=dtype, grad=False), kind, impl="triton")))
+        if "g_loss" in ops:
+            work.append((f"g_loss {kind} {dtype} no grad", lambda kind=kind, dtype=dtype: F.g_loss(
+                leaf(100, dtype=dtype, grad=False), kind, impl="triton")))
+    for act, dtype in pairs(ACTIVATIONS, "lrelu"):
+        if "bias_act" in ops:
+            def run(act=act, dtype=dtype):
+                x, b = leaf(3, 7, 5, 3, dtype=dtype), leaf(7, dtype=dtype)
+                _double_backward(F.bias_act(x, b, act=act, gain=1.5, impl="triton"), x, b)
+                F.bias_act(leaf(3, 7, 5, 3, dtype=dtype), None, act=act, clamp=0.5, impl="triton").sum().backward()
+            work.append((f"bias_act {act} {dtype}", run))
+        if "linear_act" in ops:
+            def run(act=act, dtype=dtype):
+                x, w, b = leaf(17, 33, dtype=dtype), leaf(65, 33, dtype=dtype), leaf(65, dtype=dtype)
+                _double_backward(F.linear_act(x, w, b, act=act, impl="triton"), x, w, b)
+                F.linear_act(leaf(17, 33, dtype=dtype), leaf(65, 33, dtype=dtype), None, act=act,
+                             impl="triton").sum().backward()
+            work.append((f"linear_act {act} {dtype}", run))
+        if "batch_norm_act" in ops:
+            def run(act=act, dtype=dtype):
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                for shape, cl in (((8, 6, 5, 5), False), ((8, 6, 5, 5), True), ((9, 6), False),
+                                  ((64, 64, 32, 32), False)):  # the last: the split (several-program) path
+                    c = shape[1]
+                    x, w, b = leaf(*shape, dtype=dtype, channels_last=cl), leaf(c, dtype=acc), leaf(c, dtype=acc)
+                    rm, rv = torch.zeros(c, dtype=acc), torch.ones(c, dtype=acc)
+                    _double_backward(F.batch_norm_act(x, w, b, rm, rv, True, act=act, impl="triton"), x, w, b)
+                    F.batch_norm_act(x, None, None, rm, rv, False, act=act, impl="triton").sum().backward()
+                    F.batch_norm_act(x, None, None, rm, rv, True, momentum=None, act=act, impl="triton",
+                                     num_batches_tracked=torch.tensor(3)).sum().backward()
+            work.append((f"batch_norm_act {act} {dtype}", run))
+    return [(label, thunk, False) for label, thunk in work]
 
 
 def _as_on_cuda(kernel: str, values: dict, options: dict) -> None:
@@ -124,8 +203,8 @@ def _as_on_cuda(kernel: str, values: dict, options: dict) -> None:
 def record(ops: tuple[str, ...]) -> list[dict]:
     import triton.runtime.interpreter as interpreter
 
-    launches, seen = [], set()
-    current = {"label": ""}
+    launches, seen = [], {}
+    current = {"label": "", "sizes": True}
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -135,13 +214,15 @@ def record(ops: tuple[str, ...]) -> list[dict]:
                  "args": {k: _encode(v) for k, v in values.items()}, "options": options}
         key = json.dumps(entry, sort_keys=True)
         if key not in seen:
-            seen.add(key)
-            launches.append(entry | {"first_seen": current["label"]})
+            seen[key] = entry | {"first_seen": current["label"], "sizes": current["sizes"]}
+            launches.append(seen[key])
+        elif current["sizes"] and not seen[key]["sizes"]:
+            seen[key].update(first_seen=current["label"], sizes=True)
         return None  # not executed: only the launch's shape matters here
 
     interpreter.InterpretedFunction.run = recording_run
-    for label, thunk in _workloads(ops):
-        current["label"] = label
+    for label, thunk, sizes in _workloads(ops):
+        current.update(label=label, sizes=sizes)
         thunk()
     return launches
 
@@ -206,14 +287,21 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def compile_launches(launches: list[dict]) -> list[dict]:
+    """One row per launch: its resource usage, or the compiler's error (``error``)."""
     rows = []
     for launch in launches:
-        compiled = compile_launch(launch)
-        usage = _resource_usage(compiled.asm["cubin"])
         shown = {k: v["tl_dtype"] if isinstance(v, dict) else v for k, v in launch["args"].items()
                  if k.startswith("BLOCK") or k in ("ROWS", "CHUNK", "ACC")}
-        rows.append({"kernel": launch["kernel"], "first_seen": launch["first_seen"],
-                     "num_warps": launch["options"].get("num_warps", 4), "blocks": shown, **usage})
+        float64 = shown.get("ACC") == "fp64" or any(isinstance(v, dict) and v.get("tensor") == "float64"
+                                                     for v in launch["args"].values())
+        row = {"kernel": launch["kernel"], "first_seen": launch["first_seen"], "sizes": launch.get("sizes", True),
+               "float64": float64, "num_warps": launch["options"].get("num_warps", 4), "blocks": shown,
+               "error": None}
+        try:
+            row.update(_resource_usage(compile_launch(launch).asm["cubin"]))
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile for sm_90 is the finding
+            row.update(REG=0, STACK=0, LOCAL=0, SHARED=0, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        rows.append(row)
     return rows
 
 
@@ -236,6 +324,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     parser.add_argument("--record-only", action="store_true",
                         help="phase 1 only (run with TRITON_INTERPRET=1): print the recorded launches as JSON")
+    parser.add_argument("--all", action="store_true", help="also list the variants that compile without spills")
     parser.add_argument("--launches", metavar="JSON", help="phase 2 only: compile the launches of this file "
                         "(the output of --record-only, possibly edited)")
     args = parser.parse_args(argv)
@@ -265,16 +354,30 @@ def main(argv=None) -> int:
     # Every kernel of the ops must have been launched by a workload (not asked of a given launch file).
     missed = [] if args.launches else sorted(set(all_kernels(ops)) - {r["kernel"] for r in rows})
     print(f"{'kernel':34} {'warps':>5} {'REG':>4} {'STACK':>5} {'LOCAL':>5}  blocks  (first seen in)")
-    spills = 0
+    spills = float64_spills = errors = 0
     for r in rows:
-        flag = "  <-- spills" if r["STACK"] or r["LOCAL"] else ""
-        spills += bool(flag)
-        print(f"{r['kernel']:34} {r['num_warps']:>5} {r['REG']:>4} {r['STACK']:>5} {r['LOCAL']:>5}  "
-              f"{r['blocks']}  ({r['first_seen']}){flag}")
-    print(f"{len(rows)} distinct launches, {spills} with spills")
+        spilled = bool(r["STACK"] or r["LOCAL"])
+        if r["error"]:
+            errors += 1
+            flag = f"  <-- DOES NOT COMPILE: {r['error']}"
+        elif spilled and not r["float64"]:
+            spills += 1
+            flag = "  <-- spills"
+        elif spilled:
+            float64_spills += 1
+            flag = "  (spills: float64, reported only)"
+        else:
+            flag = ""
+        if r["sizes"] or flag or args.all:
+            print(f"{r['kernel']:34} {r['num_warps']:>5} {r['REG']:>4} {r['STACK']:>5} {r['LOCAL']:>5}  "
+                  f"{r['blocks']}  ({r['first_seen']}){flag}")
+    at_sizes = sum(r["sizes"] for r in rows)
+    print(f"{len(rows)} distinct launches ({at_sizes} at the benchmarks' sizes, listed; the other variants "
+          f"{'listed too' if args.all else 'listed with --all'}): {spills} with spills, {float64_spills} float64 "
+          f"ones with spills (not failing), {errors} that do not compile")
     if missed:
         print(f"kernels no workload launched (add a workload to _workloads): {', '.join(missed)}")
-    return 1 if spills or missed else 0
+    return 1 if spills or errors or missed else 0
 
 
 if __name__ == "__main__":
