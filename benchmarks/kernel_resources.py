@@ -57,8 +57,10 @@ def _workloads(ops: tuple[str, ...]):
     """(label, thunk, at_benchmark_sizes) triples: each op's forward and backward at the benchmarks' sizes
     (float32, bfloat16), then the other variants the ops can launch (every activation and loss kind,
     float16 / float64, no bias or affine, eval mode, no gradient, double backward) at small sizes, so
-    that every kernel variant is compiled for sm_90. A spill fails the check except in float64 (which
-    GAN training does not use on a GPU; its spills are reported)."""
+    that every kernel variant is compiled for sm_90. A compile error fails the check anywhere; a spill
+    fails it at the benchmarks' sizes and is reported for the variants. Small spills there come and go
+    with the Triton version (8-24 bytes where ptxas settles on 64 or 255 registers), and a launch
+    configuration is changed only on a measurement."""
     return _benchmark_workloads(ops) + _variant_workloads(ops)
 
 
@@ -292,11 +294,8 @@ def compile_launches(launches: list[dict]) -> list[dict]:
     for launch in launches:
         shown = {k: v["tl_dtype"] if isinstance(v, dict) else v for k, v in launch["args"].items()
                  if k.startswith("BLOCK") or k in ("ROWS", "CHUNK", "ACC")}
-        float64 = shown.get("ACC") == "fp64" or any(isinstance(v, dict) and v.get("tensor") == "float64"
-                                                     for v in launch["args"].values())
         row = {"kernel": launch["kernel"], "first_seen": launch["first_seen"], "sizes": launch.get("sizes", True),
-               "float64": float64, "num_warps": launch["options"].get("num_warps", 4), "blocks": shown,
-               "error": None}
+               "num_warps": launch["options"].get("num_warps", 4), "blocks": shown, "error": None}
         try:
             row.update(_resource_usage(compile_launch(launch).asm["cubin"]))
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile for sm_90 is the finding
@@ -354,18 +353,18 @@ def main(argv=None) -> int:
     # Every kernel of the ops must have been launched by a workload (not asked of a given launch file).
     missed = [] if args.launches else sorted(set(all_kernels(ops)) - {r["kernel"] for r in rows})
     print(f"{'kernel':34} {'warps':>5} {'REG':>4} {'STACK':>5} {'LOCAL':>5}  blocks  (first seen in)")
-    spills = float64_spills = errors = 0
+    spills = variant_spills = errors = 0
     for r in rows:
         spilled = bool(r["STACK"] or r["LOCAL"])
         if r["error"]:
             errors += 1
             flag = f"  <-- DOES NOT COMPILE: {r['error']}"
-        elif spilled and not r["float64"]:
+        elif spilled and r["sizes"]:
             spills += 1
             flag = "  <-- spills"
         elif spilled:
-            float64_spills += 1
-            flag = "  (spills: float64, reported only)"
+            variant_spills += 1
+            flag = "  (spills; a variant, reported only)"
         else:
             flag = ""
         if r["sizes"] or flag or args.all:
@@ -373,8 +372,8 @@ def main(argv=None) -> int:
                   f"{r['blocks']}  ({r['first_seen']}){flag}")
     at_sizes = sum(r["sizes"] for r in rows)
     print(f"{len(rows)} distinct launches ({at_sizes} at the benchmarks' sizes, listed; the other variants "
-          f"{'listed too' if args.all else 'listed with --all'}): {spills} with spills, {float64_spills} float64 "
-          f"ones with spills (not failing), {errors} that do not compile")
+          f"{'listed too' if args.all else 'listed with --all'}): {spills} at those sizes with spills, "
+          f"{variant_spills} variants with spills (reported only), {errors} that do not compile")
     if missed:
         print(f"kernels no workload launched (add a workload to _workloads): {', '.join(missed)}")
     return 1 if spills or errors or missed else 0

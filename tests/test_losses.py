@@ -98,7 +98,7 @@ def test_g_loss_matches_formulas(impl, kind, n):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("n_fake", [1029, 3000])  # Triton: one program; float64's several (2048-wide blocks)
+@pytest.mark.parametrize("n_fake", [1029, 3000])  # Triton: 2048- and 4096-wide single programs
 def test_dtypes_accumulate_in_float32_and_return_input_dtype_grads(impl, dtype, kind, n_fake):
     r = logits(37, dtype).requires_grad_()
     f = logits(n_fake, dtype).requires_grad_()

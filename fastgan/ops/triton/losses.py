@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 4096       # logits per side handled by a single program (one launch up to this size; float64: half)
+MAX_BLOCK = 4096       # logits per side handled by a single program (one launch up to this size)
 MAX_PROGRAMS = 256     # programs of the multi-program path (partial rows for the finishing kernel)
 N_PARTIAL = 8          # loss_r, loss_f, softplus_r, softplus_f, sigmoid_r, sigmoid_f, nonfinite, (pad)
 
@@ -218,14 +218,10 @@ def _g_loss_finish_kernel(partial_ptr, loss_ptr, n_rows, n, nan_value, ACC: tl.c
     tl.store(loss_ptr + tl.arange(0, 1), tl.where(bad > 0, nan_value, loss * inv_n))
 
 
-def _launch_shape(n: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK, programs, num_warps) for n logits per side: one program up to MAX_BLOCK (2048 for float64).
-    Blocks over 1024 get 8 warps: with 4, the 4096-wide programs of the hinge and least-squares losses
-    (and of every loss on bfloat16 / float16 logits, and float64's at 2048 and up) spill registers to
-    the stack on sm_90 (benchmarks/kernel_resources.py)."""
-    max_block = MAX_BLOCK // 2 if dtype == torch.float64 else MAX_BLOCK
-    block = max(128, min(max_block, triton.next_power_of_2(n)))
-    return block, min(triton.cdiv(n, block), MAX_PROGRAMS), 4 if block <= 1024 else 8
+def _launch_shape(n: int) -> tuple[int, int]:
+    """(BLOCK, programs) for n logits per side: one program up to MAX_BLOCK."""
+    block = max(128, min(MAX_BLOCK, triton.next_power_of_2(n)))
+    return block, min(triton.cdiv(n, block), MAX_PROGRAMS)
 
 
 def _acc(dtype: torch.dtype):
@@ -242,7 +238,7 @@ def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad:
     """(stats[5], grad_real, grad_fake) for contiguous 1-D logits; see fastgan.ops.losses."""
     acc_tl, acc_torch = _acc(real.dtype)
     n_real, n_fake = real.numel(), fake.numel()
-    block, programs, warps = _launch_shape(max(n_real, n_fake), real.dtype)
+    block, programs = _launch_shape(max(n_real, n_fake))
     stats = torch.empty(5, device=real.device, dtype=acc_torch)
     grad_real, grad_fake = _grad_buffer(real, need_grad), _grad_buffer(fake, need_grad)
     single = programs == 1
@@ -251,7 +247,7 @@ def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad:
     _d_loss_kernel[(programs,)](
         real, fake, grad_real if need_grad else real, grad_fake if need_grad else fake, partial, stats,
         n_real, n_fake, float("nan"),
-        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block, num_warps=warps)
+        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
     if not single:
         _d_loss_finish_kernel[(1,)](partial, stats, programs, n_real, n_fake, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
@@ -262,14 +258,14 @@ def g_loss_forward(fake: torch.Tensor, kind: int, need_grad: bool):
     """(loss, grad_fake) for contiguous 1-D logits; see fastgan.ops.losses."""
     acc_tl, acc_torch = _acc(fake.dtype)
     n = fake.numel()
-    block, programs, warps = _launch_shape(n, fake.dtype)
+    block, programs = _launch_shape(n)
     loss = torch.empty((), device=fake.device, dtype=acc_torch)
     grad = _grad_buffer(fake, need_grad)
     single = programs == 1
     partial = loss if single else torch.empty(programs * 2, device=fake.device, dtype=acc_torch)
     _g_loss_kernel[(programs,)](
         fake, grad if need_grad else fake, partial, loss, n, float("nan"),
-        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block, num_warps=warps)
+        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
     if not single:
         _g_loss_finish_kernel[(1,)](partial, loss, programs, n, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
