@@ -1,6 +1,7 @@
 """The native build: the extension imports, and every CUDA source compiles with nvcc for sm_90
 (even here, with a CPU-only torch: the .cu files include no torch headers, only a small C ABI)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,9 +30,13 @@ def test_there_are_cuda_sources():
 def test_cuda_source_compiles_for_sm90(source, tmp_path):
     text = source.read_text()
     assert "torch/" not in text and "ATen/" not in text, f"{source.name} must not include torch headers"
-    result = subprocess.run([_nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-c", str(source),
+    result = subprocess.run([_nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-c", str(source), "-Xptxas", "-v",
                              "-o", str(tmp_path / (source.stem + ".o"))], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
+    # ptxas's report per kernel: no register spills (a spilling kernel is much slower on the GPU).
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    assert spills, f"no ptxas resource report for {source.name}:\n{result.stderr}"
+    assert all(stores == "0" and loads == "0" for stores, loads in spills), result.stderr
 
 
 def test_extension_is_built_and_imports():
