@@ -1,20 +1,25 @@
-"""Registers and spills of every Triton kernel launch fastgan's ops make, compiled for sm_90 without a GPU.
+"""Compile every Triton kernel launch fastgan's ops make for sm_90, without a GPU: does each compile, and
+does any spill registers?
 
 A kernel that spills registers to local memory on the GPU runs several times slower than one that does
-not, and nothing on a CPU machine shows it: the interpreter runs the same code at the same speed either
-way. This script finds such launches on any machine. Triton's wheel ships ptxas and cuobjdump, so it
-can compile each launch for an H100 offline and read its resource usage.
+not, and a kernel that Triton's GPU compiler rejects only fails on a GPU: the interpreter runs the same
+code on a CPU either way. Triton's wheel ships ptxas and cuobjdump, so this script can compile each
+launch for an H100 offline and read its resource usage.
 
-    python benchmarks/kernel_resources.py             # table of every distinct launch; exit 1 on a spill
-    python benchmarks/kernel_resources.py --ops d_loss,bias_act
+    python benchmarks/kernel_resources.py             # the table; exit 1 on a compile error or on a spill
+                                                      # at the benchmarks' sizes
+    python benchmarks/kernel_resources.py --ops d_loss,bias_act --all
+    PYTHONPATH=/path/to/other/triton python benchmarks/kernel_resources.py   # another Triton's verdict
 
 It works in two phases, each in its own process. Triton decides at import whether ``@triton.jit`` gives
 interpreted or compiled kernels, so one process cannot do both.
 
-1. With ``TRITON_INTERPRET=1``, run each op (``impl="triton"``, forward and backward) on CPU tensors of
-   the benchmarks' GAN sizes. Record every launch: kernel, argument types, constexprs and num_warps, as
-   the wrappers pick them for CUDA tensors where they pick by device (``_as_on_cuda``).
-   The kernels are not executed (their outputs stay uninitialised), so large shapes cost only their
+1. With ``TRITON_INTERPRET=1``, run the benchmark suites' fastgan contenders, built by the suites' own
+   code at their sizes (see ``_workloads``), then every variant of each op at small sizes, on CPU tensors,
+   with fastgan making its CUDA choices (Triton for ``impl="auto"``, the linear layer's CUDA tiles and
+   its cuBLAS path for full-precision float32). Record every launch: kernel, arguments (a tensor as its
+   dtype and 16-byte alignment), constexprs and launch options. The kernels are not executed (their
+   outputs stay uninitialised; no wrapper reads one on the host), so large shapes cost only their
    allocation.
 2. Without the interpreter, compile each distinct launch for ``GPUTarget("cuda", 90, 32)`` exactly as the
    JIT would: its own binder specialises the recorded arguments (ints equal to 1 become constants,
@@ -23,8 +28,10 @@ interpreted or compiled kernels, so one process cannot do both.
    are far off: 255 registers and a 96-byte stack for d_loss's 4096-wide program, against 203 and none
    as launched.
 
-Uses Triton's binder (``triton.runtime.jit.create_function_from_signature``, ``JITFunction._pack_args``),
-which is not a public API. Tested with triton 3.9 and 3.6 (the H100 image's).
+The verdict is the installed Triton's: ptxas's register allocation moves between versions (the GPU
+image's triton 3.6 spills in some float32 loss variants that 3.9 compiles cleanly). Uses Triton's binder
+(``triton.runtime.jit.create_function_from_signature``, ``JITFunction._pack_args``), which is not a public
+API. Tested with triton 3.9 and 3.6.
 """
 from __future__ import annotations
 
@@ -54,66 +61,94 @@ def _encode(value):
 
 
 def _workloads(ops: tuple[str, ...]):
-    """(label, thunk, at_benchmark_sizes) triples: each op's forward and backward at the benchmarks' sizes
-    (float32, bfloat16), then the other variants the ops can launch (every activation and loss kind,
-    float16 / float64, no bias or affine, eval mode, no gradient, double backward) at small sizes, so
-    that every kernel variant is compiled for sm_90. A compile error fails the check anywhere; a spill
-    fails it at the benchmarks' sizes and is reported for the variants. Small spills there come and go
-    with the Triton version (8-24 bytes where ptxas settles on 64 or 255 registers), and a launch
-    configuration is changed only on a measurement."""
+    """(label, thunk, at_benchmark_sizes) triples: first the benchmark suites' own fastgan contenders, built
+    by the suites' code at their sizes (the op suites' problems, and the four training steps of
+    bench_step when every op is asked for), then the other variants the ops can launch (every activation
+    and loss kind, bfloat16 / float16 / float64, no bias or affine, eval mode, no gradient, double
+    backward, TF32) at small sizes, so that every kernel variant is compiled for sm_90. A compile error
+    fails the check anywhere; a spill fails it at the benchmarks' sizes and is reported for the variants.
+    Small spills there come and go with the Triton version (8-24 bytes where ptxas settles on 64 or 255
+    registers), and a launch configuration is changed only on a measurement."""
     return _benchmark_workloads(ops) + _variant_workloads(ops)
 
 
 def _benchmark_workloads(ops: tuple[str, ...]):
     import torch
 
-    from fastgan import ops as F
+    import bench_batch_norm_act
+    import bench_layers
+    import bench_losses
+    import common
 
-    def leaf(*shape, dtype=torch.float32, channels_last=False):
-        t = torch.randn(*shape, dtype=dtype)
-        if channels_last:
-            t = t.to(memory_format=torch.channels_last)
-        return t.requires_grad_()
+    from fastgan.ops import g_loss
 
     work = []
-    if "d_loss" in ops:
-        for n in (64, 4096, 262144):
-            work.append((f"d_loss n={n}", lambda n=n: F.d_loss(leaf(n), leaf(n), "nonsaturating",
-                                                                impl="triton").loss.backward()))
-    if "g_loss" in ops:
-        for n in (64, 4096, 262144):
-            work.append((f"g_loss n={n}", lambda n=n: F.g_loss(leaf(n), "nonsaturating", impl="triton").backward()))
-    if "bias_act" in ops:
-        for cl in (False, True):
-            for dtype in (torch.float32, torch.bfloat16):
-                def run(cl=cl, dtype=dtype):
-                    x, b = leaf(32, 128, 16, 16, dtype=dtype, channels_last=cl), leaf(128, dtype=dtype)
-                    F.bias_act(x, b, act="lrelu", impl="triton").sum().backward()
-                work.append((f"bias_act {dtype} channels_last={cl}", run))
-        work.append(("bias_act clamp=256", lambda: F.bias_act(leaf(32, 128, 16, 16), leaf(128), act="lrelu",
-                                                               gain=2 ** 0.5, clamp=256.0,
-                                                               impl="triton").sum().backward()))
+    for n in bench_losses.SIZES:
+        if "d_loss" in ops:
+            work.append((f"bench_losses n={n}", lambda n=n: bench_losses._run(
+                bench_losses.fastgan_step, *bench_losses._input_sets(n)[0])))
+        if "g_loss" in ops:  # bench_losses times d_loss; g_loss at the same sizes
+            def run(n=n):
+                fake = bench_losses._input_sets(n)[0][1]
+                g_loss(fake, "nonsaturating").backward()
+            work.append((f"g_loss n={n}", run))
+
+    def layer(model, x, grad):
+        bench_layers._step(model, list(model.parameters()), x, grad)
+
     if "linear_act" in ops:
-        for batch, features in ((64, 256), (512, 1024)):
-            for dtype in (torch.float32, torch.bfloat16):
-                def run(batch=batch, features=features, dtype=dtype):
-                    x, w, b = leaf(batch, features, dtype=dtype), leaf(features, features, dtype=dtype), \
-                        leaf(features, dtype=dtype)
-                    F.linear_act(x, w, b, act="lrelu", impl="triton").sum().backward()
-                work.append((f"linear_act {batch}x{features} {dtype}", run))
+        for batch, features in bench_layers.LINEAR_PROBLEMS:
+            def run(batch=batch, features=features):
+                model = bench_layers._contender("fastgan", bench_layers._linear_eager(features))
+                layer(model, torch.randn(batch, features, requires_grad=True), torch.randn(batch, features))
+            work.append((f"bench_layers linear B={batch} F={features}", run))
+    if "bias_act" in ops:
+        for kind, shape in bench_layers.CONV_INPUT.items():
+            def run(kind=kind, shape=shape):
+                eager = bench_layers._conv_eager(kind)
+                x = torch.randn(shape, requires_grad=True)
+                layer(bench_layers._contender("fastgan", eager), x, torch.randn_like(eager(x)))
+            work.append((f"bench_layers {kind}", run))
+        for layout in ("contiguous", "channels_last"):
+            def run(layout=layout):
+                x = bench_layers._bias_input(layout)
+                layer(bench_layers._bias_models()["fastgan"], x, torch.randn_like(x))
+            work.append((f"bench_layers bias+lrelu {layout}", run))
     if "batch_norm_act" in ops:
-        shapes = [((64, 64, 32, 32), False), ((64, 128, 16, 16), False), ((64, 256, 8, 8), False),
-                  ((64, 512, 4, 4), False), ((64, 128, 16, 16), True), ((64, 256), False)]
-        for shape, cl in shapes:
-            for training in (True, False):
-                def run(shape=shape, cl=cl, training=training):
-                    c = shape[1]
-                    x = leaf(*shape, channels_last=cl)
-                    w, b = leaf(c), leaf(c)
-                    rm, rv = torch.zeros(c), torch.ones(c)
-                    F.batch_norm_act(x, w, b, rm, rv, training, act="lrelu", impl="triton").sum().backward()
-                work.append((f"batch_norm_act {shape} channels_last={cl} training={training}", run))
+        for channels, size, layout in bench_batch_norm_act.SHAPES:
+            def run(channels=channels, size=size, layout=layout):
+                module, params, _ = bench_batch_norm_act._contender("fastgan", channels, "cpu")
+                bench_batch_norm_act._step(module, params, *bench_batch_norm_act._inputs(channels, size, layout,
+                                                                                          "cpu"))
+            work.append((f"bench_batch_norm_act c={channels} {size}x{size} {layout}", run))
+    if set(ops) == set(OPS):
+        for problem in common.problems("cuda"):  # the GPU's problem sizes (DCGAN w64, batch 128)
+            def run(problem=problem):
+                trainer = common.make_contender("fastgan", problem, "cpu", problem.models())
+                gen = torch.Generator().manual_seed(0)
+                trainer.step(problem.real_batch(gen), problem.noise(gen))
+            work.append((f"bench_step {problem.name}", run))
     return [(label, thunk, True) for label, thunk in work]
+
+
+def _with_tf32(run) -> None:
+    """run() with torch's CUDA matmuls allowed TF32 (what fastgan's linear layer follows)."""
+    import torch
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            run()
+        finally:
+            matmul.fp32_precision = before
+    else:
+        before = matmul.allow_tf32
+        matmul.allow_tf32 = True
+        try:
+            run()
+        finally:
+            matmul.allow_tf32 = before
 
 
 def _double_backward(out, *inputs):
@@ -144,7 +179,7 @@ def _variant_workloads(ops: tuple[str, ...]):
 
     work = []
     for kind, dtype in pairs(LOSS_KINDS, "nonsaturating"):
-        for n in (100, 2000, 5000):  # one program (two block sizes); several programs and the finishing kernel
+        for n in (100, 2000, 3000, 5000):  # one program (three block sizes); several and the finishing kernel
             if "d_loss" in ops:
                 work.append((f"d_loss {kind} n={n} {dtype}", lambda kind=kind, n=n, dtype=dtype: F.d_loss(
                     leaf(n, dtype=dtype), leaf(n, dtype=dtype), kind, impl="triton").loss.backward()))
@@ -171,6 +206,8 @@ def _variant_workloads(ops: tuple[str, ...]):
                 F.linear_act(leaf(17, 33, dtype=dtype), leaf(65, 33, dtype=dtype), None, act=act,
                              impl="triton").sum().backward()
             work.append((f"linear_act {act} {dtype}", run))
+            if dtype == torch.float32:  # with TF32 allowed, float32 goes to the Triton matmul, not to cuBLAS
+                work.append((f"linear_act {act} {dtype} TF32", lambda run=run: _with_tf32(run)))
         if "batch_norm_act" in ops:
             def run(act=act, dtype=dtype):
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -187,21 +224,6 @@ def _variant_workloads(ops: tuple[str, ...]):
     return [(label, thunk, False) for label, thunk in work]
 
 
-def _as_on_cuda(kernel: str, values: dict, options: dict) -> None:
-    """Where a wrapper picks a launch by device, put in what it picks for CUDA tensors (the recording
-    runs on CPU ones): the linear layer's tiles and warps, tl.dot without the interpreter's workaround,
-    and TF32 for float32 operands (full-precision float32 goes to cuBLAS on CUDA, not to this kernel)."""
-    if kernel == "_linear_act_kernel":
-        import torch
-
-        from fastgan.ops.triton.linear_act import _config
-        block_m, block_n, block_k, warps = _config(values["M"], values["N"], values["K"], torch.device("cuda"))
-        values.update(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_IN_ACC=False)
-        if values.get("DOT_PRECISION") == "ieee":
-            values["DOT_PRECISION"] = "tf32"
-        options["num_warps"] = warps
-
-
 def record(ops: tuple[str, ...]) -> list[dict]:
     import triton.runtime.interpreter as interpreter
 
@@ -211,7 +233,6 @@ def record(ops: tuple[str, ...]) -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
         values = dict(zip(self.arg_names, args)) | kwargs
-        _as_on_cuda(self.fn.__name__, values, options)
         entry = {"module": self.fn.__module__, "kernel": self.fn.__name__,
                  "args": {k: _encode(v) for k, v in values.items()}, "options": options}
         key = json.dumps(entry, sort_keys=True)
@@ -223,6 +244,12 @@ def record(ops: tuple[str, ...]) -> list[dict]:
         return None  # not executed: only the launch's shape matters here
 
     interpreter.InterpretedFunction.run = recording_run
+    # Make the choices fastgan makes for CUDA tensors: the Triton kernels for impl="auto" (as `fastgan
+    # info` shows on a GPU), and the linear layer's CUDA launches (tiles, cuBLAS for full-precision float32).
+    import importlib  # (fastgan.ops.linear_act as an attribute is the function, not its module)
+    importlib.import_module("fastgan._dispatch").auto_impl = lambda op, device: "triton"
+    importlib.import_module("fastgan.ops.linear_act")._EXT = None  # the CPU-only eager shortcut to C++
+    importlib.import_module("fastgan.ops.triton.linear_act")._on_cuda = lambda t: True
     for label, thunk, sizes in _workloads(ops):
         current.update(label=label, sizes=sizes)
         thunk()
@@ -265,7 +292,15 @@ def compile_launch(launch: dict):
     kwargs.update(launch["options"], debug=False)
     bound, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource(fn, signature, constexprs, attrs)
+    try:
+        return triton.compile(source, target=target, options=options.__dict__)
+    except Exception as exc:  # noqa: BLE001 - the compiler's verdict on this launch (the tool's own errors raise)
+        raise KernelCompileError(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+class KernelCompileError(Exception):
+    """Triton's compiler rejected a launch."""
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -279,9 +314,10 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
     usage = {"REG": 0, "STACK": 0, "LOCAL": 0, "SHARED": 0}
-    for line in out.splitlines():
-        if "REG:" not in line:
-            continue
+    reports = [line for line in out.splitlines() if "REG:" in line]
+    if not reports:  # no report must not read as "no spill"
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    for line in reports:
         fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
         for key in usage:
             usage[key] = max(usage[key], int(fields[key]))
@@ -294,12 +330,13 @@ def compile_launches(launches: list[dict]) -> list[dict]:
     for launch in launches:
         shown = {k: v["tl_dtype"] if isinstance(v, dict) else v for k, v in launch["args"].items()
                  if k.startswith("BLOCK") or k in ("ROWS", "CHUNK", "ACC")}
-        row = {"kernel": launch["kernel"], "first_seen": launch["first_seen"], "sizes": launch.get("sizes", True),
-               "num_warps": launch["options"].get("num_warps", 4), "blocks": shown, "error": None}
+        row = {"kernel": launch["kernel"], "first_seen": launch.get("first_seen", "?"),
+               "sizes": launch.get("sizes", True), "num_warps": launch["options"].get("num_warps", 4),
+               "blocks": shown, "error": None}
         try:
             row.update(_resource_usage(compile_launch(launch).asm["cubin"]))
-        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile for sm_90 is the finding
-            row.update(REG=0, STACK=0, LOCAL=0, SHARED=0, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        except KernelCompileError as exc:
+            row.update(REG=0, STACK=0, LOCAL=0, SHARED=0, error=str(exc))
         rows.append(row)
     return rows
 
@@ -343,6 +380,8 @@ def main(argv=None) -> int:
     else:
         env = dict(os.environ, TRITON_INTERPRET="1",
                    PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        # fastgan's own launch configuration, not an experiment's (this knob moves the BatchNorm paths)
+        env.pop("FASTGAN_BN_SINGLE_PASS_MAX_ELEMENTS", None)
         child = subprocess.run([sys.executable, __file__, "--record-only", "--ops", ",".join(ops)], env=env,
                                capture_output=True, text=True)
         if child.returncode != 0:

@@ -26,11 +26,12 @@ def test_there_are_cuda_sources():
     assert CUDA_SOURCES, "csrc/cuda/ must hold the CUDA kernels (*.cu)"
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])  # CMakeLists.txt's CUDA architectures
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_cuda_source_compiles_for_sm90(source, tmp_path):
+def test_cuda_source_compiles_for_sm90(source, arch, tmp_path):
     text = source.read_text()
     assert "torch/" not in text and "ATen/" not in text, f"{source.name} must not include torch headers"
-    result = subprocess.run([_nvcc(), "-arch=sm_90", "-std=c++17", "-O3", "-c", str(source), "-Xptxas", "-v",
+    result = subprocess.run([_nvcc(), f"-arch={arch}", "-std=c++17", "-O3", "-c", str(source), "-Xptxas", "-v",
                              "-o", str(tmp_path / (source.stem + ".o"))], capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed on {source.name}:\n{result.stderr}"
     # ptxas's report per kernel: no register spills (a spilling kernel is much slower on the GPU).

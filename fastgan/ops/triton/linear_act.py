@@ -51,9 +51,16 @@ def _linear_act_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+def _on_cuda(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CUDA tensor, for the launch choices that differ between the GPU and Triton's
+    interpreter. One function so that benchmarks/kernel_resources.py can record CUDA's choices from CPU
+    tensors."""
+    return t.device.type == "cuda"
+
+
+def _config(M: int, N: int, K: int, cuda: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); tl.dot needs every block >= 16."""
-    if device.type != "cuda":  # interpreter: fewer, larger programs run faster
+    if not cuda:  # interpreter: fewer, larger programs run faster
         return (max(16, min(64, triton.next_power_of_2(M))), max(16, min(64, triton.next_power_of_2(N))),
                 max(16, min(64, triton.next_power_of_2(K))), 4)
     if M <= 64:
@@ -96,7 +103,8 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if M == 0 or N == 0:
         return y
     precision = dot_precision(x.dtype)
-    if precision == "ieee" and x.device.type == "cuda":
+    cuda = _on_cuda(x)
+    if precision == "ieee" and cuda:
         # Full-precision float32 tl.dot has no tensor-core path and ran at half cuBLAS's float32 GEMM
         # in the MLP step on an H100 (the fused layers made the step 1.8x slower than unfused ones), so
         # here cuBLAS multiplies and the bias_act kernel applies bias, activation and gain in place:
@@ -105,12 +113,12 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         bias_act_forward(y.view(M, N, 1), bias, y.view(M, N, 1), act, alpha, gain, -1.0)  # -1: no clamp
         return y
     acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    block_m, block_n, block_k, warps = _config(M, N, K, x.device)
+    block_m, block_n, block_k, warps = _config(M, N, K, cuda)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _linear_act_kernel[grid](x, weight, bias if bias is not None else y, y, M, N, K,
                              x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
                              alpha, gain, HAS_BIAS=bias is not None, ACT=act, ACC=acc,
-                             DOT_IN_ACC=x.device.type != "cuda", DOT_PRECISION=precision,
+                             DOT_IN_ACC=not cuda, DOT_PRECISION=precision,
                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                              INDEX64=any(_index64(t) for t in (x, weight, y)), num_warps=warps)
     return y
