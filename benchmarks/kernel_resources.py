@@ -36,6 +36,7 @@ API. Tested with triton 3.9 and 3.6.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -65,7 +66,7 @@ def _workloads(ops: tuple[str, ...]):
     by the suites' code at their sizes (the op suites' problems, and the four training steps of
     bench_step when every op is asked for), then the other variants the ops can launch (every activation
     and loss kind, bfloat16 / float16 / float64, no bias or affine, eval mode, no gradient, double
-    backward, TF32) at small sizes, so that every kernel variant is compiled for sm_90. A compile error
+    backward, TF32, int64 offsets) at small sizes, so that every kernel variant is compiled for sm_90. A compile error
     fails the check anywhere; a spill fails it at the benchmarks' sizes and is reported for the variants.
     Small spills there come and go with the Triton version (8-24 bytes where ptxas settles on 64 or 255
     registers), and a launch configuration is changed only on a measurement."""
@@ -131,24 +132,32 @@ def _benchmark_workloads(ops: tuple[str, ...]):
     return [(label, thunk, True) for label, thunk in work]
 
 
+@contextlib.contextmanager
+def _setting(obj, name: str, value):
+    """``obj.name = value`` for the duration (torch's flag objects included, which mock.patch would delete)."""
+    before = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, before)
+
+
 def _with_tf32(run) -> None:
     """run() with torch's CUDA matmuls allowed TF32 (what fastgan's linear layer follows)."""
     import torch
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            run()
-        finally:
-            matmul.fp32_precision = before
-    else:
-        before = matmul.allow_tf32
-        matmul.allow_tf32 = True
-        try:
-            run()
-        finally:
-            matmul.allow_tf32 = before
+    with (_setting(matmul, "fp32_precision", "tf32") if hasattr(matmul, "fp32_precision")
+          else _setting(matmul, "allow_tf32", True)):
+        run()
+
+
+def _with_int64_offsets(run) -> None:
+    """run() with the int64-offset kernels, which tensors of 2**31 elements or more take (too big here)."""
+    import importlib
+    with _setting(importlib.import_module("fastgan.ops.triton.bias_act"), "_index64", lambda t: True), \
+            _setting(importlib.import_module("fastgan.ops.triton.linear_act"), "_index64", lambda t: True):
+        run()
 
 
 def _double_backward(out, *inputs):
@@ -221,6 +230,15 @@ def _variant_workloads(ops: tuple[str, ...]):
                     F.batch_norm_act(x, None, None, rm, rv, True, momentum=None, act=act, impl="triton",
                                      num_batches_tracked=torch.tensor(3)).sum().backward()
             work.append((f"batch_norm_act {act} {dtype}", run))
+    for dtype in (torch.float32, torch.bfloat16):  # float32: bias_act after cuBLAS; bfloat16: the matmul kernel
+        if "bias_act" in ops:
+            work.append((f"bias_act int64 offsets {dtype}", lambda dtype=dtype: _with_int64_offsets(
+                lambda: F.bias_act(leaf(3, 7, 5, 3, dtype=dtype), leaf(7, dtype=dtype), act="lrelu",
+                                   impl="triton").sum().backward())))
+        if "linear_act" in ops:
+            work.append((f"linear_act int64 offsets {dtype}", lambda dtype=dtype: _with_int64_offsets(
+                lambda: F.linear_act(leaf(17, 33, dtype=dtype), leaf(65, 33, dtype=dtype), leaf(65, dtype=dtype),
+                                     act="lrelu", impl="triton").sum().backward())))
     return [(label, thunk, False) for label, thunk in work]
 
 

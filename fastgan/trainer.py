@@ -1100,8 +1100,8 @@ class Trainer:
             self._quick_recaptures = self._quick_recaptures + 1 if self._replays_since_capture < 50 else 0
             if self._quick_recaptures >= 3:  # capturing again every few steps: slower than no graphs
                 self._stop_graphs("the optimizers' hyperparameters (other than the fused optimizers' learning "
-                                  "rates) or the EMA's beta change every few steps (a momentum-cycling LR schedule?), so the captured "
-                                  "steps would be captured again and again")
+                                  "rates) or the EMA's beta change every few steps (a momentum-cycling LR "
+                                  "schedule?), so the captured steps would be captured again and again")
 
     def _stop_graphs(self, why: str) -> None:
         """Train on without CUDA graphs, with one warning saying why."""

@@ -108,7 +108,8 @@ def test_triton_int64_offsets_path(monkeypatch):
     assert bias_kernels._index64(torch.empty(1, device="meta").as_strided((2, 3), (2 ** 31, 1)))
     monkeypatch.setattr(bias_kernels, "_index64", lambda t: True)
     monkeypatch.setattr(linear_kernels, "_index64", lambda t: True)
-    for shape, dim, layout in ((2, 5, 3, 4), 1, "contiguous"), ((3, 6, 2, 5), 1, "channels_last"), ((7, 9), 1, "contiguous"):
+    for shape, dim, layout in (((2, 5, 3, 4), 1, "contiguous"), ((3, 6, 2, 5), 1, "channels_last"),
+                               ((7, 9), 1, "contiguous")):
         x = make_x(shape, layout).requires_grad_()
         b = torch.randn(shape[dim]).requires_grad_()
         y = bias_act(x, b, dim, "lrelu", 0.2, 1.3, None, impl="triton")
@@ -119,7 +120,7 @@ def test_triton_int64_offsets_path(monkeypatch):
         gxe, gbe = torch.autograd.grad(expected(xd, bd, dim, "lrelu", 0.2, 1.3, None), (xd, bd), g.double())
         close(gx, gxe, 1e-5)
         close(gb, gbe, 1e-5)
-    x, w, b = torch.randn(37, 19, dtype=torch.float64), torch.randn(23, 19, dtype=torch.float64), torch.randn(23, dtype=torch.float64)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((37, 19), (23, 19), (23,)))
     torch.testing.assert_close(linear_act(x, w, b, "tanh", impl="triton"), torch.tanh(x @ w.t() + b))
 
 

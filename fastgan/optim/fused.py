@@ -557,8 +557,8 @@ class _FusedOptimizer(Optimizer):
         """From now on (``enabled``) the CUDA kernels read each param group's learning rate from a 0-d
         float64 device tensor this optimizer owns, one per group position (float64 as the Python float of
         an eager step: with the extension's kernels a replayed step then repeats an eager one bit for bit;
-        a CUDA tensor ``group["lr"]`` is best float64 too, as other dtypes are converted at each step). A captured CUDA graph replays
-        the arguments it was captured with: a float ``group["lr"]`` would stay what it was at capture,
+        a CUDA tensor ``group["lr"]`` is best float64 too, as other dtypes are converted at each step).
+        A captured CUDA graph replays the arguments it was captured with: a float ``group["lr"]`` would stay what it was at capture,
         and a tensor one replaced by another (or the group replaced, as ``load_state_dict`` does) would
         go unseen. :meth:`sync_device_lr` (call it before each replay; ``fastgan.Trainer`` does) copies
         each group's current learning rate in. ``enabled=False`` goes back to reading ``group["lr"]``
@@ -767,8 +767,9 @@ class FusedAdam(_FusedOptimizer):
             b.kernels.optim_adam_step(*args, lr_tensor, lr, beta1, beta2, eps, weight_decay, decoupled, shadow,
                                       ema_beta, check_inside)
         else:
-            _adam_torch(*args, lr=lr_tensor if lr_tensor is not None else group["lr"], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                        decoupled=decoupled, ema_shadow=shadow, ema_beta=ema_beta)
+            _adam_torch(*args, lr=lr_tensor if lr_tensor is not None else group["lr"], beta1=beta1, beta2=beta2,
+                        eps=eps, weight_decay=weight_decay, decoupled=decoupled, ema_shadow=shadow,
+                        ema_beta=ema_beta)
 
 
 class FusedSGD(_FusedOptimizer):
