@@ -1205,7 +1205,8 @@ class Trainer:
         every step (``stats``: 0-d device tensors).
 
         Checkpoints: ``checkpoint_every`` writes ``out_dir/checkpoint-<step>.pt`` (with a SHA-256
-        digest beside it, see :meth:`save_checkpoint`) every that many steps and after the last; the
+        digest beside it, see :meth:`save_checkpoint`) at every step count that is a multiple of it
+        (counted from the start of training, so a resumed run keeps the cadence) and after the last; the
         newest ``keep_checkpoints`` are kept, an older one is deleted only once the new one is
         complete. Under ``torch.distributed`` rank 0 writes (all ranks must call ``fit`` alike).
         ``Trainer.load(out_dir, G, D)`` resumes from the newest good one.
@@ -1265,7 +1266,8 @@ class Trainer:
                 if guard is not None:
                     self._observe_nonfinite(guard, self.step_count, stats, g=True)
                 log_due = i % log_every == 0 or i == steps
-                checkpoint_due = checkpoint_every is not None and (i % checkpoint_every == 0 or i == steps)
+                # Counted in the trainer's steps, not this call's: a resumed or extended run keeps the cadence.
+                checkpoint_due = checkpoint_every is not None and (self.step_count % checkpoint_every == 0 or i == steps)
                 skipped_total = None
                 if guard is not None and (log_due or checkpoint_due or i % max_nonfinite_steps == 0):
                     skipped_total = guard.check(self.step_count)  # raises after too many in a row
