@@ -1,7 +1,9 @@
 // The activation table of fastgan/ops/activations.py for the C++ kernels (header only).
-// ids: 0 linear, 1 relu, 2 lrelu (alpha = negative slope), 3 tanh, 4 sigmoid. Keep them in step with
-// the Python table and fastgan/ops/triton/activations.py. Adding an activation: one enum entry, one
-// case in each function below, and one line in dispatch_act.
+// ids: 0 linear, 1 relu, 2 lrelu (alpha = negative slope), 3 tanh, 4 sigmoid. kActNames names them
+// (exported as _C.kernel_activations): Python sends an id here only where the name at that id is the
+// row's, and runs any other row unfused (the kernel with linear, then the row's torch reference).
+// Fusing a new activation: one enum entry, its name in kActNames, one case in each function below,
+// and one line in dispatch_act.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,6 +18,8 @@
 namespace fastgan {
 
 enum ActKind : int64_t { kActLinear = 0, kActRelu = 1, kActLrelu = 2, kActTanh = 3, kActSigmoid = 4 };
+inline constexpr const char* kActNames[] = {"linear", "relu", "lrelu", "tanh", "sigmoid"};  // by id
+static_assert(sizeof(kActNames) / sizeof(kActNames[0]) == kActSigmoid + 1, "one name per ActKind, in id order");
 
 // Compile-time variants: kernels instantiate their inner loop once per activation so the loop has
 // no switch in it and the compiler can vectorise the simple cases.

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <iterator>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "cpu/activations.h"
@@ -465,6 +467,9 @@ struct LinearActFn : public torch::autograd::Function<LinearActFn> {
 }  // namespace
 
 void register_layers(pybind11::module_& m) {
+  m.def("kernel_activations",
+        [] { return std::vector<std::string>(std::begin(kActNames), std::end(kActNames)); },
+        "The activations the C++ kernels compute, by id (csrc/cpu/activations.h); Python fuses only these.");
   m.def("linear_gemm_backend",
         [](const std::string& backend) {
           const std::string previous = g_gemm_backend == kGemmAten ? "aten" : g_gemm_backend == kGemmOneDnn ? "onednn" : "auto";

@@ -7,7 +7,7 @@ Recognised runs (a layer directly followed by its activation):
 * ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` -> activation              becomes ``BatchNormAct1d`` / ``BatchNormAct2d``
 
 with activation one of ``nn.ReLU``, ``nn.LeakyReLU`` (slope >= 0), ``nn.Tanh``, ``nn.Sigmoid``
-(``inplace`` or not). The fused layer takes the layer's place and an ``nn.Identity`` the activation's,
+(``inplace`` or not): the ``module`` column of ``fastgan.ops.activations.ACTIVATIONS``. The fused layer takes the layer's place and an ``nn.Identity`` the activation's,
 so every ``state_dict`` key stays as it was (activations hold no state) and checkpoints load both
 ways; the fused layer holds the SAME parameter and buffer tensors (optimizers built before fusing
 keep working).
@@ -36,6 +36,7 @@ from collections import Counter
 from torch import fx, nn
 
 from fastgan.nn.layers import CONV_ACT_OF, FusedLinear
+from fastgan.ops.activations import activation_of_module
 
 __all__ = ["fuse"]
 
@@ -73,19 +74,10 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def _activation(m: nn.Module) -> tuple[str, float | None] | None:
-    """(act, alpha) of a recognised activation module, else None."""
+    """(act, alpha) of a recognised activation module (a row of the activation table), else None."""
     if _has_hooks(m):
         return None
-    kind = type(m)
-    if kind is nn.ReLU:
-        return "relu", None
-    if kind is nn.LeakyReLU and m.negative_slope >= 0:
-        return "lrelu", float(m.negative_slope)
-    if kind is nn.Tanh:
-        return "tanh", None
-    if kind is nn.Sigmoid:
-        return "sigmoid", None
-    return None
+    return activation_of_module(m)
 
 
 def _fused_layer(m: nn.Module, act: str, alpha: float | None, bn_classes: dict[type, type]) -> nn.Module | None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastgan.ops.activations import resolve_act
+from fastgan.ops.activations import ACTIVATIONS, resolve_act
 from fastgan._dispatch import check_impl
 from fastgan.ops.bias_act import _check_clamp, _check_gain, autocast_dtype, bias_act, bias_act_fresh_
 from fastgan.ops.linear_act import linear_act
@@ -42,7 +42,7 @@ class _ActMixin:
         self.act, self.alpha, self.impl = spec.name, alpha, check_impl(impl)
 
     def _act_repr(self) -> str:
-        return f"act={self.act!r}" + (f", alpha={self.alpha}" if self.act == "lrelu" else "")
+        return f"act={self.act!r}" + (f", alpha={self.alpha}" if ACTIVATIONS[self.act].alpha_meaning else "")
 
 
 class FusedLinear(_ActMixin, nn.Linear):

@@ -33,7 +33,7 @@ import torch
 
 from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
 from fastgan.ops._autograd import partial_variable
-from fastgan.ops.activations import ACTIVATION_BY_INDEX, Activation, resolve_act
+from fastgan.ops.activations import ACTIVATION_BY_INDEX, Activation, apply_unfused, kernel_computes, resolve_act
 
 register_op("batch_norm_act", "batch_norm_act_forward")
 
@@ -408,6 +408,9 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
 
     x4 = x.unsqueeze(-1) if x.dim() == 3 else x  # (N, C, L) walks as (N, C, L, 1)
     x4 = _normalise_layout(x4)
+    unfused = None if kernel_computes(impl, spec) else (spec, alpha)  # else: the kernels with linear, then the row
+    if unfused is not None:
+        spec, alpha = resolve_act("linear")
     stats_in = (None, None) if use_batch_stats else (running_mean, running_var)
     update_here = training and running_mean is not None
     if torch.compiler.is_compiling():
@@ -432,4 +435,6 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         update = _update_running_stats_op if torch.compiler.is_compiling() else _update_running_stats
         update(running_mean, running_var, mean.detach(), var.detach(), count,
                0.0 if momentum is None else float(momentum), num_batches_tracked if momentum is None else None)
+    if unfused is not None:
+        y = apply_unfused(y, *unfused)
     return y.squeeze(-1) if x.dim() == 3 else y

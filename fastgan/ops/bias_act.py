@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fastgan._dispatch import extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
-from fastgan.ops.activations import ACTIVATION_BY_INDEX, resolve_act
+from fastgan.ops.activations import ACTIVATION_BY_INDEX, apply_unfused, kernel_computes, resolve_act
 
 register_op("bias_act", "bias_act_forward")
 
@@ -49,12 +49,7 @@ def bias_act_reference(x: Tensor, bias: Tensor | None = None, dim: int = 1, act:
     spec, alpha = resolve_act(act, alpha)
     if bias is not None:
         x = x + bias.reshape(_bias_shape(x.dim(), dim % x.dim()))
-    y = spec.ref(x, alpha)
-    if gain != 1:
-        y = y * gain
-    if clamp is not None:
-        y = y.clamp(-clamp, clamp)
-    return y
+    return apply_unfused(x, spec, alpha, gain, clamp)
 
 
 def bias_act_grad_reference(grad_out: Tensor, out: Tensor, dim: int, act: str, alpha: float | None = None,
@@ -367,6 +362,8 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
     if bias is not None:
         bias = bias.contiguous()
     x = _dense(x)
+    if not kernel_computes(impl, spec):  # an activation these kernels lack: the bias fused, then the row
+        return apply_unfused(bias_act(x, bias, dim, impl=impl), spec, alpha, gain_f, clamp)
     if torch.compiler.is_compiling():
         return _bias_act_op(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
     if impl == "cpu" and x.numel() > 0:
@@ -387,7 +384,8 @@ def bias_act_fresh_(y: Tensor, bias: Tensor | None, act: str, alpha: float | Non
     if (y.device.type == "cpu" and 3 <= y.dim() <= 5 and y.numel() > 0 and not torch.compiler.is_compiling()
             and (bias is None or bias.dtype == y.dtype)
             and (y.is_contiguous() or (y.dim() in _CHANNELS_LAST and y.is_contiguous(memory_format=_CHANNELS_LAST[y.dim()])))
-            and resolve_impl("bias_act", impl, y.device) == "cpu"):
+            and resolve_impl("bias_act", impl, y.device) == "cpu"
+            and kernel_computes("cpu", resolve_act(act, alpha)[0])):
         spec, alpha = resolve_act(act, alpha)
         check_bias(bias, y, y.shape[1], "the convolution's out_channels")
         return extension().bias_act_inplace_autograd(y, None if bias is None else bias.contiguous(), spec.index, alpha,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastgan._dispatch import cpu_supports, extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
-from fastgan.ops.activations import resolve_act
+from fastgan.ops.activations import apply_unfused, kernel_computes, resolve_act
 from fastgan.ops.bias_act import (NO_CLAMP, _check_gain, _like, autocast_cast, autocast_dtype, bias_act_grad_call,
                                    check_bias)
 
@@ -134,6 +134,8 @@ def _cpu_eager_fast(x: Tensor, weight: Tensor, bias: Tensor | None, act, alpha, 
             spec, alpha_value = resolve_act(act, alpha)
         except ValueError:
             return None
+        if not kernel_computes("cpu", spec):  # an activation the C++ kernels lack: the general path
+            return None
         resolved = _ACT_INDEX[key] = (spec.index, float(alpha_value))
     return _EXT.linear_act_autograd(x, weight, bias, resolved[0], resolved[1], 1.0)
 
@@ -182,7 +184,9 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
         fn = _linear_act_cpu_eager
     else:
         fn = _LinearActFunction.apply
-    if x.dim() == 2:
-        return fn(x, weight, bias, spec.index, alpha, gain_f, impl)
-    out = fn(x.reshape(-1, x.shape[-1]), weight, bias, spec.index, alpha, gain_f, impl)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    fused = kernel_computes(impl, spec)
+    act_args = (spec.index, alpha, gain_f) if fused else (0, 0.0, 1.0)  # else: linear, then the row
+    out = fn(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, *act_args, impl)
+    if not fused:
+        out = apply_unfused(out, spec, alpha, gain_f)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,11 +1,15 @@
 """Triton helpers for the activation table of ``fastgan/ops/activations.py``.
 
 ``ACT`` is the row's ``index`` (a ``tl.constexpr``, so each kernel is compiled for one activation
-and the untaken branches vanish). Keep these ids in step with the Python table and
-``csrc/cpu/activations.h``. Math is done in the dtype of ``x`` / ``y``; kernels pass float32.
+and the untaken branches vanish). ``KERNEL_ACTIVATIONS`` names the ids these helpers have code for;
+the ops send a row here only where its name is at its id, and run any other row unfused (see
+``fastgan/ops/activations.py``). Fusing a new activation: its name below and one branch in each
+helper. Math is done in the dtype of ``x`` / ``y``; kernels pass float32.
 """
 import triton
 import triton.language as tl
+
+KERNEL_ACTIVATIONS = ("linear", "relu", "lrelu", "tanh", "sigmoid")  # by id
 
 @triton.jit
 def _tanh(x):
@@ -38,6 +42,8 @@ def apply_act(x, alpha, ACT: tl.constexpr):
         x = _tanh(x)
     elif ACT == 4:
         x = _sigmoid(x)
+    else:
+        tl.static_assert(ACT == 0, "apply_act: no code for this activation id (see KERNEL_ACTIVATIONS)")
     return x
 
 
@@ -53,5 +59,6 @@ def act_grad_from_output(y, alpha, ACT: tl.constexpr):
     elif ACT == 3:
         g = 1.0 - y * y
     else:
+        tl.static_assert(ACT == 4, "act_grad_from_output: no code for this activation id (see KERNEL_ACTIVATIONS)")
         g = y * (1.0 - y)
     return g
