@@ -38,15 +38,29 @@ def elu(monkeypatch):
     return row
 
 
+BUILTIN = ("linear", "relu", "lrelu", "tanh", "sigmoid")
+
+
 def test_builtin_rows_are_fused_by_both_kernel_families():
-    """Every built-in row runs inside the kernels (a mismatch of ids or names between the three
-    tables would silently send it down the unfused path)."""
-    names_by_id = tuple(a.name for a in sorted(ACTIVATIONS.values(), key=lambda a: a.index))
-    assert tuple(_dispatch.extension().kernel_activations()) == names_by_id
-    assert tuple(_dispatch.triton_module("activations").KERNEL_ACTIVATIONS) == names_by_id
-    for row in ACTIVATIONS.values():
-        assert kernel_computes("cpu", row) and kernel_computes("triton", row), row.name
+    """The built-in rows run inside the kernels (a mismatch of ids or names between the three tables
+    would silently send them down the unfused path), and every id a kernel claims is the table's."""
+    triton_names = _dispatch.triton_module("activations").KERNEL_ACTIVATIONS
+    for names in (_dispatch.extension().kernel_activations(), triton_names):
+        assert set(BUILTIN) <= set(names)
+        for index, name in enumerate(names):
+            assert table.ACTIVATION_BY_INDEX[index].name == name
+    for name in BUILTIN:
+        row = ACTIVATIONS[name]
+        assert kernel_computes("cpu", row) and kernel_computes("triton", row), name
         assert not kernel_computes("ref", row)
+
+
+def test_an_extension_built_before_kernel_activations_keeps_the_builtin_rows_fused(monkeypatch):
+    class OldBuild:  # fastgan._C as built before it exported kernel_activations
+        pass
+    monkeypatch.setattr(table, "extension", lambda: OldBuild())
+    monkeypatch.setattr(table, "_KERNEL_NAMES", {})
+    assert all(kernel_computes("cpu", ACTIVATIONS[name]) for name in BUILTIN)
 
 
 def test_a_row_under_a_kernel_id_with_another_name_is_not_sent_to_the_kernel(elu):
@@ -54,6 +68,21 @@ def test_a_row_under_a_kernel_id_with_another_name_is_not_sent_to_the_kernel(elu
                           grad_from_output=elu.grad_from_output, grad2_from_output=elu.grad2_from_output)
     assert not kernel_computes("cpu", impostor) and not kernel_computes("triton", impostor)
     assert not kernel_computes("cpu", elu) and not kernel_computes("triton", elu)
+
+
+def test_fuse_asks_the_row_which_module_instances_it_stands_for(monkeypatch):
+    # softplus(x) = log(1 + e^x): f'(x) = 1 - e^-y, d f' / dy = e^-y; nn.Softplus matches only for beta 1
+    # and the default threshold (other settings compute another function).
+    row = Activation("softplus", max(a.index for a in ACTIVATIONS.values()) + 1, 0.0, ref=lambda x, a: F.softplus(x),
+                     grad_from_output=lambda y, a: -torch.expm1(-y), grad2_from_output=lambda y, a: torch.exp(-y),
+                     module=nn.Softplus, module_matches=lambda m: m.beta == 1 and m.threshold == 20)
+    monkeypatch.setitem(ACTIVATIONS, row.name, row)
+    monkeypatch.setitem(table.ACTIVATION_BY_INDEX, row.index, row)
+    assert table.activation_of_module(nn.Softplus()) == ("softplus", None)
+    assert table.activation_of_module(nn.Softplus(beta=2.0)) is None
+    fused = fastgan.fuse(nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 2), nn.Softplus(beta=2.0)))
+    assert fused[0].act == "softplus" and type(fused[3]) is nn.Softplus
+    assert "alpha" not in repr(fused[0])  # no alpha_meaning: the row takes no alpha
 
 
 def test_new_row_alpha_rules(elu):
@@ -120,6 +149,19 @@ def test_batch_norm_act_with_new_row(elu, impl, training):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_new_row_in_bfloat16(elu, impl):
+    x = torch.randn(6, 4, 3, 3, dtype=torch.bfloat16)
+    w = torch.randn(5, 3, dtype=torch.bfloat16)
+    b = torch.randn(4, dtype=torch.bfloat16)
+    xd = x.double()
+    close(linear_act(x, w, None, "elu", 0.5, impl=impl), F.elu(xd @ w.double().t(), 0.5), 2e-2)
+    close(bias_act(x, b, 1, "elu", impl=impl), F.elu(xd + b.double().view(1, -1, 1, 1)), 2e-2)
+    y = batch_norm_act(x, None, None, None, None, True, act="elu", impl=impl)
+    assert y.dtype == torch.bfloat16
+    close(y, F.elu(F.batch_norm(xd, None, None, training=True)), 2e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_new_row_is_twice_differentiable(elu, impl):
     """gradcheck and gradgradcheck in float64 through all three ops (R1 / gradient penalties)."""
     x = torch.randn(3, 5, dtype=torch.float64)
@@ -153,13 +195,17 @@ def test_fuse_folds_the_new_rows_module(elu):
 
 
 def test_new_row_under_torch_compile(elu):
-    layer = FusedLinear(8, 6, act="elu", alpha=0.3, impl="cpu")
-    x = torch.randn(5, 8)
-    compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x)
-    want = F.elu(F.linear(x, layer.weight, layer.bias), 0.3)
+    """All three ops (conv + bias_act, batch_norm_act, linear_act) in one fullgraph compile, forward and
+    backward, against the same model built from torch modules."""
+    torch_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ELU(0.3), nn.BatchNorm2d(4), nn.ELU(), nn.Flatten(),
+                                nn.Linear(4 * 4 * 4, 6), nn.ELU(0.7))
+    ours = fastgan.fuse(torch_model, inplace=False)
+    assert [m.act for m in (ours[0], ours[2], ours[5])] == ["elu"] * 3
+    x = torch.randn(5, 3, 6, 6)
+    compiled = torch.compile(ours, fullgraph=True)
+    y, want = compiled(x), torch_model(x)
     close(y, want)
     g = torch.randn_like(y)
-    for got, expected in zip(torch.autograd.grad(y, (layer.weight, layer.bias), g),
-                             torch.autograd.grad(want, (layer.weight, layer.bias), g)):
-        close(got, expected)
+    params = list(torch_model.parameters())  # ours shares these tensors
+    for got, expected in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+        close(got, expected, 1e-4)

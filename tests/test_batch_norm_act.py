@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastgan.nn import BatchNormAct1d, BatchNormAct2d
-from fastgan.ops import ACTIVATIONS, batch_norm_act
+from fastgan.ops import ACTIVATIONS, batch_norm_act, resolve_act
 from fastgan.ops.batch_norm_act import batch_norm_act_reference
 
 IMPLS = ["ref", "cpu", "triton"]
@@ -45,7 +45,7 @@ def expected(x, weight, bias, running_mean, running_var, training, momentum, eps
     use_batch = training or rm is None
     y = F.batch_norm(x.double(), rm, rv, None if weight is None else weight.double(),
                      None if bias is None else bias.double(), use_batch, momentum, eps)
-    return ACT_FNS[act](y, alpha), rm, rv
+    return ACT_FNS.get(act, ACTIVATIONS[act].ref)(y, alpha), rm, rv  # a row added later: its own ref
 
 
 def close(actual, expected_, rtol, what=""):
@@ -107,7 +107,7 @@ def test_matches_torch_batch_norm(impl, path, shape, layout, dtype, training, tr
             assert y.is_contiguous(memory_format=torch.channels_last)
         x64 = x.detach().double().requires_grad_(True)
         w64, b64 = weight.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
-        y_exp, rm_exp, rv_exp = expected(x64, w64, b64, rm, rv, training, 0.1, 1e-5, act, 0.2)
+        y_exp, rm_exp, rv_exp = expected(x64, w64, b64, rm, rv, training, 0.1, 1e-5, act, resolve_act(act, None)[1])
         what = f"{impl} {act} {shape} {layout} {dtype} training={training}"
         close(y, y_exp, rtol, what + " y")
         close(rm_fast, rm_exp, 1e-5, what + " running_mean")
@@ -292,6 +292,15 @@ def test_float64_with_variance_near_eps(impl, path, training, triton_path):
         close(got, want, 1e-10, name)
 
 
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def _pair(kind, c, act, alpha, **kw):
     """(torch BatchNorm + activation, fastgan module with identical parameters)."""
     torch_bn = {"1d": nn.BatchNorm1d, "2d": nn.BatchNorm2d}[kind](c, **kw)
@@ -301,6 +310,9 @@ def _pair(kind, c, act, alpha, **kw):
             torch_bn.weight.uniform_(0.5, 1.5)
             torch_bn.bias.normal_()
     ours.load_state_dict(torch_bn.state_dict())
+    if act not in TORCH_ACTS:  # a row added to the table later: its own torch function
+        row, a = resolve_act(act, alpha)
+        return nn.Sequential(torch_bn, _Lambda(lambda t: row.ref(t, a))), ours
     act_module = TORCH_ACTS[act]() if act != "lrelu" or alpha is None else nn.LeakyReLU(alpha)
     return nn.Sequential(torch_bn, act_module), ours
 

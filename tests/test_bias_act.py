@@ -22,7 +22,7 @@ def expected(x, b, dim, act, alpha, gain, clamp):
         shape[dim] = -1
         x = x + b.double().reshape(shape)
     fn = {"linear": lambda t: t, "relu": torch.relu, "lrelu": lambda t: F.leaky_relu(t, alpha),
-          "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act]
+          "tanh": torch.tanh, "sigmoid": torch.sigmoid}.get(act, lambda t: ACTIVATIONS[act].ref(t, alpha))
     y = fn(x) * gain
     return y.clamp(-clamp, clamp) if clamp is not None else y
 
@@ -81,7 +81,8 @@ def test_values_and_grads_fp32(impl, act, case, gain, clamp):
     b = torch.randn(shape[dim]).requires_grad_()
     alpha = 0.2 if act == "lrelu" else None
     y = bias_act(x, b, dim, act, alpha, gain, clamp, impl=impl)
-    ref = expected(x.detach(), b.detach(), dim % x.dim(), act, 0.2, gain, clamp)
+    a = resolve_act(act, alpha)[1]  # the row's default for None
+    ref = expected(x.detach(), b.detach(), dim % x.dim(), act, a, gain, clamp)
     close(y, ref, 1e-5)
     assert y.shape == x.shape and y.dtype == x.dtype
     if layout == "channels_last":
@@ -90,7 +91,7 @@ def test_values_and_grads_fp32(impl, act, case, gain, clamp):
     g = torch.randn_like(y)
     gx, gb = torch.autograd.grad(y, (x, b), g)
     xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    gxe, gbe = torch.autograd.grad(expected(xd, bd, dim % x.dim(), act, 0.2, gain, clamp), (xd, bd), g.double())
+    gxe, gbe = torch.autograd.grad(expected(xd, bd, dim % x.dim(), act, a, gain, clamp), (xd, bd), g.double())
     close(gx, gxe, 1e-5)
     close(gb, gbe, 1e-5)
 
@@ -148,18 +149,19 @@ def test_short_rows_in_runs_of_rows(act, shape, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(impl, act, dtype):
     shape, dim, clamp, gain = (3, 6, 7, 5), 1, 0.9, 1.3
+    a = resolve_act(act, None)[1]  # the row's default alpha (lrelu: 0.2)
     b = torch.randn(shape[dim]).to(dtype)
-    x = away_from_clamp(torch.randn(shape), b.float(), dim, act, 0.2, gain, clamp).to(dtype)
+    x = away_from_clamp(torch.randn(shape), b.float(), dim, act, a, gain, clamp).to(dtype)
     x = x.to(memory_format=torch.channels_last).requires_grad_()
     b.requires_grad_()
     y = bias_act(x, b, dim, act, None, gain, clamp, impl=impl)
     assert y.dtype == dtype
-    ref = expected(x.detach().float(), b.detach().float(), dim, act, 0.2, gain, clamp)
+    ref = expected(x.detach().float(), b.detach().float(), dim, act, a, gain, clamp)
     close(y, ref, 1e-2)
     g = torch.randn_like(y)
     gx, gb = torch.autograd.grad(y, (x, b), g)
     xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    gxe, gbe = torch.autograd.grad(expected(xd, bd, dim, act, 0.2, gain, clamp), (xd, bd), g.double())
+    gxe, gbe = torch.autograd.grad(expected(xd, bd, dim, act, a, gain, clamp), (xd, bd), g.double())
     close(gx, gxe, 1e-2)
     close(gb, gbe, 2e-2)  # a sum of ~100 bf16 products
 

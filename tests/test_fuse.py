@@ -387,7 +387,7 @@ def test_bias_act_module():
     torch.testing.assert_close(m(x), (F.leaky_relu(x + m.bias.view(1, -1, 1, 1), 0.2) * 2).clamp(-1.5, 1.5))
     assert list(m.state_dict()) == ["bias"] and BiasAct(5, bias=False).bias is None
     with pytest.raises(ValueError, match="act"):
-        BiasAct(5, act="elu")
+        BiasAct(5, act="no_such_activation")
 
 
 def test_fused_conv_modules_take_unbatched_input():

@@ -7,10 +7,11 @@ Recognised runs (a layer directly followed by its activation):
 * ``nn.BatchNorm1d`` / ``nn.BatchNorm2d`` -> activation              becomes ``BatchNormAct1d`` / ``BatchNormAct2d``
 
 with activation one of ``nn.ReLU``, ``nn.LeakyReLU`` (slope >= 0), ``nn.Tanh``, ``nn.Sigmoid``
-(``inplace`` or not): the ``module`` column of ``fastgan.ops.activations.ACTIVATIONS``. The fused layer takes the layer's place and an ``nn.Identity`` the activation's,
-so every ``state_dict`` key stays as it was (activations hold no state) and checkpoints load both
-ways; the fused layer holds the SAME parameter and buffer tensors (optimizers built before fusing
-keep working).
+(``inplace`` or not): the ``module`` column of the activation table
+(``fastgan.ops.activations.ACTIVATIONS``). The fused layer takes the layer's place and an
+``nn.Identity`` the activation's, so every ``state_dict`` key stays as it was (activations hold no
+state) and checkpoints load both ways; the fused layer holds the SAME parameter and buffer tensors
+(optimizers built before fusing keep working).
 
 Where: inside ``nn.Sequential`` (consecutive children), and inside other modules whose ``forward``
 ``torch.fx`` can trace: there a child layer is fused when its output goes only to an activation

@@ -10,11 +10,12 @@ differentiable again (double backward, for R1 / gradient penalties).
 **Adding an activation is one row here.** From then on it works in ``linear_act``, ``bias_act``,
 ``batch_norm_act``, their modules and ``fastgan.fuse``, under every ``impl``, twice differentiable and
 under ``torch.compile``: where a kernel has no code for a row (``kernel_computes`` says which), the op
-runs its kernel without activation and applies the row's ``ref`` to the result with torch ops
-(``apply_unfused``), one more pass over memory. To fuse the new activation into the kernels as well,
-give it the matching lines in ``fastgan/ops/triton/activations.py`` (``KERNEL_ACTIVATIONS``,
-``apply_act``, ``act_grad_from_output``) and ``csrc/cpu/activations.h`` (``kActNames`` and the
-switches): each kernel table names its ids, and an id counts for a kernel only where the names agree.
+runs its kernel without activation and applies the row's ``ref`` (then gain and clamp) to the result
+with torch ops (``apply_unfused``): a few more passes over memory, forward and backward. To fuse the
+new activation into the kernels as well, give it the matching lines in
+``fastgan/ops/triton/activations.py`` (``KERNEL_ACTIVATIONS``, ``apply_act``, ``act_grad_from_output``)
+and ``csrc/cpu/activations.h`` (``kActNames`` and the switches): each kernel table names its ids, and
+an id counts for a kernel only where the names agree.
 """
 from __future__ import annotations
 
@@ -38,9 +39,12 @@ class Activation:
     (``d/dy [f'(x(y))]``), which the fused ops' double backward needs. Both are exact wherever
     ``f`` is differentiable (at the kink of relu / lrelu they follow torch: the slope left of 0).
 
-    ``alpha_meaning``: what ``alpha`` is for this activation (None: it has none and ignores alpha);
-    ``alpha_min``: the smallest alpha accepted. ``module``: the ``torch.nn`` activation module that
-    ``fastgan.fuse`` folds into the layer before it, and ``module_alpha(m)`` the alpha of such a module.
+    ``alpha_meaning``: what ``alpha`` is for this activation (None: it has none and ignores alpha;
+    give it for any row that takes alpha: error messages and module reprs use it); ``alpha_min``: the
+    smallest alpha accepted. ``module``: the ``torch.nn`` activation module that ``fastgan.fuse`` folds
+    into the layer before it (exact type); ``module_matches(m)``: whether that instance computes this
+    row's function (e.g. False for a variant selected by a constructor option); ``module_alpha(m)``: its
+    alpha.
     """
     name: str
     index: int
@@ -51,6 +55,7 @@ class Activation:
     alpha_meaning: str | None = None
     alpha_min: float = -math.inf
     module: type[nn.Module] | None = None
+    module_matches: Callable[[Any], bool] = lambda m: True
     module_alpha: Callable[[Any], float | None] = lambda m: None
 
 
@@ -126,6 +131,8 @@ def activation_of_module(m: nn.Module) -> tuple[str, float | None] | None:
     an alpha the row accepts), else None: what ``fastgan.fuse`` may fold into the layer before it."""
     for row in ACTIVATIONS.values():
         if row.module is not None and type(m) is row.module:
+            if not row.module_matches(m):
+                return None
             alpha = row.module_alpha(m)
             try:
                 resolve_act(row, alpha)
@@ -145,8 +152,10 @@ def _kernel_has(impl: str, name: str, index: int) -> bool:
         names = ()
         if impl == "cpu":
             ext = extension()
-            if ext is not None and hasattr(ext, "kernel_activations"):
-                names = tuple(ext.kernel_activations())
+            if ext is not None:
+                # A build older than kernel_activations (not rebuilt since) has code for these five.
+                names = tuple(ext.kernel_activations() if hasattr(ext, "kernel_activations")
+                              else ("linear", "relu", "lrelu", "tanh", "sigmoid"))
         elif impl == "triton":
             names = tuple(triton_module("activations").KERNEL_ACTIVATIONS)
         _KERNEL_NAMES[impl] = names
@@ -161,8 +170,10 @@ def kernel_computes(impl: str, spec: Activation) -> bool:
 
 
 def apply_unfused(y: Tensor, spec: Activation, alpha: float, gain: float = 1.0, clamp: float | None = None) -> Tensor:
-    """``clamp(spec(y) * gain)`` with the row's torch reference, for an activation that a kernel lacks:
-    the same operations, in the same order, as the ops' references (differentiable to any order)."""
+    """``clamp(spec(y) * gain)`` with the row's torch ops (differentiable to any order): the tail of the
+    ``linear_act`` and ``bias_act`` references, and what runs after a kernel that lacks the row. (After
+    a bf16 / fp16 ``batch_norm_act`` kernel it sees the normalised output rounded to that dtype, where
+    the reference applies the activation before rounding: one rounding more.)"""
     y = spec.ref(y, alpha)
     if gain != 1:
         y = y * gain

@@ -362,13 +362,20 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
     if bias is not None:
         bias = bias.contiguous()
     x = _dense(x)
-    if not kernel_computes(impl, spec):  # an activation these kernels lack: the bias fused, then the row
-        return apply_unfused(bias_act(x, bias, dim, impl=impl), spec, alpha, gain_f, clamp)
+    if not kernel_computes(impl, spec):  # an activation these kernels lack: the bias in the kernel, then the row
+        y = x if bias is None else _bias_act_call(x, bias, dim, 0, 0.0, 1.0, NO_CLAMP, impl)
+        return apply_unfused(y, spec, alpha, gain_f, clamp)
+    return _bias_act_call(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+
+
+def _bias_act_call(x: Tensor, bias: Tensor | None, dim: int, act: int, alpha: float, gain: float, clamp: float,
+                   impl: str) -> Tensor:
+    # A validated call (dense x, contiguous bias, clamp encoded) to the kernels of impl with autograd.
     if torch.compiler.is_compiling():
-        return _bias_act_op(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+        return _bias_act_op(x, bias, dim, act, alpha, gain, clamp, impl)
     if impl == "cpu" and x.numel() > 0:
-        return _bias_act_cpu_eager(x, bias, dim, spec.index, alpha, gain_f, clamp_f)
-    return _BiasActFunction.apply(x, bias, dim, spec.index, alpha, gain_f, clamp_f, impl)
+        return _bias_act_cpu_eager(x, bias, dim, act, alpha, gain, clamp)
+    return _BiasActFunction.apply(x, bias, dim, act, alpha, gain, clamp, impl)
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -380,17 +387,17 @@ def bias_act_fresh_(y: Tensor, bias: Tensor | None, act: str, alpha: float | Non
     fused convolution module has just computed. On the CPU path it runs in place on ``y`` (as eager's
     ``LeakyReLU(inplace=True)``): no second map is allocated and first-touched, and the convolution's
     backward, which needs its input and weight but not its output, is unaffected. Anywhere else (other
-    devices or layouts, autocast dtype promotion, torch.compile) it is ``bias_act``, out of place."""
+    devices or layouts, autocast dtype promotion, torch.compile, an activation the C++ kernels lack) it
+    is ``bias_act``, out of place."""
+    spec, alpha = resolve_act(act, alpha)
     if (y.device.type == "cpu" and 3 <= y.dim() <= 5 and y.numel() > 0 and not torch.compiler.is_compiling()
             and (bias is None or bias.dtype == y.dtype)
             and (y.is_contiguous() or (y.dim() in _CHANNELS_LAST and y.is_contiguous(memory_format=_CHANNELS_LAST[y.dim()])))
-            and resolve_impl("bias_act", impl, y.device) == "cpu"
-            and kernel_computes("cpu", resolve_act(act, alpha)[0])):
-        spec, alpha = resolve_act(act, alpha)
+            and resolve_impl("bias_act", impl, y.device) == "cpu" and kernel_computes("cpu", spec)):
         check_bias(bias, y, y.shape[1], "the convolution's out_channels")
         return extension().bias_act_inplace_autograd(y, None if bias is None else bias.contiguous(), spec.index, alpha,
                                                      1.0, NO_CLAMP, NO_CLAMP)
-    return bias_act(y, bias, 1, act, alpha, impl=impl)
+    return bias_act(y, bias, 1, spec.name, alpha, impl=impl)
 
 
 def _bias_act_cpu_eager(x: Tensor, bias: Tensor | None, dim: int, act: int, alpha: float, gain: float,

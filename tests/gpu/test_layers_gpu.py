@@ -38,7 +38,7 @@ def run_linear(device, x_shape, out_features, act, dtype, bias=True, gain=1.0, r
     leaves = [t for t in (x, w, b) if t is not None]
     dl = [t.detach().double().requires_grad_() for t in leaves]
     z = dl[0] @ dl[1].t() + (dl[2] if bias else 0)
-    y_ref = ACT_FNS[act](z, 0.2) * gain
+    y_ref = ACT_FNS.get(act, ACTIVATIONS[act].ref)(z, ACTIVATIONS[act].default_alpha) * gain
     rtol = rtol or RTOL[dtype]
     close(y, y_ref, rtol, "y")
     g = torch.randn_like(y)
@@ -60,7 +60,7 @@ def run_bias_act(device, shape, dim, layout, act, dtype, gain=1.0, clamp=None):
     xd, bd = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     view = [1] * x.dim()
     view[dim] = -1
-    y_ref = ACT_FNS[act](xd + bd.view(view), 0.2) * gain
+    y_ref = ACT_FNS.get(act, ACTIVATIONS[act].ref)(xd + bd.view(view), ACTIVATIONS[act].default_alpha) * gain
     if clamp is not None:
         y_ref = y_ref.clamp(-clamp, clamp)
     close(y, y_ref, RTOL[dtype], "y")
