@@ -108,40 +108,47 @@ def _check_against_eager(name, module, params, channels, size, layout, device):
     torch.testing.assert_close(params.running_var, eager[0].running_var, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", common.op_timing_modes(common.select_device()))
-@pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("channels,size,layout", SHAPES)
-def bench_batch_norm_lrelu(benchmark, device, contender, channels, size, layout, mode):
+def _timed_call(contender, channels, size, layout, mode, device):
+    """(the timed step, its iterations per round, info): the contender built, compiled and checked
+    against eager first."""
     gc.collect()
     module, params, compile_time = _contender(contender, channels, device)
+    info = {}
     if compile_time is not None:  # compile (forward + backward graphs) outside the timed region
         x, grad = _inputs(channels, size, layout, device)
         start = time.perf_counter()
         _step(module, params, x, grad)
-        compile_time = time.perf_counter() - start
+        info["compile_time_s"] = time.perf_counter() - start
         params.running_mean.zero_()
         params.running_var.fill_(1.0)
         params.num_batches_tracked.zero_()
     _check_against_eager(contender, module, params, channels, size, layout, device)
     x, grad = _inputs(channels, size, layout, device)
-
-    iterations = 1
     if mode == "graphed":
         run = common.graphed(lambda: _step(module, params, x, grad))
-        iterations = run.steps
-    else:
-        def run():
-            out = _step(module, params, x, grad)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
+        return run, run.steps, info
 
-    benchmark.group = _problem(channels, size, layout) + (" (graphed)" if mode == "graphed" else "")
-    benchmark.extra_info["contender"] = contender
-    benchmark.extra_info["mode"] = mode
-    benchmark.extra_info["threads"] = torch.get_num_threads()
-    if compile_time is not None:
-        benchmark.extra_info["compile_time_s"] = compile_time
+    def run():
+        out = _step(module, params, x, grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run, 1, info
+
+
+@pytest.mark.parametrize("mode", common.op_timing_modes(common.select_device()))
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("channels,size,layout", SHAPES)
+def bench_batch_norm_lrelu(benchmark, device, contender, channels, size, layout, mode):
+    # The first contender of a group builds all and times them interleaved (common.paired_op_group:
+    # paired_median_s, which report.py prefers); each is then also timed alone by pytest-benchmark.
+    group = _problem(channels, size, layout) + (" (graphed)" if mode == "graphed" else "")
     enabled = not getattr(benchmark, "disabled", False)
-    benchmark.pedantic(run, rounds=ROUNDS if enabled else 1, iterations=iterations,
+    common.paired_op_group(group, CONTENDERS, lambda name: _timed_call(name, channels, size, layout, mode, device),
+                           enabled=enabled)
+    entry = common.take_paired_op(group, contender)
+    benchmark.group = group
+    benchmark.extra_info.update(contender=contender, mode=mode, threads=torch.get_num_threads(),
+                                **entry.extra_info(contender))
+    benchmark.pedantic(entry.calls[contender], rounds=ROUNDS if enabled else 1, iterations=entry.iterations,
                        warmup_rounds=3 if enabled else 0)

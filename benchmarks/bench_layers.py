@@ -15,6 +15,8 @@ Problems (``benchmark.group``):
 
 Every timed call is a full step: input and parameter gradients set to None, forward, backward with a
 fixed upstream gradient. Contenders are checked to agree (outputs and all gradients) before timing.
+Each group's contenders are also timed in interleaved rounds (``common.paired_op_group``), whose
+medians ``report.py`` prefers: load drift on a shared machine then hits all of them alike.
 On CUDA every problem is timed in two modes (``common.op_timing_modes``): as called (groups ending in
 ``(cuda)``: host-bound at these sizes, Python and launches included) and as a CUDA graph replay of the
 same step (groups ending in ``(cuda, graphed)``: device time only, as inside a captured training step).
@@ -109,25 +111,35 @@ def _check_agree(models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tens
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def _time(benchmark, model, x, grad, group: str, contender: str, rounds: int, mode: str = "call", **info):
+def _timed_call(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, mode: str):
+    """(the timed step, its iterations per round): synchronised, or a CUDA graph replay."""
     params = list(model.parameters())
-    iterations = 1
     if mode == "graphed":
         one_step = common.graphed(lambda: _step(model, params, x, grad))
-        iterations = one_step.steps
-        group = group[:-1] + ", graphed)"  # "... (cuda)" -> "... (cuda, graphed)"
-    else:
-        for _ in range(3):  # warm-up (and compilation) outside the timed rounds
-            _step(model, params, x, grad)
+        return one_step, one_step.steps
+    for _ in range(3):  # warm-up (and compilation) outside the timed rounds
+        _step(model, params, x, grad)
+    _sync()
+
+    def one_step():
+        _step(model, params, x, grad)
         _sync()
+    return one_step, 1
 
-        def one_step():
-            _step(model, params, x, grad)
-            _sync()
 
+def _time(benchmark, make, contenders, group: str, contender: str, rounds: int, mode: str = "call", **info):
+    """Time ``contender`` of the group. ``make(name) -> (model, x, grad)`` builds any contender: the
+    first benchmark of a group builds them all and times them interleaved (common.paired_op_group:
+    ``paired_median_s``, which report.py prefers), then each is also timed alone by pytest-benchmark."""
+    if mode == "graphed":
+        group = group[:-1] + ", graphed)"  # "... (cuda)" -> "... (cuda, graphed)"
+    common.paired_op_group(group, contenders, lambda name: (*_timed_call(*make(name), mode), {}),
+                           enabled=not benchmark.disabled)
+    entry = common.take_paired_op(group, contender)
     benchmark.group = group
-    benchmark.extra_info.update(contender=contender, device=DEVICE.type, mode=mode, **info)
-    benchmark.pedantic(one_step, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    benchmark.extra_info.update(contender=contender, device=DEVICE.type, mode=mode, **info,
+                                **entry.extra_info(contender))
+    benchmark.pedantic(entry.calls[contender], rounds=rounds, iterations=entry.iterations, warmup_rounds=1)
 
 
 # --- linear + LeakyReLU ------------------------------------------------------------------------
@@ -146,12 +158,14 @@ def bench_linear_contenders_agree(batch, features):
 @pytest.mark.parametrize("contender", LINEAR_CONTENDERS)
 @pytest.mark.parametrize("batch,features", LINEAR_PROBLEMS)
 def bench_linear_lrelu_forward_backward(benchmark, contender, batch, features, mode):
-    model = _contender(contender, _linear_eager(features))
-    x = torch.randn(batch, features, device=DEVICE, requires_grad=True)
-    grad = torch.randn(batch, features, device=DEVICE)
+    def make(name):
+        return (_contender(name, _linear_eager(features)),
+                torch.randn(batch, features, device=DEVICE, requires_grad=True),
+                torch.randn(batch, features, device=DEVICE))
+
     rounds = 200 if batch * features <= 64 * 1024 else 40
-    _time(benchmark, model, x, grad, f"linear+lrelu B={batch} F={features} ({DEVICE.type})", contender, rounds,
-          mode, batch=batch, features=features)
+    _time(benchmark, make, LINEAR_CONTENDERS, f"linear+lrelu B={batch} F={features} ({DEVICE.type})", contender,
+          rounds, mode, batch=batch, features=features)
 
 
 # --- convolution + bias + activation (DCGAN layers) ---------------------------------------------
@@ -170,11 +184,12 @@ def bench_conv_contenders_agree(kind):
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("kind", list(CONV_INPUT))
 def bench_conv_act_forward_backward(benchmark, contender, kind, mode):
-    eager = _conv_eager(kind)
-    model = _contender(contender, eager)
-    x = torch.randn(CONV_INPUT[kind], device=DEVICE, requires_grad=True)
-    grad = torch.randn_like(eager(x))
-    _time(benchmark, model, x, grad, f"{kind} {tuple(x.shape)} ({DEVICE.type})", contender, 20, mode, kind=kind)
+    def make(name):
+        eager = _conv_eager(kind)
+        x = torch.randn(CONV_INPUT[kind], device=DEVICE, requires_grad=True)
+        return _contender(name, eager), x, torch.randn_like(eager(x))
+
+    _time(benchmark, make, CONTENDERS, f"{kind} {CONV_INPUT[kind]} ({DEVICE.type})", contender, 20, mode, kind=kind)
 
 
 # --- the element-wise tail alone ---------------------------------------------------------------
@@ -218,7 +233,9 @@ def bench_bias_act_contenders_agree(layout):
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def bench_bias_lrelu_forward_backward(benchmark, contender, layout, mode):
-    model = _bias_models()[contender]
-    x = _bias_input(layout)
-    _time(benchmark, model, x, torch.randn_like(x), f"bias+lrelu (32, 128, 16, 16) {layout} ({DEVICE.type})",
-          contender, 100, mode, layout=layout)
+    def make(name):
+        x = _bias_input(layout)
+        return _bias_models()[name], x, torch.randn_like(x)
+
+    _time(benchmark, make, CONTENDERS, f"bias+lrelu (32, 128, 16, 16) {layout} ({DEVICE.type})", contender, 100,
+          mode, layout=layout)

@@ -86,28 +86,37 @@ def bench_contenders_agree(n):
         torch.testing.assert_close(gf, results["eager"][2], rtol=1e-5, atol=1e-8, msg=name)
 
 
+def _timed_call(name: str, n: int, mode: str):
+    """(the timed step, its iterations per round, info) of contender ``name``."""
+    step = CONTENDERS[name]
+    if mode == "graphed":
+        real, fake = _input_sets(n)[0]
+        one_step = common.graphed(lambda: _run(step, real, fake))
+        return one_step, one_step.steps, {}
+    inputs = itertools.cycle(_input_sets(n))
+    for _ in range(3):  # warm-up (and compilation) outside the timed rounds
+        _run(step, *next(inputs))
+    _sync()
+
+    def one_step():
+        _run(step, *next(inputs))
+        _sync()
+    return one_step, 5 if n < 100000 else 1, {}
+
+
 @pytest.mark.parametrize("mode", common.op_timing_modes(DEVICE))
 @pytest.mark.parametrize("contender", list(CONTENDERS))
 @pytest.mark.parametrize("n", SIZES)
 def bench_d_loss_forward_backward(benchmark, contender, n, mode):
-    step = CONTENDERS[contender]
+    # The first contender of a group builds all and times them interleaved (common.paired_op_group:
+    # paired_median_s, which report.py prefers); each is then also timed alone by pytest-benchmark.
     group = f"d_loss fwd+bwd N={n} ({DEVICE.type})"
-    iterations = 5 if n < 100000 else 1
     if mode == "graphed":
-        real, fake = _input_sets(n)[0]
-        one_step = common.graphed(lambda: _run(step, real, fake))
-        iterations = one_step.steps
         group = group[:-1] + ", graphed)"  # "... (cuda)" -> "... (cuda, graphed)"
-    else:
-        inputs = itertools.cycle(_input_sets(n))
-        for _ in range(3):  # warm-up (and compilation) outside the timed rounds
-            _run(step, *next(inputs))
-        _sync()
-
-        def one_step():
-            _run(step, *next(inputs))
-            _sync()
-
+    common.paired_op_group(group, list(CONTENDERS), lambda name: _timed_call(name, n, mode),
+                           enabled=not benchmark.disabled)
+    entry = common.take_paired_op(group, contender)
     benchmark.group = group
-    benchmark.extra_info.update(contender=contender, n=n, device=DEVICE.type, mode=mode)
-    benchmark.pedantic(one_step, rounds=200 if n < 100000 else 30, iterations=iterations, warmup_rounds=1)
+    benchmark.extra_info.update(contender=contender, n=n, device=DEVICE.type, mode=mode, **entry.extra_info(contender))
+    benchmark.pedantic(entry.calls[contender], rounds=200 if n < 100000 else 30, iterations=entry.iterations,
+                       warmup_rounds=1)

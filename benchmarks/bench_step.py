@@ -73,12 +73,7 @@ class ProblemRun:
         self.paired = {n: statistics.median(t) for n, t in times.items()}
         self.paired_rounds = rounds
         # spread of fastgan's per-round speed-up over each contender: (25th, 50th, 75th percentile)
-        self.paired_ratio_quartiles = {}
-        for name, t in times.items():
-            if name != "fastgan" and "fastgan" in times:
-                ratios = sorted(a / b for a, b in zip(t, times["fastgan"]))
-                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-                self.paired_ratio_quartiles[name] = q
+        self.paired_ratio_quartiles = common.speedup_quartiles(times)
 
 
 _current: dict[str, ProblemRun] = {}

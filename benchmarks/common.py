@@ -521,18 +521,114 @@ def paired_step_times(contenders: dict[str, Contender], inputs: InputSets, round
     them to the same conditions, so the ratio of their medians is a paired comparison.
     """
     device = inputs[0][0].device
-    names = list(contenders)
+
+    def round_of(contender: Contender) -> Callable[[], None]:
+        def run():
+            for _ in range(steps_per_round):
+                contender.step(*inputs.next())
+            synchronize(device)
+        return run
+
+    synchronize(device)
+    times = interleaved_times({n: round_of(c) for n, c in contenders.items()}, rounds)
+    return {n: [t / steps_per_round for t in ts] for n, ts in times.items()}
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, iterations: int = 1,
+                      warm: int = 0) -> dict[str, list[float]]:
+    """Per-call wall times of ``calls`` (each ends synchronised with the device), interleaved: each round
+    runs every call ``iterations`` times, in an order rotated from round to round (see
+    :func:`paired_step_times` for why), each contender's turn after ``warm`` untimed calls (so that an
+    op of a few hundred microseconds is timed with its data back in cache, as pytest-benchmark's
+    back-to-back rounds time it, not just after another contender evicted it)."""
+    names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            step = contenders[name].step
-            synchronize(device)
+            call = calls[name]
+            for _ in range(warm):
+                call()
             t0 = time.perf_counter()
-            for _ in range(steps_per_round):
-                step(*inputs.next())
-            synchronize(device)
-            times[name].append((time.perf_counter() - t0) / steps_per_round)
+            for _ in range(iterations):
+                call()
+            times[name].append((time.perf_counter() - t0) / iterations)
     return times
+
+
+def speedup_quartiles(times: dict[str, list[float]], ours: str = "fastgan") -> dict[str, list[float]]:
+    """For each other contender: the 25th, 50th and 75th percentile of ``ours``'s per-round speed-up
+    over it (its round time / ours) in interleaved rounds."""
+    quartiles = {}
+    for name, t in times.items():
+        if name != ours and ours in times:
+            ratios = sorted(a / b for a, b in zip(t, times[ours]))
+            quartiles[name] = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return quartiles
+
+
+@dataclass
+class PairedOpGroup:
+    """The contenders of one op benchmark group, built together and timed interleaved.
+
+    ``calls[name]``: the timed callable (one op step, synchronised; a graph replay in graphed mode) that
+    the group's benchmarks also hand to pytest-benchmark, ``iterations`` calls per round after one
+    untimed call; ``info[name]``:
+    whatever the builder reported (e.g. a compile time); ``medians`` / ``quartiles``: from
+    :func:`interleaved_times` and :func:`speedup_quartiles`."""
+    calls: dict[str, Callable[[], object]]
+    iterations: int
+    info: dict[str, dict]
+    rounds: int = 0
+    medians: dict[str, float] = field(default_factory=dict)
+    quartiles: dict[str, list[float]] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+
+    def extra_info(self, contender: str) -> dict:
+        """What a contender's benchmark records: its paired median (report.py prefers it when every
+        contender of the group has one) and, for fastgan, the spread of its per-round speed-ups."""
+        extra = {"paired_median_s": self.medians[contender], "paired_rounds": self.rounds, **self.info[contender]}
+        if contender == "fastgan":
+            extra["fastgan_paired_speedup_quartiles"] = self.quartiles
+        return extra
+
+
+_PAIRED_OP_GROUPS: dict[str, PairedOpGroup] = {}
+PAIRED_OP_BUDGET_S = 4.0  # interleaved rounds per op group: about this many seconds, 7 to 101 rounds
+
+
+def paired_op_group(group: str, contenders: Sequence[str],
+                    build: Callable[[str], tuple[Callable[[], object], int, dict]], enabled: bool) -> PairedOpGroup:
+    """The group's contenders, each built by ``build(name) -> (call, iterations, info)`` (warm-up,
+    compilation and capture included) the first time any of its benchmarks asks, then timed in
+    interleaved rounds (one round when benchmarks are disabled: the code path still runs). A group is
+    dropped once each contender has taken it with :func:`take_paired_op`."""
+    if group not in _PAIRED_OP_GROUPS:
+        built = {name: build(name) for name in contenders}
+        iterations = {it for _, it, _ in built.values()}
+        if len(iterations) != 1:
+            raise ValueError(f"{group}: contenders must run the same number of iterations per round, got {iterations}")
+        entry = PairedOpGroup({n: b[0] for n, b in built.items()}, iterations.pop(),
+                              {n: b[2] for n, b in built.items()}, pending=set(contenders))
+        rounds = 1
+        if enabled:
+            per_round = sum(statistics.median(t) for t in
+                            interleaved_times(entry.calls, 1, entry.iterations).values()) * (entry.iterations + 1)
+            rounds = max(7, min(101, int(PAIRED_OP_BUDGET_S / max(per_round, 1e-9))))
+        times = interleaved_times(entry.calls, rounds, entry.iterations, warm=1)
+        entry.rounds = rounds
+        entry.medians = {n: statistics.median(t) for n, t in times.items()}
+        entry.quartiles = speedup_quartiles(times)
+        _PAIRED_OP_GROUPS[group] = entry
+    return _PAIRED_OP_GROUPS[group]
+
+
+def take_paired_op(group: str, contender: str) -> PairedOpGroup:
+    """The built group for one contender's benchmark; the last contender to take it frees it."""
+    entry = _PAIRED_OP_GROUPS[group]
+    entry.pending.discard(contender)
+    if not entry.pending:
+        del _PAIRED_OP_GROUPS[group]
+    return entry
 
 
 def median_step_time(contender: Contender, inputs: InputSets, steps: int = 5) -> float:

@@ -255,6 +255,34 @@ def test_problems_share_models_and_inputs_rotate():
     assert inputs.next()[0] is first[0]
 
 
+def test_interleaved_times_rotate_the_order_and_warm_each_turn():
+    calls_made = []
+    calls = {n: (lambda n=n: calls_made.append(n)) for n in ("a", "b", "c")}
+    times = common.interleaved_times(calls, rounds=3, iterations=2, warm=1)
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    # each turn: one untimed call, then two timed; rounds start at a, then b, then c
+    assert "".join(calls_made) == "aaabbbccc" + "bbbcccaaa" + "cccaaabbb"
+
+
+def test_paired_op_group_builds_once_times_all_and_frees_after_the_last_contender():
+    built = []
+
+    def build(name):
+        built.append(name)
+        return (lambda: sum(range(2000 if name == "eager" else 1000))), 2, {"note": name}
+
+    group = common.paired_op_group("g (test)", ["eager", "fastgan"], build, enabled=False)
+    assert common.paired_op_group("g (test)", ["eager", "fastgan"], build, enabled=False) is group
+    assert built == ["eager", "fastgan"] and group.iterations == 2 and group.rounds == 1
+    extra = common.take_paired_op("g (test)", "eager").extra_info("eager")
+    assert extra["paired_median_s"] > 0 and extra["note"] == "eager" and "fastgan_paired_speedup_quartiles" not in extra
+    extra = common.take_paired_op("g (test)", "fastgan").extra_info("fastgan")
+    assert set(extra["fastgan_paired_speedup_quartiles"]) == {"eager"}
+    assert "g (test)" not in common._PAIRED_OP_GROUPS  # freed after the last contender took it
+    with pytest.raises(ValueError, match="same number of iterations"):
+        common.paired_op_group("h (test)", ["a", "b"], lambda n: (lambda: None, 1 if n == "a" else 2, {}), enabled=False)
+
+
 def test_machine_description():
     info = machine.describe()
     for key in ("cpu_model", "cpu_count", "torch", "triton", "device", "date_utc"):
