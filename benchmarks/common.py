@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import statistics
 import time
 import warnings
@@ -570,14 +571,16 @@ def speedup_quartiles(times: dict[str, list[float]], ours: str = "fastgan") -> d
 class PairedOpGroup:
     """The contenders of one op benchmark group, built together and timed interleaved.
 
-    ``calls[name]``: the timed callable (one op step, synchronised; a graph replay in graphed mode) that
-    the group's benchmarks also hand to pytest-benchmark, ``iterations`` calls per round after one
-    untimed call; ``info[name]``:
-    whatever the builder reported (e.g. a compile time); ``medians`` / ``quartiles``: from
-    :func:`interleaved_times` and :func:`speedup_quartiles`."""
+    ``calls[name]``: the timed callable (one op step, synchronised; in graphed mode one call in
+    ``iterations`` replays the graph) that the group's benchmarks also hand to pytest-benchmark,
+    ``iterations`` calls per timed turn, each turn after as many untimed ones (one graph replay in
+    graphed mode); ``info[name]``: whatever the builder reported (e.g. a compile time); ``errors[name]``:
+    why a contender could not be built (its benchmark raises it; the others are timed without it);
+    ``medians`` / ``quartiles``: from :func:`interleaved_times` and :func:`speedup_quartiles`."""
     calls: dict[str, Callable[[], object]]
     iterations: int
     info: dict[str, dict]
+    errors: dict[str, BaseException] = field(default_factory=dict)
     rounds: int = 0
     medians: dict[str, float] = field(default_factory=dict)
     quartiles: dict[str, list[float]] = field(default_factory=dict)
@@ -593,7 +596,9 @@ class PairedOpGroup:
 
 
 _PAIRED_OP_GROUPS: dict[str, PairedOpGroup] = {}
-PAIRED_OP_BUDGET_S = 4.0  # interleaved rounds per op group: about this many seconds, 7 to 101 rounds
+_PAIRED_OP_GROUPS_ALIVE = 2  # a problem's "call" and "graphed" groups; older ones (e.g. left partial by -k) go
+# interleaved rounds per op group: about this many seconds, 7 to 101 rounds
+PAIRED_OP_BUDGET_S = float(os.environ.get("FASTGAN_BENCH_PAIRED_OP_BUDGET_S", 4.0))
 
 
 def paired_op_group(group: str, contenders: Sequence[str],
@@ -601,20 +606,28 @@ def paired_op_group(group: str, contenders: Sequence[str],
     """The group's contenders, each built by ``build(name) -> (call, iterations, info)`` (warm-up,
     compilation and capture included) the first time any of its benchmarks asks, then timed in
     interleaved rounds (one round when benchmarks are disabled: the code path still runs). A group is
-    dropped once each contender has taken it with :func:`take_paired_op`."""
+    dropped once each contender has taken it with :func:`take_paired_op`, or when newer groups
+    replace it."""
     if group not in _PAIRED_OP_GROUPS:
-        built = {name: build(name) for name in contenders}
+        while len(_PAIRED_OP_GROUPS) >= _PAIRED_OP_GROUPS_ALIVE:
+            del _PAIRED_OP_GROUPS[next(iter(_PAIRED_OP_GROUPS))]  # the oldest (its graphs and memory with it)
+        built, errors = {}, {}
+        for name in contenders:
+            try:
+                built[name] = build(name)
+            except Exception as exc:  # that contender's benchmark fails with it; the others still run
+                errors[name] = exc
         iterations = {it for _, it, _ in built.values()}
-        if len(iterations) != 1:
+        if len(iterations) > 1:
             raise ValueError(f"{group}: contenders must run the same number of iterations per round, got {iterations}")
-        entry = PairedOpGroup({n: b[0] for n, b in built.items()}, iterations.pop(),
-                              {n: b[2] for n, b in built.items()}, pending=set(contenders))
+        entry = PairedOpGroup({n: b[0] for n, b in built.items()}, iterations.pop() if iterations else 1,
+                              {n: b[2] for n, b in built.items()}, errors, pending=set(contenders))
         rounds = 1
-        if enabled:
+        if enabled and entry.calls:
             per_round = sum(statistics.median(t) for t in
-                            interleaved_times(entry.calls, 1, entry.iterations).values()) * (entry.iterations + 1)
+                            interleaved_times(entry.calls, 1, entry.iterations).values()) * entry.iterations * 2
             rounds = max(7, min(101, int(PAIRED_OP_BUDGET_S / max(per_round, 1e-9))))
-        times = interleaved_times(entry.calls, rounds, entry.iterations, warm=1)
+        times = interleaved_times(entry.calls, rounds, entry.iterations, warm=entry.iterations)
         entry.rounds = rounds
         entry.medians = {n: statistics.median(t) for n, t in times.items()}
         entry.quartiles = speedup_quartiles(times)
@@ -623,11 +636,14 @@ def paired_op_group(group: str, contenders: Sequence[str],
 
 
 def take_paired_op(group: str, contender: str) -> PairedOpGroup:
-    """The built group for one contender's benchmark; the last contender to take it frees it."""
+    """The built group for one contender's benchmark (raising why that contender could not be built);
+    the last contender to take it frees it."""
     entry = _PAIRED_OP_GROUPS[group]
     entry.pending.discard(contender)
     if not entry.pending:
         del _PAIRED_OP_GROUPS[group]
+    if contender in entry.errors:
+        raise entry.errors[contender]
     return entry
 
 

@@ -255,13 +255,21 @@ def test_problems_share_models_and_inputs_rotate():
     assert inputs.next()[0] is first[0]
 
 
-def test_interleaved_times_rotate_the_order_and_warm_each_turn():
+def test_interleaved_times_rotate_the_order_and_time_only_the_timed_calls(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
     calls_made = []
-    calls = {n: (lambda n=n: calls_made.append(n)) for n in ("a", "b", "c")}
+    cost = {"a": 1.0, "b": 2.0, "c": 4.0}
+
+    def call(n):
+        calls_made.append(n)
+        clock[0] += cost[n]
+    calls = {n: (lambda n=n: call(n)) for n in cost}
     times = common.interleaved_times(calls, rounds=3, iterations=2, warm=1)
-    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3, "c": 3}
     # each turn: one untimed call, then two timed; rounds start at a, then b, then c
     assert "".join(calls_made) == "aaabbbccc" + "bbbcccaaa" + "cccaaabbb"
+    assert times == {n: [c] * 3 for n, c in cost.items()}  # per call: the warm call and the turn's count out
+    assert common.speedup_quartiles({"x": [2.0, 4.0, 6.0], "fastgan": [1.0, 1.0, 1.0]}) == {"x": [2.0, 4.0, 6.0]}
 
 
 def test_paired_op_group_builds_once_times_all_and_frees_after_the_last_contender():
@@ -281,6 +289,27 @@ def test_paired_op_group_builds_once_times_all_and_frees_after_the_last_contende
     assert "g (test)" not in common._PAIRED_OP_GROUPS  # freed after the last contender took it
     with pytest.raises(ValueError, match="same number of iterations"):
         common.paired_op_group("h (test)", ["a", "b"], lambda n: (lambda: None, 1 if n == "a" else 2, {}), enabled=False)
+
+
+def test_paired_op_group_rounds_budget_failed_builds_and_eviction(monkeypatch):
+    monkeypatch.setattr(common, "_PAIRED_OP_GROUPS", {})
+    monkeypatch.setattr(common, "PAIRED_OP_BUDGET_S", 0.0)
+
+    def build(name):
+        if name == "broken":
+            raise RuntimeError("cannot build broken")
+        return (lambda: None), 1, {}
+
+    group = common.paired_op_group("a (test)", ["eager", "broken", "fastgan"], build, enabled=True)
+    assert group.rounds == 7 and set(group.medians) == {"eager", "fastgan"}  # the fewest rounds; broken left out
+    with pytest.raises(RuntimeError, match="cannot build broken"):
+        common.take_paired_op("a (test)", "broken")
+    assert common.take_paired_op("a (test)", "fastgan").extra_info("fastgan")["paired_rounds"] == 7
+    monkeypatch.setattr(common, "PAIRED_OP_BUDGET_S", 1e9)
+    assert common.paired_op_group("b (test)", ["eager"], build, enabled=True).rounds == 101  # the most
+    # At most two groups stay alive: a third evicts the oldest (one that -k left partly taken).
+    common.paired_op_group("c (test)", ["eager"], build, enabled=False)
+    assert list(common._PAIRED_OP_GROUPS) == ["b (test)", "c (test)"]
 
 
 def test_machine_description():
