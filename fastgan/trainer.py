@@ -1267,7 +1267,8 @@ class Trainer:
                     self._observe_nonfinite(guard, self.step_count, stats, g=True)
                 log_due = i % log_every == 0 or i == steps
                 # Counted in the trainer's steps, not this call's: a resumed or extended run keeps the cadence.
-                checkpoint_due = checkpoint_every is not None and (self.step_count % checkpoint_every == 0 or i == steps)
+                checkpoint_due = checkpoint_every is not None and (
+                    self.step_count % checkpoint_every == 0 or i == steps)
                 skipped_total = None
                 if guard is not None and (log_due or checkpoint_due or i % max_nonfinite_steps == 0):
                     skipped_total = guard.check(self.step_count)  # raises after too many in a row

@@ -288,7 +288,8 @@ def test_paired_op_group_builds_once_times_all_and_frees_after_the_last_contende
     assert set(extra["fastgan_paired_speedup_quartiles"]) == {"eager"}
     assert "g (test)" not in common._PAIRED_OP_GROUPS  # freed after the last contender took it
     with pytest.raises(ValueError, match="same number of iterations"):
-        common.paired_op_group("h (test)", ["a", "b"], lambda n: (lambda: None, 1 if n == "a" else 2, {}), enabled=False)
+        common.paired_op_group("h (test)", ["a", "b"], lambda n: (lambda: None, 1 if n == "a" else 2, {}),
+                               enabled=False)
 
 
 def test_paired_op_group_rounds_budget_failed_builds_and_eviction(monkeypatch):

@@ -260,13 +260,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, precision):
 def test_checkpoint_cadence_counts_the_trainers_steps_across_fit_calls(tmp_path):
     """A second fit (a resumed or extended run) checkpoints at the same multiples as one long fit would,
     plus its own last step."""
-    from fastgan.checkpoint import list_checkpoints
+    from fastgan.checkpoint import checkpoint_step, list_checkpoints
     trainer = make_trainer()
     trainer.fit(data_tensor(), steps=3, batch_size=8, checkpoint_every=2, out_dir=tmp_path, progress=False,
                 keep_checkpoints=10)
     trainer.fit(data_tensor(), steps=4, batch_size=8, checkpoint_every=2, out_dir=tmp_path, progress=False,
                 keep_checkpoints=10)
-    assert sorted(int(p.name[len("checkpoint-"):-len(".pt")]) for p in list_checkpoints(tmp_path)) == [2, 3, 4, 6, 7]
+    assert sorted(checkpoint_step(p) for p in list_checkpoints(tmp_path)) == [2, 3, 4, 6, 7]
 
 
 def test_checkpoints_of_other_runs_are_never_overwritten_or_rotated_away(tmp_path):

@@ -30,8 +30,7 @@ def linear_act_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, 
                          alpha: float | None = None, gain: float = 1.0) -> Tensor:
     """``act(x @ weight.T + bias) * gain`` in plain PyTorch."""
     spec, alpha = resolve_act(act, alpha)
-    y = spec.ref(F.linear(x, weight, bias), alpha)
-    return y * gain if gain != 1 else y
+    return apply_unfused(F.linear(x, weight, bias), spec, alpha, gain)
 
 
 def _linear_act_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: int, alpha: float, gain: float,
