@@ -10,11 +10,12 @@ Problems (``benchmark.group``): the parameters of a GAN network at three sizes,
 ``torch-fused`` (Adam(fused=True)). ``adam-ema-step-<size>``: ``fastgan`` (FusedAdam with an EMA
 updated in the same pass) vs ``torch-fused+lerp`` (Adam(fused=True) then ``torch._foreach_lerp_``).
 
-What is timed, per round: ``step()`` then ``zero_grad()``. torch's contenders use torch's default
-``zero_grad(set_to_none=True)`` and get their gradient tensors assigned before each round (as autograd
-hands them over); fastgan uses ``zero_grad(set_to_none=False)`` -- a real fill of its flat gradient
-buffer inside the timed region -- and gets the gradients copied into that buffer (as autograd
-accumulates into it). Every contender's gradients are freshly written before each round, parameter by
+What is timed, per round: a step and the zero_grad that readies the gradients for the next backward.
+torch's contenders run ``step()`` then torch's default ``zero_grad(set_to_none=True)`` and get their
+gradient tensors assigned before each round (as autograd hands them over); fastgan runs
+``step(zero_grad=True)`` -- the same as ``step(); zero_grad(set_to_none=False)``, the zeroing of its
+flat gradient buffer done in the update's pass, inside the timed region -- and gets the gradients
+copied into that buffer (as autograd accumulates into it). Every contender's gradients are freshly written before each round, parameter by
 parameter from the last to the first (the order in which backward produces them): a step right after
 backward finds the most recently written gradients in the caches and has to write the dirty lines
 back, and all contenders should start from that same state (an earlier version wrote only fastgan's
@@ -128,8 +129,7 @@ def _build_unsynchronised(contender: str, size: str, device: str):
                 view.copy_(g)  # what autograd's accumulation leaves in the buffer, output layer first
 
         def step():
-            opt.step()
-            opt.zero_grad(set_to_none=False)
+            opt.step(zero_grad=True)
 
         return step, setup, params, grads, (ema.shadow_params if ema else None), opt
     kw = {"torch-foreach": dict(foreach=True), "torch-fused": dict(fused=True),

@@ -991,3 +991,127 @@ def test_nonfinite_check_detects_exactly_inf_and_nan(dtype, n):
     assert found([(n - 1, finfo.max)], inv_scale=torch.tensor(4.0)) == 1.0  # overflows once unscaled
     assert found([(n - 1, float("inf"))], inv_scale=torch.tensor(0.0)) == 1.0  # inf * 0 = NaN
     assert found([(n - 1, finfo.max)], inv_scale=torch.tensor(0.5)) == 0.0
+
+
+ZERO_IN_STEP_LAYOUTS = {
+    # name: (shapes, param groups as index lists, parameters that never get a gradient)
+    "one_buffer": (SHAPES, [[0, 1, 2, 3, 4]], []),
+    "two_groups": (SHAPES, [[0, 1], [2, 3, 4]], []),                 # the check runs before both updates
+    "missing_grad": (SHAPES, [[0, 1, 2, 3, 4]], [2]),                # stepped parameter by parameter
+    "threaded": ([(300, 400), (1, 17), (333,)], [[0, 1, 2]], []),    # slices of both threads, many chunks
+}
+
+
+def _zero_in_step_pair(kind, dtype, layout, ema_beta):
+    shapes, groups, _ = ZERO_IN_STEP_LAYOUTS[layout]
+    pair = []
+    for _ in range(2):
+        params = make_params(shapes, dtype=dtype, seed=21)
+        model = nn.Module()
+        model.ps = nn.ParameterList(params)
+        ema = EMA(model, beta=ema_beta) if ema_beta is not None else None
+        param_groups = [{"params": [params[i] for i in g]} for g in groups]
+        if kind == "adam":
+            opt = FusedAdam(param_groups, lr=0.01, weight_decay=0.05, ema=ema)
+        elif kind == "adamw":
+            opt = FusedAdam(param_groups, lr=0.01, weight_decay=0.05, decoupled_weight_decay=True, ema=ema)
+        else:
+            opt = FusedSGD(param_groups, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01, ema=ema)
+        pair.append((params, opt, ema))
+    return pair
+
+
+@pytest.mark.parametrize("path", ["kernel", "older_build", "torch_ops"])
+@pytest.mark.parametrize("layout", list(ZERO_IN_STEP_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_step_zero_grad_equals_step_then_zero_grad(kind, dtype, layout, path, monkeypatch):
+    """step(zero_grad=True) leaves exactly what step(); zero_grad(set_to_none=False) leaves: the same
+    parameters, state, EMA and found_inf bit for bit, a zero gradient buffer that the .grad views still
+    point into (autograd accumulates the next gradients there), missing gradients still None; also
+    around a skipped (non-finite) step, with an inverse loss scale, and on the paths that zero in a
+    fill after the update (an extension built before the option, torch ops without the extension)."""
+    if path == "older_build":
+        monkeypatch.setattr(fused_mod, "_zeroes_in_pass", lambda kernels: False)
+    elif path == "torch_ops":
+        monkeypatch.setattr(fused_mod, "extension", lambda: None)
+    threads = torch.get_num_threads()
+    if layout == "threaded":
+        torch.set_num_threads(2)
+    (ours_p, ours, ours_ema), (ref_p, ref, ref_ema) = _zero_in_step_pair(kind, dtype, layout, 0.9 if kind != "adamw"
+                                                                         else None)
+    never = ZERO_IN_STEP_LAYOUTS[layout][2]
+    gen = torch.Generator().manual_seed(22)
+    inv_scale = torch.tensor(0.25)
+    try:
+        for it in range(6):
+            for i, (p, q, g) in enumerate(zip(ours_p, ref_p, random_grads(ref_p, gen, scale=4.0))):
+                if i in never:
+                    continue
+                g = g.to(dtype)
+                if it == 3 and i == len(ours_p) - 1:
+                    g.view(-1)[-1] = float("inf")  # this step is skipped by both
+                for param in (p, q):  # as autograd does: the first gradient is handed over, later ones added
+                    if param.grad is None:
+                        param.grad = g.clone()
+                    else:
+                        param.grad.add_(g)
+            scale = inv_scale if it % 2 else None
+            ours.step(inv_scale=scale, zero_grad=True)
+            ref.step(inv_scale=scale)
+            ref.zero_grad(set_to_none=False)
+            assert float(ours.found_inf) == float(ref.found_inf) == (1.0 if it == 3 else 0.0)
+            for p, q in zip(ours_p, ref_p):
+                assert torch.equal(p.detach(), q.detach())
+                assert (p.grad is None) == (q.grad is None)
+                if p.grad is not None:
+                    assert torch.count_nonzero(p.grad) == 0
+                    assert any(p.grad is v for bs in ours._buckets for b in bs for v in b.grad_views)
+                for key, value in ref.state[q].items():
+                    assert torch.equal(ours.state[p][key], value), key
+            for b in (b for bs in ours._buckets for b in bs):
+                assert torch.count_nonzero(b.flat_grad) == 0
+            if ours_ema is not None:
+                for s, t in zip(ours_ema.shadow_params, ref_ema.shadow_params):
+                    assert torch.equal(s, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(ours_p[i].grad is None for i in never)
+    moved = [not torch.equal(p.detach(), q) for p, q in zip(ours_p, make_params(ZERO_IN_STEP_LAYOUTS[layout][0],
+                                                                                 dtype=dtype, seed=21))]
+    assert moved == [i not in never for i in range(len(ours_p))]
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("n", [1_000, 100_003])  # one thread / threaded slices, chunks and a ragged tail
+def test_kernel_zero_grad_zeroes_every_element(kind, skip, n):
+    """The kernels' zero_grad=True: the update is the one without it, every gradient element is zero
+    afterwards (each thread's slice, each chunk, the tail), also when the step is skipped."""
+    ext = extension()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for zero in (False, True):
+            gen = torch.Generator().manual_seed(23)
+            param, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+            if skip:
+                grad[n // 2] = float("nan")
+            state = [torch.zeros(n), torch.zeros(n)] if kind == "adam" else [torch.randn(n, generator=gen)]
+            steps, found_inf = torch.zeros(1), torch.zeros(())
+            if kind == "adam":
+                ext.optim_adam_step(param, grad, *state, steps, found_inf, None, None, 0.01, 0.9, 0.999, 1e-8, 0.0,
+                                    False, None, 0.0, True, zero)
+            else:
+                steps.fill_(1.0)  # a later step: the momentum buffer is read
+                ext.optim_sgd_step(param, grad, state[0], steps, found_inf, None, None, 0.01, 0.9, 0.0, False, 0.0,
+                                   None, 0.0, True, zero)
+            assert float(found_inf) == float(skip)
+            if zero:
+                assert torch.count_nonzero(grad) == 0
+            results.append((param, *state, steps))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

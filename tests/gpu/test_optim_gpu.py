@@ -292,3 +292,52 @@ def test_large_buffer_matches_torch_fused(cuda_device):
         ours.step()
         ref.step()
     assert_close_scaled(ours_p, ref_p, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_step_zero_grad_on_cuda_eager_and_captured(cuda_device, kind):
+    """step(zero_grad=True) on CUDA (the kernel, then a fill on the same stream) equals step();
+    zero_grad(set_to_none=False) bit for bit, eagerly and replayed from a CUDA graph, also around a
+    skipped step; the gradient buffer is zero afterwards either way."""
+    def build(ps):
+        opt = FusedAdam(ps, lr=0.01) if kind == "adam" else FusedSGD(ps, lr=0.01, momentum=0.9)
+        (bucket,) = opt._buckets[0]
+        for p, view in zip(ps, bucket.grad_views):
+            p.grad = view
+        return opt, bucket
+
+    fused_p = params_on(cuda_device)
+    graph_p, ref_p = clone(fused_p), clone(fused_p)
+    (fused, fb), (graphed, gb), (ref, rb) = build(fused_p), build(graph_p), build(ref_p)
+    gen = torch.Generator(device=cuda_device).manual_seed(9)
+    grads_seq = [torch.randn(fb.total, generator=gen, device=cuda_device) for _ in range(6)]
+    grads_seq[3][17] = float("inf")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up step (allocates the state) for all three
+        for opt, b in ((fused, fb), (graphed, gb), (ref, rb)):
+            b.flat_grad.copy_(grads_seq[0])
+            if opt is ref:
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+            else:
+                opt.step(zero_grad=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step(zero_grad=True)
+    for i, flat in enumerate(grads_seq[1:]):
+        for b in (fb, gb, rb):
+            b.flat_grad.add_(flat)  # accumulated into the zeroed buffer, as autograd does
+        fused.step(zero_grad=True)
+        graph.replay()
+        ref.step()
+        ref.zero_grad(set_to_none=False)
+        torch.cuda.synchronize()
+        assert float(fused.found_inf) == float(graphed.found_inf) == float(ref.found_inf) == (1.0 if i == 2 else 0.0)
+        for b in (fb, gb):
+            assert torch.count_nonzero(b.flat_grad) == 0
+        for p, q, r in zip(fused_p, graph_p, ref_p):
+            assert torch.equal(p, r) and torch.equal(q, r)
+        assert all(p.grad is v for p, v in zip(fused_p, fb.grad_views))
