@@ -1115,3 +1115,190 @@ def test_kernel_zero_grad_zeroes_every_element(kind, skip, n):
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(threads)
+
+
+def _sgd_pair(**kw):
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    return ours_p, ref_p, FusedSGD(ours_p, **kw), torch.optim.SGD(ref_p, **kw)
+
+
+def _assert_momentum_matches(ours, ref, ours_p, ref_p):
+    assert_close_fp32(ours_p, ref_p)
+    saved = ours.state_dict()["state"]
+    for i, (p, q) in enumerate(zip(ours_p, ref_p)):
+        assert ("momentum_buffer" in ref.state[q]) == ("momentum_buffer" in saved.get(i, {})), i
+        if "momentum_buffer" in ref.state[q]:
+            assert_close_fp32([ours.state[p]["momentum_buffer"]], [ref.state[q]["momentum_buffer"]])
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch_ops"])
+@pytest.mark.parametrize("absent", [0, 1])
+def test_sgd_momentum_switched_on_while_a_parameter_has_no_gradient(absent, path, monkeypatch):
+    """Momentum turned on by a schedule at a step where one parameter has no gradient: each parameter's
+    first momentum update copies its gradient (torch's buffer starts as a clone), later ones blend."""
+    if path == "torch_ops":
+        monkeypatch.setattr(fused_mod, "extension", lambda: None)
+    ours_p, ref_p, ours, ref = _sgd_pair(lr=0.01, momentum=0.0)
+    gen = torch.Generator().manual_seed(31)
+    for it in range(6):
+        if it == 2:
+            for opt in (ours, ref):
+                opt.param_groups[0]["momentum"] = 0.9
+        for p, q, g in zip(ours_p, ref_p, random_grads(ref_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        if it == 2:
+            ours_p[absent].grad = ref_p[absent].grad = None
+        ours.step()
+        ref.step()
+        _assert_momentum_matches(ours, ref, ours_p, ref_p)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch_ops"])
+def test_sgd_steps_without_momentum_do_not_start_a_momentum_buffer(path, monkeypatch):
+    """A parameter first stepped while momentum is 0 has no momentum buffer (state_dict has none), and when
+    momentum comes back its buffer starts as its gradient, not as a dampened blend into zeros."""
+    if path == "torch_ops":
+        monkeypatch.setattr(fused_mod, "extension", lambda: None)
+    ours_p, ref_p, ours, ref = _sgd_pair(lr=0.01, momentum=0.9, dampening=0.5)
+    gen = torch.Generator().manual_seed(32)
+    for it in range(4):
+        for opt in (ours, ref):
+            opt.param_groups[0]["momentum"] = 0.0 if it == 1 else 0.9
+        for p, q, g in zip(ours_p, ref_p, random_grads(ref_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        if it == 0:
+            ours_p[0].grad = ref_p[0].grad = None
+        ours.step()
+        ref.step()
+        if it == 1:
+            assert sorted(ours.state_dict()["state"]) == sorted(
+                i for i, s in ref.state_dict()["state"].items() if "momentum_buffer" in s) == [1, 2, 3, 4]
+        _assert_momentum_matches(ours, ref, ours_p, ref_p)
+
+
+def test_sgd_momentum_buffers_loaded_into_a_group_without_momentum_are_kept():
+    """torch keeps loaded momentum buffers while a group's momentum is 0 (and re-saves them); so do we,
+    and they are used again once momentum returns."""
+    src_p, _, src, _ = _sgd_pair(lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(33)
+    for _ in range(3):
+        for p, g in zip(src_p, random_grads(src_p, gen)):
+            p.grad = g
+        src.step()
+    src.param_groups[0]["momentum"] = 0.0  # a checkpoint taken while a schedule had momentum at 0
+    saved = src.state_dict()
+    ours_p, ref_p, ours, ref = _sgd_pair(lr=0.01, momentum=0.0)
+    for opt in (ours, ref):
+        opt.load_state_dict(saved)
+    assert sorted(ours.state_dict()["state"]) == sorted(ref.state_dict()["state"]) == [0, 1, 2, 3, 4]
+    for it in range(4):
+        for opt in (ours, ref):
+            opt.param_groups[0]["momentum"] = 0.0 if it < 2 else 0.9
+        for p, q, g in zip(ours_p, ref_p, random_grads(ref_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+        _assert_momentum_matches(ours, ref, ours_p, ref_p)
+
+
+def test_zero_size_parameters_count_steps_like_torch():
+    """A zero-size parameter's step count advances with the others' also when a bucket is stepped
+    parameter by parameter, and the bucket returns to one whole-buffer call once counts agree."""
+    shapes = [(3,), (0, 4), (2,)]
+    ours_p, ref_p = make_params(shapes), None
+    ref_p = clone_params(ours_p)
+    ours, ref = FusedAdam(ours_p, lr=0.01), torch.optim.Adam(ref_p, lr=0.01)
+    gen = torch.Generator().manual_seed(34)
+    for it in range(4):
+        for p, q, g in zip(ours_p, ref_p, random_grads(ref_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        if it == 1:
+            ours_p[2].grad = ref_p[2].grad = None
+        ours.step()
+        ref.step()
+    steps = lambda opt: {i: float(s["step"]) for i, s in opt.state_dict()["state"].items()}  # noqa: E731
+    assert steps(ours) == steps(ref) == {0: 4.0, 1: 4.0, 2: 3.0}
+    assert_close_fp32([ours_p[0], ours_p[2]], [ref_p[0], ref_p[2]])
+    ours_p[0].grad = ref_p[0].grad = None  # parameter 0 misses a step too: all counts 4 again
+    ours_p[1].grad = torch.zeros(0, 4)
+    for opt in (ours, ref):
+        opt.step()
+    assert steps(ours) == steps(ref) == {0: 4.0, 1: 5.0, 2: 4.0}
+
+
+def test_load_state_dict_refuses_state_of_another_shape():
+    ps = make_params()
+    opt = FusedAdam(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][4]["exp_avg"] = torch.zeros(33)  # parameter 4 is (33, 17)
+    fresh = FusedAdam(make_params(), lr=0.01)
+    with pytest.raises(ValueError, match=r"state\[4\]\['exp_avg'\].*\(33,\).*\(33, 17\)"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state and all(not b.state for bs in fresh._buckets for b in bs)  # nothing was loaded
+    sgd_saved = {"state": {0: {"momentum_buffer": torch.zeros(5, 7)}},
+                 "param_groups": [dict(FusedSGD(make_params(), lr=0.1).param_groups[0], params=[0, 1, 2, 3, 4])]}
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        FusedSGD(make_params(), lr=0.1).load_state_dict(sgd_saved)
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, torch.optim.Adam])
+def test_load_state_dict_hooks_as_torch_runs_them(cls):
+    """A pre-hook's returned state_dict is the one loaded; a post-hook runs after everything and its
+    changes to the state stay (ran against torch.optim.Adam as well, to pin the expected behaviour)."""
+    def pre_hook(opt, state_dict):
+        state_dict = {"state": {i: dict(s, exp_avg=torch.full_like(s["exp_avg"], 0.5))
+                                for i, s in state_dict["state"].items()},
+                      "param_groups": state_dict["param_groups"]}
+        return state_dict
+
+    calls = []
+
+    def post_hook(opt):
+        calls.append(float(opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].flatten()[0]))
+        for s in opt.state.values():
+            s["exp_avg_sq"].fill_(0.25)
+
+    src = cls(make_params(), lr=0.01)
+    for p in src.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    src.step()
+    ps = make_params()
+    opt = cls(ps, lr=0.01)
+    opt.register_load_state_dict_pre_hook(pre_hook)
+    opt.register_load_state_dict_post_hook(post_hook)
+    opt.load_state_dict(src.state_dict())
+    assert calls == [0.5]
+    for p in ps:
+        assert torch.all(opt.state[p]["exp_avg"] == 0.5) and torch.all(opt.state[p]["exp_avg_sq"] == 0.25)
+
+
+def test_torch_add_param_group_after_fused_twin_is_stepped():
+    """fused_twin shares param_groups with the torch optimizer: a group added through the torch
+    optimizer afterwards is bucketed at the next step and stepped (not silently skipped)."""
+    ps = make_params()
+    torch_opt = torch.optim.Adam(ps[:3], lr=0.01)
+    twin = fused_twin(torch_opt)
+    torch_opt.add_param_group({"params": ps[3:], "lr": 0.1})
+    ref_p = clone_params(ps)
+    ref = torch.optim.Adam([{"params": ref_p[:3]}, {"params": ref_p[3:], "lr": 0.1}], lr=0.01)
+    gen = torch.Generator().manual_seed(35)
+    for _ in range(3):
+        for p, q, g in zip(ps, ref_p, random_grads(ref_p, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        twin.step()
+        ref.step()
+    assert len(twin._buckets) == 2
+    assert_close_fp32(ps, ref_p)
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+def test_pickling_or_copying_a_fused_optimizer_is_a_clear_error(copier):
+    import copy
+    import pickle
+    opt = FusedAdam(make_params(), lr=0.01)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt) if copier == "deepcopy" else pickle.dumps(opt)

@@ -555,8 +555,8 @@ void optim_sgd_step(const at::Tensor& param, const at::Tensor& grad, const c10::
     else sgd_dispatch_momentum<float, false>(p, g, buf, shadow, zero_g, n, mode, nesterov, s);
     skipped = cu.skipped();
   }
-  if (!skipped) increment_steps(steps);
-  else if (zero_grad) optim_zero(grad);
+  if (!skipped && mode != 0) increment_steps(steps);  // SGD's counts count momentum updates
+  if (skipped && zero_grad) optim_zero(grad);
 }
 
 // found_inf := max(found_inf, any non-finite in grad * inv_scale). Run over every buffer of a step

@@ -201,7 +201,8 @@ int fastgan_optim_adam(void* param, const void* grad, int dtype, float* exp_avg,
   return epilogue(steps, steps_count, found_inf, stream);
 }
 
-// One SGD step (momentum_buffer may be null when momentum == 0); protocol as fastgan_optim_adam.
+// One SGD step (momentum_buffer may be null when momentum == 0); protocol as fastgan_optim_adam, except
+// that the step counts advance only when momentum != 0.
 int fastgan_optim_sgd(void* param, const void* grad, int dtype, float* momentum_buffer, int64_t n, float* steps,
                       int64_t steps_count, float* found_inf, int check_nonfinite, const float* inv_scale,
                       const double* lr_ptr, double lr, double momentum, double dampening, int nesterov,
@@ -225,7 +226,9 @@ int fastgan_optim_sgd(void* param, const void* grad, int dtype, float* momentum_
     err = static_cast<int>(cudaGetLastError());
     if (err != 0) return err;
   }
-  return epilogue(steps, steps_count, found_inf, stream);
+  // SGD's counts count momentum updates: the first one copies the gradient into the buffer, so a
+  // step taken while momentum is 0 must not count (torch starts the buffer when momentum comes on).
+  return momentum != 0.0 ? epilogue(steps, steps_count, found_inf, stream) : 0;
 }
 
 }  // extern "C"

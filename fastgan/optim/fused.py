@@ -191,8 +191,9 @@ class _Bucket:
         self.data_ptrs[i] = p.data_ptr()
         _warn_once("reattach", "fastgan.optim: a parameter's tensor was replaced after the optimizer was built "
                    "(p.data = ..., or module.to(memory_format=...)); its values were copied back into the "
-                   "optimizer's flat buffer and it is a contiguous view of that buffer again. Build the "
-                   "optimizer after converting the model to keep the new layout.")
+                   "optimizer's flat buffer and it is a contiguous view of that buffer again (the flat "
+                   "buffers hold every parameter contiguously: a memory format such as channels_last is not "
+                   "kept). Build the optimizer after converting the model to avoid this copy.")
 
     def _adopt_grad_storage(self) -> bool:
         """Make the one storage all gradients of this bucket live in, laid end to end (DDP's bucket
@@ -252,9 +253,11 @@ class _Bucket:
         if present is None and self.uniform_steps:
             return [(0, self.total, self.steps)]
         self.uniform_steps = False
+        # Zero-size parameters get their (empty) call too: torch counts their steps, and counts left
+        # behind would keep this bucket on per-parameter calls for good.
         return [(off, off + n, self.steps[i:i + 1])
                 for i, (off, n) in enumerate(zip(self.offsets, self.numels))
-                if n > 0 and (present is None or present[i])]
+                if present is None or present[i]]
 
     def view_of(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         off, n = self.offsets[i], self.numels[i]
@@ -334,20 +337,36 @@ class _FusedOptimizer(Optimizer):
                 # torch only warns (and updates such a parameter twice per step); one flat buffer cannot
                 # hold one parameter twice.
                 raise ValueError("params: a parameter appears more than once in a param group")
+        self._ensure_buckets()
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
         try:  # a rejected group leaves nothing behind (later groups would take its place and settings)
-            self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
-            device = self._device
-            for p in group["params"]:
-                device = device or p.device
-                if p.device != device:
-                    raise ValueError(f"params: all parameters must be on one device; got {device} and {p.device}")
-                if not p.is_floating_point():
-                    raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
+            self._bucket_group(self.param_groups[-1])
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _ensure_buckets(self) -> None:
+        """Bucket the groups that reached ``param_groups`` without ``add_param_group`` of ours: fused_twin
+        shares its list with the torch optimizer, whose ``add_param_group`` appends to it. Without this
+        such a group would never be stepped."""
+        while len(self._buckets) < len(self.param_groups):
+            group = self.param_groups[len(self._buckets)]
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError(f"params: a parameter appears more than once in param group {len(self._buckets)}")
+            self._bucket_group(group)
+
+    def _bucket_group(self, group: dict[str, Any]) -> None:
+        """Validate the last param group and move its parameters into flat buckets."""
+        self._validate_group(group, where=f" (param group {len(self._buckets)})")
+        device = self._device
+        for p in group["params"]:
+            device = device or p.device
+            if p.device != device:
+                raise ValueError(f"params: all parameters must be on one device; got {device} and {p.device}")
+            if not p.is_floating_point():
+                raise ValueError(f"params: parameters must be floating point, got {p.dtype}")
         self._device = device
         by_key: dict[tuple, list] = defaultdict(list)
         for p in group["params"]:
@@ -367,6 +386,15 @@ class _FusedOptimizer(Optimizer):
         """Raise a ValueError naming the first hyperparameter of ``group`` out of range (keys a group
         lacks are taken from the defaults)."""
         raise NotImplementedError
+
+    def __reduce_ex__(self, protocol):
+        # torch's Optimizer pickles only defaults, state and param_groups; the copy would have no flat
+        # buffers (its step would fail on a missing attribute), and parameters that are views of
+        # buffers shared with a model cannot be copied apart from that model anyway.
+        raise TypeError(f"{type(self).__name__} cannot be pickled or copied (copy.deepcopy, torch.save of the "
+                        f"optimizer): its parameters live in flat buffers shared with the model. Save "
+                        f"optimizer.state_dict() and load it into a {type(self).__name__} built over the "
+                        f"model's parameters.")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch.optim.Optimizer.load_state_dict ends here too. Param groups saved by older torch lack
@@ -391,6 +419,7 @@ class _FusedOptimizer(Optimizer):
         into the flat buffer by a hook); ``set_to_none=False`` zeroes the flat gradient buffer in one
         fill and keeps the ``.grad`` views (a parameter whose ``.grad`` is None keeps None).
         ``step(zero_grad=True)`` does the latter inside the update's pass."""
+        self._ensure_buckets()
         if set_to_none:
             for buckets in self._buckets:
                 for b in buckets:
@@ -512,7 +541,7 @@ class _FusedOptimizer(Optimizer):
                 autograd then accumulates into the zeroed buffer, and no ``zero_grad`` call is needed.
 
         After the step ``self.found_inf`` (0-d float32 on the device) is 1.0 if some gradient was
-        inf/NaN -- then nothing (parameters, state, step counts, EMA) changed -- else 0.0.
+        inf/NaN -- then nothing (parameters, state, step counts, EMA shadows) changed -- else 0.0.
         It is never read back to the host here."""
         loss = None
         if closure is not None:
@@ -530,6 +559,8 @@ class _FusedOptimizer(Optimizer):
         return loss
 
     def _step(self, inv_scale, zero_grad: bool = False) -> None:
+        if len(self._buckets) != len(self.param_groups):
+            self._ensure_buckets()
         if inv_scale is not None:
             inv_scale = self._check_inv_scale(inv_scale)
         work = []
@@ -653,6 +684,7 @@ class _FusedOptimizer(Optimizer):
         As in torch's, a parameter has an entry once a step has updated it (for SGD: its momentum). The
         flat buffers hold zeros for the others, which torch's SGD would read as a momentum buffer to
         blend the next gradient into instead of copying it."""
+        self._ensure_buckets()
         saved = super().state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for buckets in self._buckets:
@@ -666,12 +698,31 @@ class _FusedOptimizer(Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of this class or of torch's Adam/AdamW (FusedAdam) / SGD (FusedSGD)."""
+        """Load a state_dict of this class or of torch's Adam/AdamW (FusedAdam) / SGD (FusedSGD).
+
+        As torch's: load-state-dict pre-hooks may return a rewritten state_dict (its state is the one
+        loaded), post-hooks run last. State tensors must have their parameter's shape."""
+        self._ensure_buckets()
+        state_dict = state_dict.copy()  # shallow, as torch's: a pre-hook may edit it
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        for hook in list(pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         for k, g in enumerate(state_dict["param_groups"]):
             self._validate_group(g, where=f" (saved param group {k})")
-        super().load_state_dict(state_dict)
+        self._check_state_shapes(state_dict)
+        # torch's load (group checks, param_groups, __setstate__) without running the hooks a second time.
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         ours = [p for g in self.param_groups for p in g["params"]]
         by_param = {id(p): saved_state.get(i) for p, i in zip(ours, saved_ids)}
         self.state = defaultdict(dict)
@@ -688,6 +739,28 @@ class _FusedOptimizer(Optimizer):
                     self._load_bucket(group, b, entries)
                     counts = b.steps.tolist()  # host read: loading is not a training step
                     b.uniform_steps = all(c == counts[0] for c in counts)
+        for hook in list(post_hooks.values()):
+            hook(self)
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, state tensors whose shape is not their parameter's (a
+        checkpoint of another model): copied into the flat buffers they would be broadcast silently.
+        Mismatched group sizes are left to torch's own check, which names them."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(ours["params"]) for g, ours in zip(groups, self.param_groups)):
+            return
+        for k, (g, ours) in enumerate(zip(groups, self.param_groups)):
+            for i, p in zip(g["params"], ours["params"]):
+                entry = state_dict["state"].get(i) or {}
+                for key in self._state_keys:
+                    if key == "step":  # a count, not a per-element tensor
+                        continue
+                    value = entry.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"load_state_dict: state[{i}][{key!r}] (param group {k}) has shape {tuple(value.shape)}, "
+                            f"but its parameter has shape {tuple(p.shape)}: a state_dict of another model?")
 
     def _load_bucket(self, group, b: _Bucket, entries: list) -> None:
         raise NotImplementedError
@@ -838,16 +911,16 @@ class FusedSGD(_FusedOptimizer):
             self._ensure_momentum_buffer(group, b)
 
     def _ensure_momentum_buffer(self, group, b: _Bucket) -> None:
+        # SGD's step counts count momentum updates (the kernels advance them only when momentum != 0), so
+        # they are all 0 here: the first update of each parameter copies its gradient, as torch's does.
         if b.state.get("momentum_buffer") is None:
             b.state["momentum_buffer"] = flat_zeros(b.total, b.state_dtype, b.device)
-            # Steps count momentum updates here: the first one copies the gradient (as torch does).
-            b.steps.zero_()
-            b.uniform_steps = True
             self._publish_state(b, group)
 
     def _publish_state(self, b: _Bucket, group=None) -> None:
-        # torch keeps a momentum buffer only when momentum != 0.
-        if (group is not None and group["momentum"] == 0) or b.state.get("momentum_buffer") is None:
+        # As in torch, a parameter has a momentum buffer once momentum has updated it (or one was loaded),
+        # also while its group's momentum is 0; state_dict leaves out those with a count of 0.
+        if b.state.get("momentum_buffer") is None:
             return
         for i, p in enumerate(b.params):
             self.state[p] = {"momentum_buffer": b.view_of(b.state["momentum_buffer"], i)}
@@ -936,8 +1009,8 @@ def _sgd_torch(param, grad, momentum_buffer, steps, found_inf, inv_scale, *, lr,
         buf = torch.where(first, g, (momentum_buffer * momentum).add_(g, alpha=1 - dampening).to(g.dtype))
         _select(skip, momentum_buffer, buf)
         g = g.add(buf, alpha=momentum) if nesterov else buf
+        steps.add_(1 - found_inf)  # SGD counts momentum updates (the first one copies the gradient)
     _select(skip, param, p - lr * g if isinstance(lr, torch.Tensor) else p.add(g, alpha=-lr))
-    steps.add_(1 - found_inf)
     if ema_shadow is not None:
         _select(skip, ema_shadow, ema_shadow.lerp(param.to(ema_shadow.dtype), 1 - ema_beta))
 

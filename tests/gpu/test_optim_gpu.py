@@ -341,3 +341,26 @@ def test_step_zero_grad_on_cuda_eager_and_captured(cuda_device, kind):
         for p, q, r in zip(fused_p, graph_p, ref_p):
             assert torch.equal(p, r) and torch.equal(q, r)
         assert all(p.grad is v for p, v in zip(fused_p, fb.grad_views))
+
+
+def test_sgd_momentum_off_then_on_matches_torch(cuda_device):
+    """The CUDA SGD kernel counts only momentum updates: a parameter first stepped while momentum is 0
+    starts its buffer as its gradient when momentum returns (with dampening this differs from a blend
+    into zeros), as torch's does."""
+    ours_p = params_on(cuda_device, [(7, 13), (100_003,), (3,)])
+    ref_p = clone(ours_p)
+    kw = dict(lr=0.01, momentum=0.9, dampening=0.5)
+    ours, ref = FusedSGD(ours_p, **kw), torch.optim.SGD(ref_p, **kw)
+    gen = torch.Generator(device=cuda_device).manual_seed(10)
+    for it in range(4):
+        for opt in (ours, ref):
+            opt.param_groups[0]["momentum"] = 0.0 if it == 1 else 0.9
+        for p, q, g in zip(ours_p, ref_p, random_grads(ours_p, gen)):
+            p.grad, q.grad = g.clone(), g
+        if it == 0:
+            ours_p[0].grad = ref_p[0].grad = None
+        ours.step()
+        ref.step()
+    assert_close_scaled(ours_p, ref_p, rtol=1e-6)
+    for p, q in zip(ours_p, ref_p):
+        assert_close_scaled([ours.state[p]["momentum_buffer"]], [ref.state[q]["momentum_buffer"]], rtol=1e-6)
