@@ -290,6 +290,12 @@ def test_paired_op_group_builds_once_times_all_and_frees_after_the_last_contende
     with pytest.raises(ValueError, match="same number of iterations"):
         common.paired_op_group("h (test)", ["a", "b"], lambda n: (lambda: None, 1 if n == "a" else 2, {}),
                                enabled=False)
+    # torch.compile contenders are built first (a CUDA graph captured before a compile faulted on replay)
+    built.clear()
+    group = common.paired_op_group("k (test)", ["eager", "torch_compile", "fastgan"], build, enabled=False)
+    assert built == ["torch_compile", "eager", "fastgan"] and list(group.calls) == built
+    for name in ("eager", "torch_compile", "fastgan"):
+        common.take_paired_op("k (test)", name)
 
 
 def test_paired_op_group_rounds_budget_failed_builds_and_eviction(monkeypatch):
