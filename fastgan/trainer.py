@@ -844,12 +844,13 @@ class Trainer:
             z.normal_(generator=self._gen)
         else:
             z.uniform_(-1.0, 1.0, generator=self._gen)
-        return self._layout(z)
+        return self._layout(z, "latent")
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+    def _layout(self, x: torch.Tensor, role: str = "real") -> torch.Tensor:
         """``x`` in the layout the networks run fastest on: with ``channels_last`` a 4-D batch becomes
         channels_last (same values; a (N, C, 1, 1) latent is only given channels_last strides, a view of
-        the same memory; a real batch is copied into a buffer kept per shape). Other inputs as they are."""
+        the same memory; a real batch is copied into a buffer kept per shape and ``role``: latents and
+        real batches of one shape, used in the same step, must not share one). Other inputs as they are."""
         if not self.channels_last or x.dim() != 4:
             return x
         n, c, h, w = x.shape
@@ -858,7 +859,7 @@ class Trainer:
         if h * w == 1 and x.is_contiguous():
             # torch.contiguous(channels_last) keeps the (C, 1, 1, 1) strides, which convolutions read as NCHW
             return x.as_strided(x.shape, (c, 1, c, c))
-        key = (x.shape, x.dtype)
+        key = (role, x.shape, x.dtype)
         buf = self._layout_cache.get(key)
         if buf is None:
             buf = self._layout_cache[key] = torch.empty_like(x, memory_format=torch.channels_last)
@@ -976,15 +977,15 @@ class Trainer:
     # the three kinds of call, eager (the CUDA-graph runner calls these too)
 
     def _eager_d_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
-        z = self._draw_z(real.shape[0]) if z is None else self._layout(z)
+        z = self._draw_z(real.shape[0]) if z is None else self._layout(z, "latent")
         return self._d_update(self._layout(real), z, None, r1_due)
 
     def _eager_g_step(self, batch: int, z: torch.Tensor | None, _r1_due: bool = False) -> dict[str, torch.Tensor]:
-        z = self._draw_z(batch) if z is None else self._layout(z)
+        z = self._draw_z(batch) if z is None else self._layout(z, "latent")
         return self._g_update(z, None)
 
     def _eager_step(self, real: torch.Tensor, z: torch.Tensor | None, r1_due: bool) -> dict[str, torch.Tensor]:
-        z = self._draw_z(real.shape[0]) if z is None else self._layout(z)
+        z = self._draw_z(real.shape[0]) if z is None else self._layout(z, "latent")
         real = self._layout(real)
         with self._autocast():
             fake = self._g_net(z)  # with autograd: the G update below reuses this forward

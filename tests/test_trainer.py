@@ -452,6 +452,33 @@ def test_channels_last_with_pack_and_r1_matches_nchw():
     assert_rel_close(d, d2, what="D ")
 
 
+@pytest.mark.parametrize("given_z", [False, True])
+def test_channels_last_latents_shaped_like_the_data_are_not_the_real_batch(given_z):
+    """Noise maps the size of the images (a latent of the data's shape): the latent and the real batch
+    get channels_last buffers of their own, so G sees the noise, and the run equals the NCHW one."""
+    def nets():
+        torch.manual_seed(0)
+        g = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1), nn.Tanh())
+        d = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * 4 * 4, 1))
+        return g, d
+
+    real = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for channels_last in (True, False):
+        g, d = nets()
+        fed = []
+        g.register_forward_pre_hook(lambda m, inp: fed.append(inp[0].detach().clone()))
+        trainer = Trainer(g, d, latent_dim=(1, 8, 8), seed=0, fuse=False, channels_last=channels_last)
+        trainer.step(real, z=z if given_z else None)
+        assert not torch.equal(fed[0], real)
+        if given_z:
+            assert torch.equal(fed[0], z)
+        runs.append((g, d))
+    assert_rel_close(runs[0][0], runs[1][0], what="G ")
+    assert_rel_close(runs[0][1], runs[1][1], what="D ")
+
+
 @pytest.mark.parametrize("shape", [(5, 7, 1, 1), (5, 3, 4, 6), (1, 2, 3, 3)])
 def test_channels_last_layout_keeps_values(shape):
     g, d = dcgan_pair()
