@@ -291,9 +291,24 @@ class _GraphEntry:
 _DEFAULT_OPTIMIZER = ("fastgan.optim.fused", "FusedAdam")
 
 
+def _recorded_groups(cfg: dict[str, Any], net: nn.Module, what: str) -> list | None:
+    """The recorded optimizer's parameters per param group, as the new network's parameters (by name);
+    None for a checkpoint that did not record them (written before fastgan recorded groups)."""
+    groups = cfg.get("groups")
+    if groups is None:
+        return None
+    named = dict(net.named_parameters())
+    missing = [n for names in groups for n in names if n not in named]
+    if missing:
+        raise ValueError(f"the checkpoint's {what} updates parameters the new network does not have: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return [[named[n] for n in names] for names in groups]
+
+
 def _rebuild_optimizer(cfg: dict[str, Any], params: list, what: str) -> torch.optim.Optimizer:
-    """An optimizer like the recorded one over ``params``, for ``Trainer.load``: fastgan's fused ones
-    come back as their torch counterparts, which the Trainer turns into fused twins (with the EMA)."""
+    """An optimizer like the recorded one over ``params`` (a list of parameters, or of param-group
+    parameter lists), for ``Trainer.load``: fastgan's fused ones come back as their torch counterparts,
+    which the Trainer turns into fused twins (with the EMA)."""
     import importlib
     defaults = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg["defaults"].items()}
     if cfg["module"].startswith("fastgan.") and cfg["class"] == "FusedSGD":
@@ -316,7 +331,26 @@ def _rebuild_optimizer(cfg: dict[str, Any], params: list, what: str) -> torch.op
         defaults = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
     for key in ("foreach", "fused", "capturable", "differentiable"):
         defaults.pop(key, None)
+    if params and isinstance(params[0], list):
+        params = [{"params": ps} for ps in params]  # hyper-parameters per group: from the state_dict
     return cls(params, **defaults)
+
+
+def _check_module_state(net: nn.Module, saved: dict[str, Any], what: str) -> None:
+    """Raise a ValueError naming ``what`` when ``saved`` (a state_dict) does not fit ``net``: missing or
+    unexpected keys, or tensors of another shape (what load_state_dict would refuse after changing
+    other networks already)."""
+    mine = net.state_dict()
+    missing = [k for k in mine if k not in saved]
+    unexpected = [k for k in saved if k not in mine]
+    shapes = [f"{k}: {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
+              if k in saved and isinstance(v, torch.Tensor) and isinstance(saved[k], torch.Tensor)
+              and saved[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing keys {missing[:5]}" if missing else "", f"unexpected keys {unexpected[:5]}" if unexpected else "",
+                 f"other shapes ({'; '.join(shapes[:5])})" if shapes else ""]
+        raise ValueError(f"the checkpoint's {what} does not fit this trainer's {what}: "
+                         + ", ".join(p for p in parts if p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1485,11 +1519,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _optimizer_config(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    def _optimizer_config(opt: torch.optim.Optimizer, net: nn.Module) -> dict[str, Any]:
         defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.defaults.items()
                     if isinstance(v, (bool, int, float, str, type(None)))
                     or (isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v))}
-        return {"module": type(opt).__module__, "class": type(opt).__name__, "defaults": defaults}
+        # Each param group's parameters by name, in the group's order: the optimizer's state_dict lists
+        # them by position only, so Trainer.load rebuilds the same groups around a new network.
+        names = {id(p): n for n, p in net.named_parameters()}
+        groups = [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]
+        return {"module": type(opt).__module__, "class": type(opt).__name__, "defaults": defaults,
+                "groups": groups}
 
     def config(self) -> dict[str, Any]:
         """The options a checkpoint records so that ``Trainer.load`` rebuilds the same trainer."""
@@ -1499,8 +1538,8 @@ class Trainer:
             "gp_lambda": self.gp_lambda, "ema_beta": self.ema_beta, "pack": self.pack,
             "precision": self.precision, "fuse": self.fuse, "joint_d_forward": self.joint_d_forward,
             "seed": self.seed,
-            "g_optimizer": self._optimizer_config(self.g_optimizer),
-            "d_optimizer": self._optimizer_config(self.d_optimizer),
+            "g_optimizer": self._optimizer_config(self.g_optimizer, self.generator),
+            "d_optimizer": self._optimizer_config(self.d_optimizer, self.discriminator),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -1579,6 +1618,22 @@ class Trainer:
                              f"trainer has ema_beta={self.ema_beta!r}")
         if (state["scaler"] is None) != (self._d_scaler is None):
             raise ValueError("the checkpoint's loss scaler does not match this trainer's precision")
+        # Everything is checked before anything is loaded: a mismatch leaves this trainer as it was.
+        for what, net, key in (("generator", self.generator, "generator"),
+                               ("discriminator", self.discriminator, "discriminator")):
+            _check_module_state(net, state[key], what)
+        for name, opt, net in (("g_optimizer", self.g_optimizer, self.generator),
+                               ("d_optimizer", self.d_optimizer, self.discriminator)):
+            recorded, mine = cfg.get(name), self._optimizer_config(opt, net)
+            if recorded is None:
+                continue
+            if (recorded["module"], recorded["class"]) != (mine["module"], mine["class"]):
+                raise ValueError(f"the checkpoint's {name} is {recorded['module']}.{recorded['class']} but this "
+                                 f"trainer's is {mine['module']}.{mine['class']}")
+            if recorded.get("groups") is not None and recorded["groups"] != mine["groups"]:
+                raise ValueError(f"the checkpoint's {name} has other param groups than this trainer's (by parameter "
+                                 f"name, in order: {recorded['groups']} vs {mine['groups']}); its state would go to "
+                                 "the wrong parameters")
         self.generator.load_state_dict(state["generator"])
         self.discriminator.load_state_dict(state["discriminator"])
         if self.ema is not None:
@@ -1670,8 +1725,15 @@ class Trainer:
         kwargs["latent_dim"] = tuple(cfg["latent_dim"])
         for name, net in (("g_optimizer", generator), ("d_optimizer", discriminator)):
             recorded = cfg[name]
-            if name not in overrides and (recorded["module"], recorded["class"]) != _DEFAULT_OPTIMIZER:
-                kwargs[name] = _rebuild_optimizer(recorded, [p for p in net.parameters() if p.requires_grad], name)
+            if name in overrides:
+                continue
+            trainable = [p for p in net.parameters() if p.requires_grad]
+            groups = _recorded_groups(recorded, net, name)
+            # The trainer's own default optimizer is one group over the trainable parameters in module
+            # order; anything else (another class, several groups, another order) is rebuilt as recorded.
+            default_layout = groups is None or (len(groups) == 1 and [id(p) for p in groups[0]] == [id(p) for p in trainable])
+            if (recorded["module"], recorded["class"]) != _DEFAULT_OPTIMIZER or not default_layout:
+                kwargs[name] = _rebuild_optimizer(recorded, groups if groups is not None else trainable, name)
         kwargs.update(overrides)
         trainer = cls(generator, discriminator, **kwargs)
         trainer.load_state_dict(state)  # also restores the optimizers' hyper-parameters and state

@@ -309,10 +309,15 @@ def test_load_rebuilds_only_optimizer_classes_of_torch_and_fastgan(tmp_path):
         tampered["config"]["d_optimizer"] = dict(tampered["config"]["d_optimizer"], module=module, **{"class": name})
         with pytest.raises(ValueError, match=f"d_optimizer is {module}.{name}; Trainer.load rebuilds only"):
             Trainer.from_state_dict(tampered, *mlp_pair(3))
-    # With the optimizer given, such a checkpoint still loads.
+    # With the optimizer given nothing is imported either: the recorded class is only compared (and this
+    # one is not the given optimizer's), and with the true class recorded the checkpoint loads.
     g2, d2 = mlp_pair(3)
     tampered["config"]["d_optimizer"]["module"] = "builtins"
-    loaded = Trainer.from_state_dict(tampered, g2, d2, d_optimizer=torch.optim.SGD(d2.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="d_optimizer is builtins.fused_twin but this trainer's is "
+                                         "fastgan.optim.fused.FusedSGD"):
+        Trainer.from_state_dict(tampered, g2, d2, d_optimizer=torch.optim.SGD(d2.parameters(), lr=0.1))
+    g2, d2 = mlp_pair(3)
+    loaded = Trainer.from_state_dict(state, g2, d2, d_optimizer=torch.optim.SGD(d2.parameters(), lr=0.1))
     assert loaded.step_count == trainer.step_count
 
 
@@ -453,6 +458,66 @@ def test_resume_with_user_optimizers(tmp_path):
         assert torch.equal(p, q)
     z = torch.randn(3, NZ)
     assert torch.equal(whole.sample(3, z=z), resumed.sample(3, z=z))
+
+
+@pytest.mark.parametrize("layout", ["two_groups", "reordered", "same_shapes_reordered"])
+def test_resume_keeps_a_user_optimizers_param_groups_and_order(tmp_path, layout):
+    """A torch optimizer whose groups are not one group over G's parameters in module order (two groups
+    with their own lr, or the parameters listed in another order, also among same-shape tensors): the
+    checkpoint records each group's parameters by name, and the resumed run equals the uninterrupted one."""
+    def nets(model_seed):
+        torch.manual_seed(model_seed)
+        g = nn.Sequential(nn.Linear(NZ, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, DIM))
+        return g, mlp_pair(model_seed)[1]
+
+    def build(model_seed):
+        g, d = nets(model_seed)
+        ps = list(g.parameters())
+        groups = {"two_groups": [{"params": ps[:2]}, {"params": ps[2:], "lr": 1e-3}],
+                  "reordered": [{"params": ps[6:] + ps[:6]}],
+                  "same_shapes_reordered": [{"params": ps[:2] + ps[4:6] + ps[2:4] + ps[6:]}]}[layout]
+        return Trainer(g, d, latent_dim=NZ, fuse=False, seed=0,
+                       g_optimizer=torch.optim.Adam(groups, lr=2e-4, betas=(0.5, 0.999)))
+
+    x = data_tensor(24)
+    whole = build(0)
+    whole.fit(x, steps=6, batch_size=4, progress=False)
+    first = build(0)
+    first.fit(x, steps=3, batch_size=4, progress=False)
+    first.save(tmp_path / "ck.pt")
+    resumed = Trainer.load(tmp_path / "ck.pt", *nets(5))
+    assert [len(g["params"]) for g in resumed.g_optimizer.param_groups] == [
+        len(g["params"]) for g in whole.g_optimizer.param_groups]
+    resumed.fit(x, steps=3, batch_size=4, progress=False)
+    for p, q in zip(params_of(whole), params_of(resumed)):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_refuses_other_networks_and_optimizers_before_changing_anything():
+    trainer = make_trainer(ema_beta=0.5)
+    trainer.step(torch.randn(8, DIM))
+    state = trainer.state_dict()
+    # D of another width: refused, naming the discriminator, and G (loaded first before) is untouched
+    other = make_trainer(ema_beta=0.5, model_seed=3)
+    other.discriminator[0] = nn.Linear(DIM, 17)
+    other.discriminator[-1] = nn.Linear(17, 1)
+    before = params_of(other)
+    with pytest.raises(ValueError, match="discriminator does not fit.*0.weight"):
+        other.load_state_dict(state)
+    assert all(torch.equal(p, q) for p, q in zip(before, params_of(other))) and other.step_count == 0
+    # another optimizer class
+    g, d = mlp_pair()
+    sgd = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, ema_beta=0.5,
+                  g_optimizer=torch.optim.SGD(g.parameters(), lr=0.1, momentum=0.9))
+    with pytest.raises(ValueError, match="g_optimizer is fastgan.optim.fused.FusedAdam.*FusedSGD"):
+        sgd.load_state_dict(state)
+    # the same class over the parameters in another order
+    g, d = mlp_pair()
+    reordered = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, ema_beta=0.5,
+                        g_optimizer=torch.optim.Adam(list(g.parameters())[::-1], lr=2e-4, betas=(0.5, 0.999)))
+    with pytest.raises(ValueError, match="other param groups"):
+        reordered.load_state_dict(state)
 
 
 def test_checkpoint_is_complete_and_loads_weights_only(tmp_path):
