@@ -19,6 +19,21 @@ except ImportError:  # pragma: no cover - numpy is installed with fastgan
     np = None
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux: /proc), since setting
+    it to read it back would briefly change it for every thread."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, flush it to disk, then rename it over
     ``path`` (and fsync the folder where the platform allows).
@@ -31,6 +46,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask), so a
+        # checkpoint is as readable as the other files of its run folder (an evaluation job, a colleague).
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -1344,8 +1344,11 @@ class Trainer:
     def _check_out_dir(self, out_dir) -> None:
         """Refuse a checkpoint folder holding checkpoints of steps this run has not reached: they belong to
         another run (this one would overwrite some and interleave with the rest) or to the steps after
-        the checkpoint this trainer was loaded from (rotation would have to delete one run or the other)."""
+        the checkpoint this trainer was loaded from (rotation would have to delete one run or the other).
+        Also a path that is not a folder, before any step is trained."""
         from fastgan.checkpoint import checkpoint_step, digest_matches, list_checkpoints
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"out_dir {os.fspath(out_dir)!r} exists and is not a folder")
         # A corrupted or truncated one (its digest does not match) is no run's data: the run rewrites it.
         ahead = [p for p in list_checkpoints(out_dir)
                  if (checkpoint_step(p) or 0) > self.step_count and digest_matches(p) is not False]
@@ -1463,6 +1466,7 @@ class Trainer:
 
     def _iterable_batches(self, data) -> Iterator[torch.Tensor]:
         full = None
+        epochs = 0
         while True:
             got = 0
             for batch in data:
@@ -1474,7 +1478,12 @@ class Trainer:
                     continue  # the incomplete last batch of an epoch
                 yield batch
             if got == 0:
+                if epochs:
+                    raise ValueError(f"data ran out after {epochs} epoch(s): iterating it again yielded no batch "
+                                     "(a single-pass iterable, e.g. a generator or an iterator). Give fit a tensor, a "
+                                     "Dataset, a DataLoader or another iterable that can be iterated again")
                 raise ValueError("data is empty (the iterable yielded no batch)")
+            epochs += 1
             if isinstance(data, Iterator):  # a one-shot iterator (e.g. a generator) cannot be cycled
                 raise ValueError("data ran out: a one-shot iterator (such as a generator) was exhausted before "
                                  "`steps` were done; pass a re-iterable (list, DataLoader, tensor) or an endless one")
@@ -1698,7 +1707,8 @@ class Trainer:
         (same architecture), and restore its state. ``path``: one file (written by :meth:`save` or
         :meth:`save_checkpoint`) or a run folder, which resumes from its newest good checkpoint (a
         bad newer one is reported by name and skipped). Keyword arguments override the recorded
-        options (e.g. ``device=``, ``cuda_graphs=``)."""
+        options (e.g. ``device=``, ``cuda_graphs=``; ``lr``, ``g_lr``, ``d_lr``, ``betas`` and ``ema_beta``
+        replace the checkpoint's values in the restored optimizers and EMA)."""
         from fastgan.checkpoint import load_checkpoint, load_latest_good
         # weights_only loading; a truncated, corrupted (digest) or unsafe file is a CheckpointError
         # (a ValueError) naming it; a run folder resumes from its newest good checkpoint.
@@ -1737,7 +1747,22 @@ class Trainer:
         kwargs.update(overrides)
         trainer = cls(generator, discriminator, **kwargs)
         trainer.load_state_dict(state)  # also restores the optimizers' hyper-parameters and state
+        trainer._reapply_hyper_overrides(overrides)
         return trainer
+
+    def _reapply_hyper_overrides(self, overrides: dict[str, Any]) -> None:
+        """After load_state_dict restored the checkpoint's optimizer and EMA hyper-parameters: the ones
+        given to ``load`` / ``from_state_dict`` (lr, g_lr, d_lr, betas, ema_beta) win, as documented (the
+        constructor validated them)."""
+        for opt, own in ((self.g_optimizer, "g_lr"), (self.d_optimizer, "d_lr")):
+            lr = overrides.get(own) if overrides.get(own) is not None else overrides.get("lr")
+            for group in opt.param_groups:
+                if lr is not None:
+                    group["lr"] = float(lr)
+                if overrides.get("betas") is not None and "betas" in group:
+                    group["betas"] = tuple(float(b) for b in overrides["betas"])
+        if overrides.get("ema_beta") is not None and self.ema is not None:
+            self.ema.beta = float(overrides["ema_beta"])
 
     def __repr__(self) -> str:
         return (f"Trainer(loss={self.loss!r}, d_steps={self.d_steps}, latent_dim={self.latent_dim}, "

@@ -494,6 +494,20 @@ def test_resume_keeps_a_user_optimizers_param_groups_and_order(tmp_path, layout)
         assert torch.equal(p, q)
 
 
+def test_load_overrides_of_hyper_parameters_win_over_the_checkpoints(tmp_path):
+    trainer = make_trainer(ema_beta=0.9)
+    trainer.fit(data_tensor(), steps=2, batch_size=8, progress=False)
+    trainer.save(tmp_path / "c.pt")
+    loaded = Trainer.load(tmp_path / "c.pt", *mlp_pair(1), lr=1e-5, d_lr=3e-5, betas=(0.0, 0.9), ema_beta=0.5)
+    assert [g["lr"] for g in loaded.g_optimizer.param_groups] == [1e-5]
+    assert [g["lr"] for g in loaded.d_optimizer.param_groups] == [3e-5]
+    assert all(g["betas"] == (0.0, 0.9) for o in (loaded.g_optimizer, loaded.d_optimizer) for g in o.param_groups)
+    assert loaded.ema.beta == loaded.ema_beta == loaded.config()["ema_beta"] == 0.5
+    plain = Trainer.load(tmp_path / "c.pt", *mlp_pair(1))  # without overrides: the checkpoint's values
+    assert plain.g_optimizer.param_groups[0]["lr"] == trainer.g_optimizer.param_groups[0]["lr"]
+    assert plain.ema.beta == 0.9
+
+
 def test_load_state_dict_refuses_other_networks_and_optimizers_before_changing_anything():
     trainer = make_trainer(ema_beta=0.5)
     trainer.step(torch.randn(8, DIM))
@@ -570,6 +584,20 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     kept = torch.load(path, weights_only=True)  # the previous checkpoint is intact
     assert kept["step"] == good["step"] == 1
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_mode_of_other_files(tmp_path, umask):
+    """A checkpoint is created as open() creates files (0666 less the umask), not mkstemp's 0600, so
+    other users or jobs that can read the run folder's other files can read it too."""
+    old = os.umask(umask)
+    try:
+        make_trainer().save(tmp_path / "c.pt")
+        (tmp_path / "other.txt").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == (tmp_path / "other.txt").stat().st_mode & 0o777 \
+        == 0o666 & ~umask
 
 
 def test_load_state_dict_checks_compatibility(tmp_path):
@@ -729,6 +757,33 @@ def test_generator_output_must_match_data():
 def test_fit_data_errors(data, match):
     with pytest.raises(ValueError, match=match):
         make_trainer().fit(data, steps=2, batch_size=8, progress=False)
+
+
+class _OncePerProcess:
+    """An iterable whose __iter__ hands back one shared iterator: it yields its batches once, ever."""
+
+    def __init__(self, batches):
+        self._it = iter(batches)
+
+    def __iter__(self):
+        return self._it
+
+
+def test_fit_single_pass_iterable_that_runs_out_is_named_so():
+    trainer = make_trainer()
+    data = _OncePerProcess([torch.randn(8, DIM) for _ in range(3)])
+    with pytest.raises(ValueError, match="data ran out after 1 epoch.*single-pass"):
+        trainer.fit(data, steps=5, batch_size=8, progress=False)
+    assert trainer.step_count == 3
+
+
+def test_fit_refuses_an_out_dir_that_is_a_file_before_training(tmp_path):
+    trainer = make_trainer()
+    path = tmp_path / "not-a-folder"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="out_dir .* exists and is not a folder"):
+        trainer.fit(data_tensor(), steps=3, batch_size=8, checkpoint_every=2, out_dir=path, progress=False)
+    assert trainer.step_count == 0
 
 
 def test_fit_option_errors(tmp_path):
