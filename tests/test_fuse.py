@@ -540,3 +540,77 @@ def test_fuse_argument_errors():
         fastgan.fuse("model")
     with pytest.raises(TypeError, match="inplace"):
         fastgan.fuse(nn.Linear(2, 2), inplace="yes")
+
+
+def test_fuse_leaves_a_grandchild_called_by_its_parent_alone():
+    """A traced parent calling ``self.block.fc`` then ``self.block.act``: ``block``'s own forward uses ``fc``
+    without the activation, so replacing it there would change ``block``'s output."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.Tanh()
+
+        def forward(self, x):
+            return self.fc(x) - x
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(x) + self.block.act(self.block.fc(x))
+
+    torch.manual_seed(0)
+    model, x = Parent(), torch.randn(3, 4)
+    fused = fastgan.fuse(model)
+    assert type(fused.block.fc) is nn.Linear
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_leaves_runs_inside_a_sequential_its_parent_walks_through():
+    """Feature taps: a parent iterating (or indexing) its Sequential reads the outputs between children,
+    so that Sequential is not fused inside; one the parent calls whole still is."""
+    class Tapped(nn.Module):
+        def __init__(me):  # not named self
+            super().__init__()
+            me.body = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.2), nn.Linear(4, 1))
+            me.head = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            me.indexed = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+        def forward(me, x):
+            taps, h = [], x
+            for i, layer in enumerate(me.body):
+                h = layer(h)
+                if i == 0:
+                    taps.append(h)
+            return h + me.head(x).sum(1, keepdim=True) + me.indexed[0](x).sum(1, keepdim=True), taps
+
+    torch.manual_seed(0)
+    model, x = Tapped(), -torch.rand(3, 4) * 5
+    fused = fastgan.fuse(model)
+    assert type(fused.body[0]) is nn.Linear and type(fused.indexed[0]) is nn.Linear
+    assert type(fused.head[0]).__name__ == "FusedLinear"
+    (y0, t0), (y1, t1) = model(x), fused(x)
+    torch.testing.assert_close(y1, y0)
+    torch.testing.assert_close(t1[0], t0[0])
+
+
+@pytest.mark.parametrize("norm", ["spectral_norm", "weight_norm"])
+def test_fuse_copy_of_a_model_with_norm_reparametrisations_after_a_forward(norm):
+    """fuse(inplace=False) copies the module tree; spectral_norm / weight_norm keep a computed (non-leaf)
+    ``weight`` attribute after a forward, which cannot be deep-copied: it is shared like the parameters."""
+    import warnings
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrap = getattr(nn.utils, norm)
+        model = nn.Sequential(wrap(nn.Conv2d(3, 4, 3)), nn.LeakyReLU(0.2), nn.Flatten(),
+                              nn.Linear(4 * 3 * 3, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+    x = torch.randn(2, 3, 5, 5)
+    model.eval()
+    ref = model(x)
+    fused = fastgan.fuse(model)
+    assert type(fused[0]) is nn.Conv2d and type(fused[3]).__name__ == "FusedLinear"
+    assert type(model[3]) is nn.Linear  # the original is untouched
+    torch.testing.assert_close(fused(x), ref)

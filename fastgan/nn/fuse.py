@@ -22,6 +22,11 @@ a method of its own that ``forward`` calls) branches in Python -- ``if``, condit
 ``and`` / ``or``, loops with a condition, ``try`` -- is not fused at that level: a branch not taken
 while tracing (``if noise is None``, ``if not self.training``) could put work between a layer and
 its activation. Its children are still fused. Branches inside other helper functions stay invisible.
+A traced ``forward`` that calls a grandchild (``self.block.fc(x)``) does not get it replaced: the
+child's own forward may call it without the activation. A Sequential child that its parent's code walks
+through (``for layer in self.body``, ``self.body[1]``, ``enumerate(self.body)``) is not fused inside,
+since outputs between its children may be read (feature taps); one called whole is. Other side
+effects of a forward (storing a layer's output on the module) are invisible to fuse().
 Only exact types are fused: subclasses, layers with hooks (e.g. the old ``spectral_norm``),
 parametrized layers and anything else are left as they are.
 """
@@ -34,6 +39,7 @@ import itertools
 import textwrap
 from collections import Counter
 
+import torch
 from torch import fx, nn
 
 from fastgan.nn.layers import CONV_ACT_OF, FusedLinear
@@ -56,6 +62,10 @@ def fuse(module: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if not inplace:
         shared = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+        # Tensors kept as plain attributes are shared too: some are not graph leaves and cannot be
+        # deep-copied at all (spectral_norm's / weight_norm's computed ``weight`` after a forward).
+        for sub in module.modules():
+            shared.update((id(v), v) for v in vars(sub).values() if isinstance(v, torch.Tensor))
         module = copy.deepcopy(module, shared)
     _fuse_tree(module, _batch_norm_act_classes())
     return module
@@ -97,13 +107,19 @@ def _fused_layer(m: nn.Module, act: str, alpha: float | None, bn_classes: dict[t
     return None
 
 
-def _fuse_tree(m: nn.Module, bn_classes: dict[type, type]) -> None:
+def _fuse_tree(m: nn.Module, bn_classes: dict[type, type], as_container: bool = False) -> None:
+    """``as_container``: ``m`` is an ``nn.Sequential`` its parent does not (only) call but iterates,
+    indexes or hands on (``for layer in self.body``, ``self.body[0]``): the output between two of its
+    children may be read, so runs in it are left alone (its children are still fused inside)."""
+    containers: set[str] = set()
     if type(m) is nn.Sequential:
-        _fuse_sequential(m, bn_classes)
+        if not as_container:
+            _fuse_sequential(m, bn_classes)
     elif next(m.children(), None) is not None:
         _fuse_traced(m, bn_classes)
-    for child in m.children():
-        _fuse_tree(child, bn_classes)
+        containers = _children_used_as_containers(m)
+    for name, child in m.named_children():
+        _fuse_tree(child, bn_classes, as_container=name in containers)
 
 
 def _fuse_sequential(seq: nn.Sequential, bn_classes: dict[type, type]) -> None:
@@ -164,13 +180,71 @@ def _forward_branches(m: nn.Module) -> bool:
     return False
 
 
+def _children_used_as_containers(m: nn.Module) -> set[str]:
+    """Names of ``m``'s Sequential children that ``m``'s own code (its forward and the methods it calls
+    on ``self``) walks through instead of calling (see :func:`_walked_through`). Such a Sequential's
+    intermediate outputs may be read (feature taps), so fusing a layer with the activation after it
+    would change what they see."""
+    cls = type(m)
+    sequential = {name for name, child in m.named_children() if type(child) is nn.Sequential}
+    if not sequential:
+        return set()
+
+    def methods(name: str) -> list:
+        found = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
+        return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
+
+    used: set[str] = set()
+    todo, seen = methods("forward"), set()
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        defs = [d for d in tree.body if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        if not defs or not defs[0].args.args:
+            continue
+        me = defs[0].args.args[0].arg  # "self", whatever it is called
+        parent = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == me:
+                todo.extend(methods(node.func.attr))
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
+                    and node.attr in sequential and _walked_through(node, parent.get(id(node)))):
+                used.add(node.attr)
+    return used
+
+
+_ITERATING = {"iter", "enumerate", "list", "tuple", "zip", "reversed", "len", "next", "map", "filter", "sorted"}
+_CHILD_LISTS = {"children", "named_children", "modules", "named_modules", "_modules"}
+
+
+def _walked_through(node: ast.AST, up: ast.AST | None) -> bool:
+    """Whether the expression ``node`` (``self.<name>``) is walked through rather than called: indexed or
+    sliced, iterated (``for``, a comprehension, ``enumerate(...)``, ``list(...)`` ...) or asked for its
+    children. Calling it, or handing it whole to a function (``data_parallel(self.main, x)``), is not."""
+    if isinstance(up, ast.Subscript) and up.value is node:
+        return True
+    if isinstance(up, (ast.For, ast.AsyncFor, ast.comprehension)) and up.iter is node:
+        return True
+    if isinstance(up, ast.Call) and node in up.args and isinstance(up.func, ast.Name) and up.func.id in _ITERATING:
+        return True
+    return isinstance(up, ast.Attribute) and up.value is node and up.attr in _CHILD_LISTS
+
+
 def _own_code(fn) -> bool:
     """A Python function outside torch (whose own modules fx traces as leaves or knows)."""
     return inspect.isfunction(fn) and not (fn.__module__ or "").startswith("torch")
 
 
 def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
-    if isinstance(m, fx.GraphModule):
+    traced = isinstance(m, fx.GraphModule)
+    if traced:
         graph = m.graph  # already traced: its graph is its forward (no branches), targets may be dotted
     else:
         if _forward_branches(m):
@@ -188,11 +262,26 @@ def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
         user = next(iter(node.users))
         if user.op != "call_module" or calls[user.target] != 1 or user.args != (node,) or user.kwargs:
             continue
+        if not (_owned_here(node.target, calls, traced) and _owned_here(user.target, calls, traced)):
+            continue
         act = _activation(m.get_submodule(user.target))
         fused = _fused_layer(m.get_submodule(node.target), *act, bn_classes) if act is not None else None
         if fused is not None:
             _set_submodule(m, node.target, fused)
             _set_submodule(m, user.target, nn.Identity())
+
+
+def _owned_here(target: str, calls: Counter, traced: bool) -> bool:
+    """Whether a module this graph calls may be replaced from here. A direct child: yes. A deeper one
+    (``self.block.fc(x)`` in a forward; the dotted targets of an fx-traced GraphModule) belongs to an
+    intermediate module whose own forward may call it without the activation: only in a GraphModule,
+    and only when no module on the path to it is itself called by the graph."""
+    if "." not in target:
+        return True
+    if not traced:
+        return False
+    parts = target.split(".")
+    return not any(calls[".".join(parts[:i])] for i in range(1, len(parts)))
 
 
 def _set_submodule(m: nn.Module, target: str, module: nn.Module) -> None:
