@@ -267,6 +267,14 @@ def test_argument_errors(kwargs, match):
         bias_act(x, bias, **kwargs)
 
 
+@pytest.mark.parametrize("impl", ["ref"] + IMPLS)
+@pytest.mark.parametrize("dtype,clamp", [(torch.float16, 1e5), (torch.bfloat16, 1e39), (torch.float32, 1e39)])
+def test_clamp_beyond_the_dtype_is_a_clear_error(impl, dtype, clamp):
+    x = torch.randn(2, 3, 4, dtype=dtype)
+    with pytest.raises(ValueError, match=f"clamp={clamp!r} is beyond the largest finite"):
+        bias_act(x, None, 1, "lrelu", clamp=clamp, impl=impl)
+
+
 def test_x_must_be_a_float_tensor():
     with pytest.raises(TypeError, match="x"):
         bias_act([1.0, 2.0])

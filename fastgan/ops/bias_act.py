@@ -355,6 +355,9 @@ def bias_act(x: Tensor, bias: Tensor | None = None, dim: int = 1, act: str = "li
         x, bias = x.to(common), bias.to(common)
     check_bias(bias, x, x.shape[dim], f"x.shape[{dim}]")
     gain_f, clamp_f = _check_gain(gain), _check_clamp(clamp)
+    if clamp is not None and x.is_floating_point() and clamp_f > torch.finfo(x.dtype).max:
+        raise ValueError(f"clamp={clamp!r} is beyond the largest finite {x.dtype} value "
+                         f"({torch.finfo(x.dtype).max}): give a smaller clamp, or None")
     device = same_device(x=x, bias=bias)
     impl = resolve_impl("bias_act", impl, device)
     if impl == "ref":
