@@ -2,7 +2,6 @@
 here (values and gradients), layouts (NCHW, channels_last, non-contiguous, any dim), dtypes,
 gain/clamp, first- and second-order gradients, and the argument checks. Also the activation table."""
 import math
-
 import re
 
 import pytest
