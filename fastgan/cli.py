@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -246,13 +247,16 @@ def _read_history(path: Path) -> dict[str, list[float]]:
 
 
 def _write_history(path: Path, history: dict[str, list[float]]) -> None:
+    """history.csv, replaced atomically: a crash while writing leaves the previous complete file."""
+    from fastgan._checkpoint import atomic_write
     keys = ["step"] + [k for k in history if k != "step"]
     rows = len(history.get("step", []))
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(keys)
-        for i in range(rows):
-            writer.writerow([_csv_number(history[k][i]) if i < len(history[k]) else "" for k in keys])
+    lines = io.StringIO(newline="")
+    writer = csv.writer(lines)
+    writer.writerow(keys)
+    for i in range(rows):
+        writer.writerow([_csv_number(history[k][i]) if i < len(history[k]) else "" for k in keys])
+    atomic_write(path, lambda f: f.write(lines.getvalue().encode()))
 
 
 def _csv_number(value: float) -> str:
@@ -667,12 +671,20 @@ def _train(args: argparse.Namespace) -> int:
     def save_on_signal(tr, step):  # runs between two steps, never inside an update; on every rank
         return tr.save_checkpoint(out, keep=KEEP_CHECKPOINTS)
     max_skipped = config["max_skipped_steps"] or None
+
+    def history_at_checkpoint(tr, step, history_so_far):
+        # history.csv as of each checkpoint, written just before it: a run killed (SIGKILL, OOM, power)
+        # keeps the rows up to its last checkpoint, where --resume continues (rows of a checkpoint the
+        # kill prevented are logged again, and the merge keeps one of each).
+        if main_process:
+            _write_history_so_far(out, done, history_so_far, upto=step)
     try:
         with StopOnSignal(save_on_signal) as stop:
             history = trainer.fit(batches, remaining, batch_size=per_process_batch, log_every=config["log_every"],
                                   checkpoint_every=config["checkpoint_every"], out_dir=out,
                                   keep_checkpoints=KEEP_CHECKPOINTS, max_nonfinite_steps=max_skipped,
-                                  progress=config["progress"] and main_process, callbacks=[stop])
+                                  progress=config["progress"] and main_process, callbacks=[stop],
+                                  on_checkpoint=history_at_checkpoint)
     except TrainingInterrupted as exc:
         if main_process:
             _write_history_so_far(out, done, getattr(exc, "history", None), upto=exc.step)
@@ -700,6 +712,14 @@ def _train(args: argparse.Namespace) -> int:
             print(f"\nfastgan train: error: {exc}\n  {last}\n  (--max-skipped-steps {config['max_skipped_steps']}"
                   f" sets how many skipped steps in a row stop a run; 'none' never stops)", file=sys.stderr)
         return EXIT_NONFINITE
+    except Exception as exc:
+        # Any other failure (disk full at a checkpoint, out of memory): keep the rows up to the last
+        # checkpoint (what a resume continues from), then let the error through.
+        if main_process:
+            kept = list_checkpoints(out)
+            _write_history_so_far(out, done, getattr(exc, "history", None),
+                                  upto=checkpoint_step(kept[0]) if kept else done)
+        raise
     elapsed = time.perf_counter() - started
     fdist.average_buffers(G)   # BatchNorm running statistics of all ranks for the evaluation
     fdist.average_buffers(D)

@@ -1221,7 +1221,8 @@ class Trainer:
     def fit(self, data, steps: int, batch_size: int = 64, log_every: int = 100,
             checkpoint_every: int | None = None, out_dir: str | os.PathLike | None = None,
             callbacks: Iterable[Callable] = (), progress: bool = True, *, keep_checkpoints: int = 2,
-            max_nonfinite_steps: int | None = None) -> dict[str, list[float]]:
+            max_nonfinite_steps: int | None = None,
+            on_checkpoint: Callable | None = None) -> dict[str, list[float]]:
         """Train for ``steps`` iterations of Algorithm 1 (``d_steps`` D updates, then one G update).
 
         ``data``: a tensor of samples (shuffled each epoch by the trainer's generator, batches of
@@ -1244,7 +1245,10 @@ class Trainer:
         (counted from the start of training, so a resumed run keeps the cadence) and after the last; the
         newest ``keep_checkpoints`` are kept, an older one is deleted only once the new one is
         complete. Under ``torch.distributed`` rank 0 writes (all ranks must call ``fit`` alike).
-        ``Trainer.load(out_dir, G, D)`` resumes from the newest good one.
+        ``Trainer.load(out_dir, G, D)`` resumes from the newest good one. ``on_checkpoint(trainer,
+        step, history)``, if given, is called at each checkpoint step just before the checkpoint is
+        written, with the history logged so far (``fastgan train`` writes its history.csv there, so a
+        killed run keeps its rows up to its last checkpoint; written first, they are never behind it).
 
         Non-finite steps: with ``max_nonfinite_steps=N`` every update of D (the ``d_steps - 1``
         extra ones included) and of G is watched by a :class:`fastgan.checkpoint.NonFiniteGuard`: an
@@ -1282,6 +1286,8 @@ class Trainer:
         for cb in callbacks:
             if not callable(cb):
                 raise TypeError(f"callbacks must be callables, got {type(cb).__name__}")
+        if on_checkpoint is not None and not callable(on_checkpoint):
+            raise TypeError(f"on_checkpoint must be a callable or None, got {type(on_checkpoint).__name__}")
         batches = self._batches(data, batch_size)
         history: dict[str, list[float]] = {"step": [], "steps_per_s": []}
         skipped_logged = {"discriminator": 0, "generator": 0}
@@ -1330,6 +1336,8 @@ class Trainer:
                 for cb in callbacks:
                     cb(self, self.step_count, stats)
                 if checkpoint_due:
+                    if on_checkpoint is not None:
+                        on_checkpoint(self, self.step_count, history)
                     self.save_checkpoint(out_dir, keep=keep_checkpoints)
         except BaseException as exc:
             # What was logged before the stop (a non-finite stop, an interrupt: the CLI writes it).

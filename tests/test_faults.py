@@ -2,6 +2,7 @@
 non-finite steps, SIGKILL mid-run then resume, SIGINT (fastgan.checkpoint with fastgan.Trainer)."""
 from __future__ import annotations
 
+import csv
 import os
 import pickle
 import signal
@@ -499,6 +500,11 @@ def test_cli_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, c
                             capture_output=True, text=True, timeout=900, env=_cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_final(_final_params(out), cli_uninterrupted)
+    # The killed session's rows up to its last checkpoint were written at that checkpoint: the history has
+    # every logged step once, as the uninterrupted run's.
+    with (out / "history.csv").open(newline="") as f:
+        steps = [int(float(row["step"])) for row in csv.DictReader(f)]
+    assert steps == list(range(10, CLI_STEPS + 1, 10))
 
 
 # Long enough that the signal, sent half a second into training, lands inside fit() on a fast machine

@@ -769,6 +769,20 @@ class _OncePerProcess:
         return self._it
 
 
+def test_on_checkpoint_sees_the_history_before_each_checkpoint_is_written(tmp_path):
+    calls = []
+
+    def on_checkpoint(trainer, step, history):
+        calls.append((step, list(history["step"]), sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))))
+
+    trainer = make_trainer()
+    trainer.fit(data_tensor(), steps=6, batch_size=8, log_every=2, checkpoint_every=3, out_dir=tmp_path,
+                progress=False, on_checkpoint=on_checkpoint)
+    assert calls == [(3, [2.0], []), (6, [2.0, 4.0, 6.0], ["checkpoint-000000003.pt"])]
+    with pytest.raises(TypeError, match="on_checkpoint"):
+        trainer.fit(data_tensor(), steps=1, batch_size=8, progress=False, on_checkpoint="yes")
+
+
 def test_fit_single_pass_iterable_that_runs_out_is_named_so():
     trainer = make_trainer()
     data = _OncePerProcess([torch.randn(8, DIM) for _ in range(3)])
