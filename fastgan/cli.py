@@ -164,12 +164,50 @@ def _run_name(spec: str) -> str:
 
 
 def _default_out(spec: str) -> Path:
-    """``runs/<data>-<timestamp>``, with a counter when that folder already exists."""
+    """``runs/<data>-<timestamp>``, with a counter when that folder already exists; claimed (see
+    :func:`_claim_run_folder`), so runs started at the same second get folders of their own."""
     base = Path("runs") / f"{_run_name(spec)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out, n = base, 2
-    while out.exists():
-        out, n = Path(f"{base}-{n}"), n + 1
-    return out
+    while True:
+        try:
+            out.mkdir(parents=True)  # atomic: of two processes asking for one name, one gets it
+        except FileExistsError:
+            out, n = Path(f"{base}-{n}"), n + 1
+            continue
+        _claim_run_folder(out, created=True)
+        return out
+
+
+# The run folder this process claimed and nothing has been written to yet: (folder, whether it was created
+# here). Released (placeholder removed, a created folder too) when setting up the run fails.
+_CLAIMED: list[tuple[Path, bool]] = []
+
+
+def _claim_run_folder(out: Path, created: bool) -> None:
+    """Make ``out`` this run's before anything else is written: config.json is created exclusively (an
+    empty placeholder until the run's options are written into it), so two runs started on one empty
+    folder at once cannot both take it."""
+    try:
+        fd = os.open(out / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        raise UsageError(f"--out {out} already exists and is not empty (another run started in it); choose a "
+                         "new folder, or add --resume to continue the run in it") from None
+    os.close(fd)
+    _CLAIMED.append((out, created))
+
+
+def _release_claimed_folder() -> None:
+    """Undo :func:`_claim_run_folder` after a failed set-up: no empty run folder is left behind."""
+    while _CLAIMED:
+        out, created = _CLAIMED.pop()
+        placeholder = out / "config.json"
+        try:
+            if placeholder.stat().st_size == 0:
+                placeholder.unlink()
+            if created:
+                out.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def resolve_options(args: argparse.Namespace, data) -> dict[str, Any]:
@@ -398,11 +436,10 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]
         out = Path(args.out)
         if not out.is_dir():
             raise UsageError(f"--resume: no run folder at {out}")
-        from fastgan.checkpoint import list_checkpoints
         config_path = out / "config.json"
-        if not config_path.is_file() or not list_checkpoints(out):
-            raise UsageError(f"--resume: {out} is not a resumable run (it needs config.json and a checkpoint, "
-                             "checkpoint-<step>.pt or checkpoint.pt)")
+        if not config_path.is_file():
+            raise UsageError(f"--resume: {out} is not a resumable run (it needs the config.json of the run, and "
+                             "a checkpoint, checkpoint-<step>.pt or checkpoint.pt, to continue from)")
         try:
             saved = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
@@ -417,6 +454,12 @@ def _prepare_out(args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None]
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out} already exists and is not empty; choose a new folder, or add --resume "
                          "to continue the run in it")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder: {exc}") from None
+    _claim_run_folder(out, created)
     return out, None
 
 
@@ -497,9 +540,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         code = _train(args)
     except UsageError as exc:
+        _release_claimed_folder()
         print(f"fastgan train: error: {exc}", file=sys.stderr)
         code = 2
     except BaseException:
+        _release_claimed_folder()
         fdist.destroy()
         raise
     worker = fdist.is_initialized()
@@ -606,10 +651,17 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
     import fastgan
+    from fastgan.checkpoint import list_checkpoints
     G, D = _build(config, data)
     resumed_from = None
     try:
-        if saved is not None:
+        if saved is not None and not list_checkpoints(out):
+            # A run stopped before its first checkpoint: it starts again from step 0 with its options.
+            if main_process:
+                print(f"fastgan train: --resume: {out} has no checkpoint yet; starting its run from step 0",
+                      file=sys.stderr)
+            trainer = fastgan.Trainer(G, D, **_trainer_kwargs(config, device))
+        elif saved is not None:
             state, resumed_from = _load_resume_state(out, say=main_process)
             if isinstance(state, dict) and isinstance(state.get("config"), dict):
                 _check_checkpoint_matches(config, state["config"], resumed_from)
@@ -643,6 +695,7 @@ def _train(args: argparse.Namespace) -> int:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", config)
+        _CLAIMED.clear()  # the run's own now: kept whatever happens next
         print(f"fastgan train: {data.describe()}")
         print(f"  model {config['model']} (G {sum(p.numel() for p in G.parameters()):,} / D "
               f"{sum(p.numel() for p in D.parameters()):,} parameters), loss {config['loss']}, "

@@ -209,6 +209,48 @@ def test_default_out_dirs_are_new(tmp_path, monkeypatch):
         assert (tmp_path / "runs" / name / "metrics.json").is_file()
 
 
+def test_run_folders_are_claimed_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Two runs started at once on one empty --out folder, or without --out in the same second, never
+    share a folder: the folder (and its config.json) is claimed atomically; a failed set-up gives it back."""
+    import argparse
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = argparse.Namespace(resume=False, out=str(empty), data="ring8")
+    assert cli._prepare_out(args) == (empty, None)
+    with pytest.raises(cli.UsageError, match="not empty"):
+        cli._prepare_out(args)
+    cli._release_claimed_folder()
+    assert os.listdir(empty) == []  # given back: the empty folder is as it was, and kept (it existed)
+
+    class Frozen:  # every default name is asked for in the same second
+        @staticmethod
+        def now():
+            import datetime as dt
+            return dt.datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(cli, "datetime", Frozen)
+    first, second = cli._default_out("ring8"), cli._default_out("ring8")
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == first.name + "-2"
+    cli._release_claimed_folder()
+    assert not first.exists() and not second.exists()  # created here and never used: removed
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
+    common = ["--data", "ring8", "--batch-size", "16", "--eval-samples", "50", *FAST]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _train(*common, "--steps", "4", "--out", str(straight)) == 0
+    assert _train(*common, "--steps", "4", "--out", str(stopped)) == 0
+    for path in stopped.iterdir():  # as a run killed before its first checkpoint leaves it
+        if path.name != "config.json":
+            path.unlink()
+    assert _train(*common, "--steps", "4", "--out", str(stopped)) == 2
+    assert "add --resume" in capsys.readouterr().err
+    assert _train("--resume", "--out", str(stopped), "--no-progress") == 0
+    assert "no checkpoint yet; starting its run from step 0" in capsys.readouterr().err
+    assert_same_final_parameters(straight, stopped, 4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "no/such/path.npy"], "neither a built-in dataset"),
     (["--data", "ring8", "--batch-size", "10", "--pack", "3"], "divisible by --pack 3"),
