@@ -8,7 +8,7 @@ are (BLOCK_C large), so loads coalesce either way.
 
 Split path (large maps), two launches each way. Forward: ``_stats_kernel`` (per-channel sums of
 x - shift, in float32 (float64 for float64 x), one row of partials per split of the rows;
-shift = x[0, c] keeps the variance free of cancellation) then ``_apply_kernel`` (y = act(x * scale +
+shift = the mean of the channel's first 64 rows keeps the variance free of cancellation) then ``_apply_kernel`` (y = act(x * scale +
 shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz, sum dz (x - mean),
 dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read) then
 ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel). The last program of each reduction to
@@ -62,9 +62,26 @@ def _tile_offsets(r, c, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr):
 
 # --- Tile bodies: one [BLOCK_R, BLOCK_C] tile of each pass, shared by the split and single-pass kernels. ---
 
+SHIFT_SAMPLE = tl.constexpr(64)  # rows whose mean shifts the statistics' sums (csrc/cpu/batch_norm_act.cpp: kShiftSample)
+
+
+@triton.jit
+def _shift_sample(x_ptr, R, c, c_mask, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr, ACC: tl.constexpr,
+                  SAMPLE: tl.constexpr):
+    """The mean of each channel's first min(SAMPLE, R) rows: the shift of the statistics' sums. The
+    variance sum(d^2)/n - mean(d)^2 of d = x - shift cancels by as many digits as the shift is standard
+    deviations from the mean; a channel's first value alone (an outlier, say 300 sigma off) cost 0.5 % of
+    the variance in float32, a sample's mean stays close. Every program of a channel computes the same."""
+    r = tl.arange(0, SAMPLE)
+    mask = (r < R)[:, None] & c_mask[None, :]
+    v = tl.load(x_ptr + _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS), mask=mask, other=0.0).to(ACC)
+    return tl.sum(v, axis=0) / tl.minimum(R, SAMPLE)
+
+
 @triton.jit
 def _shifted_tile(x_ptr, r, r_end, c, c_mask, x0, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr, ACC: tl.constexpr):
-    """x - x[0, c] on the tile (0 outside rows < r_end): the statistics' summand, free of cancellation."""
+    """x - x0[c] on the tile (0 outside rows < r_end; x0 from _shift_sample): the statistics' summand,
+    free of cancellation."""
     mask = (r < r_end)[:, None] & c_mask[None, :]
     v = tl.load(x_ptr + _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS), mask=mask, other=0.0).to(ACC)
     return tl.where(mask, v - x0[None, :], 0.0)
@@ -250,13 +267,14 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, w_ptr, b_ptr, mean_ptr, var_p
                   rv_ptr, factor, unbias, eps_hi, eps_lo, R, C, HW: tl.constexpr, s_n, s_c, s_w, rows_per_split,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """partial[0, split, c] = sum (x - x[0, c]), partial[1, split, c] = sum (x - x[0, c])^2; the last split of
+    """partial[0, split, c] = sum (x - x0[c]), partial[1, split, c] = sum (x - x0[c])^2 (x0: _shift_sample);
+    the last split of
     a block of channels then stores their mean and biased var, scale and shift (and, with UPDATE, the
     running statistics)."""
     split = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    x0 = _shift_sample(x_ptr, R, c, c_mask, HW, s_n, s_c, s_w, ROWS, ACC, SHIFT_SAMPLE)
     w, b, rm, rv = _forward_channel_params(w_ptr, b_ptr, rm_ptr, rv_ptr, c, c_mask, HAS_W, HAS_B, UPDATE)
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
@@ -363,7 +381,7 @@ def _single_pass_forward_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, r
     then _apply_kernel's pass, whose second read of the channels' rows mostly hits the cache."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    x0 = tl.load(x_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(ACC)
+    x0 = _shift_sample(x_ptr, R, c, c_mask, HW, s_n, s_c, s_w, ROWS, ACC, SHIFT_SAMPLE)
     w, b, rm, rv = _forward_channel_params(w_ptr, b_ptr, rm_ptr, rv_ptr, c, c_mask, HAS_W, HAS_B, UPDATE)
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
     acc_ss = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
