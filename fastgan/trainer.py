@@ -428,7 +428,11 @@ class Trainer:
             raise ValueError(f"generator and discriminator share {len(shared)} parameter(s); "
                              "the two networks must have their own parameters")
         if device is not None:
-            device = torch.device(device)
+            try:
+                device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                                 f"got {device!r} ({exc})") from None
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             generator.to(device)
@@ -1235,7 +1239,8 @@ class Trainer:
         A tensor or Dataset of the same length resumes where the previous ``fit`` (or the loaded
         checkpoint) stopped in its epoch.
 
-        Every ``log_every`` steps (and after the last) the stats of the latest step are appended, as
+        Every ``log_every`` trainer steps (multiples of it, counted across ``fit`` calls and resumes, and
+        after the last step of this call) the stats of the latest step are appended, as
         floats, to the returned history (a dict of lists, with ``"step"`` and ``"steps_per_s"``) and
         shown on the progress bar. Each callback is called as ``callback(trainer, step, stats)`` after
         every step (``stats``: 0-d device tensors).
@@ -1306,7 +1311,8 @@ class Trainer:
                 stats = self.step(next(batches))
                 if guard is not None:
                     self._observe_nonfinite(guard, self.step_count, stats, g=True)
-                log_due = i % log_every == 0 or i == steps
+                # The trainer's steps, as for checkpoints: a resumed run logs the steps an uninterrupted one does.
+                log_due = self.step_count % log_every == 0 or i == steps
                 # Counted in the trainer's steps, not this call's: a resumed or extended run keeps the cadence.
                 checkpoint_due = checkpoint_every is not None and (
                     self.step_count % checkpoint_every == 0 or i == steps)

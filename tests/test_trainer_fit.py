@@ -783,6 +783,20 @@ def test_on_checkpoint_sees_the_history_before_each_checkpoint_is_written(tmp_pa
         trainer.fit(data_tensor(), steps=1, batch_size=8, progress=False, on_checkpoint="yes")
 
 
+def test_log_cadence_counts_the_trainers_steps_across_fit_calls():
+    """History rows at multiples of log_every of the trainer's steps: a run continued after 5 steps logs
+    at 6 and 9, as an uninterrupted one does (and at its own last step)."""
+    trainer = make_trainer()
+    first = trainer.fit(data_tensor(), steps=5, batch_size=8, log_every=3, progress=False)
+    second = trainer.fit(data_tensor(), steps=5, batch_size=8, log_every=3, progress=False)
+    assert first["step"] == [3.0, 5.0] and second["step"] == [6.0, 9.0, 10.0]
+
+
+def test_a_bad_device_names_the_argument():
+    with pytest.raises(ValueError, match="device must be .* got 'cpux'"):
+        make_trainer(device="cpux")
+
+
 def test_fit_single_pass_iterable_that_runs_out_is_named_so():
     trainer = make_trainer()
     data = _OncePerProcess([torch.randn(8, DIM) for _ in range(3)])
