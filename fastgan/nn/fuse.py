@@ -150,21 +150,14 @@ def _forward_branches(m: nn.Module) -> bool:
     modules called by name -- branches in Python (or cannot be read): fx would record only the path its
     tracing took. Calls reached any other way stay invisible."""
     cls = type(m)
-
-    def methods(name: str) -> list:
-        # every class of the MRO that defines it (super() runs a base class's); nn.Module's own excluded
-        found = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
-        return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
-
-    todo, seen = methods("forward"), set()
+    todo, seen = _own_methods(cls, "forward"), set()
     while todo:
         fn = todo.pop()
         if fn in seen:
             continue
         seen.add(fn)
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
+        tree = _source_tree(fn)
+        if tree is None:
             return True
         for node in ast.walk(tree):
             if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
@@ -172,7 +165,7 @@ def _forward_branches(m: nn.Module) -> bool:
             if not isinstance(node, ast.Call):
                 continue
             if isinstance(node.func, ast.Attribute):  # self.x(...), super().x(...), Base.x(self, ...)
-                todo.extend(methods(node.func.attr))
+                todo.extend(_own_methods(cls, node.func.attr))
             elif isinstance(node.func, ast.Name):  # a helper function of the module
                 target = fn.__globals__.get(node.func.id)
                 if _own_code(target):
@@ -189,23 +182,15 @@ def _children_used_as_containers(m: nn.Module) -> set[str]:
     sequential = {name for name, child in m.named_children() if type(child) is nn.Sequential}
     if not sequential:
         return set()
-
-    def methods(name: str) -> list:
-        found = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
-        return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
-
     used: set[str] = set()
-    todo, seen = methods("forward"), set()
+    todo, seen = _own_methods(cls, "forward"), set()
     while todo:
         fn = todo.pop()
         if fn in seen:
             continue
         seen.add(fn)
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        defs = [d for d in tree.body if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        tree = _source_tree(fn)
+        defs = [d for d in tree.body if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef))] if tree else []
         if not defs or not defs[0].args.args:
             continue
         me = defs[0].args.args[0].arg  # "self", whatever it is called
@@ -213,7 +198,7 @@ def _children_used_as_containers(m: nn.Module) -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                     isinstance(node.func.value, ast.Name) and node.func.value.id == me:
-                todo.extend(methods(node.func.attr))
+                todo.extend(_own_methods(cls, node.func.attr))
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
                     and node.attr in sequential and _walked_through(node, parent.get(id(node)))):
                 used.add(node.attr)
@@ -235,6 +220,21 @@ def _walked_through(node: ast.AST, up: ast.AST | None) -> bool:
     if isinstance(up, ast.Call) and node in up.args and isinstance(up.func, ast.Name) and up.func.id in _ITERATING:
         return True
     return isinstance(up, ast.Attribute) and up.value is node and up.attr in _CHILD_LISTS
+
+
+def _own_methods(cls: type, name: str) -> list:
+    """Every definition of method ``name`` along ``cls``'s MRO (super() runs a base class's) that is
+    Python code outside torch (nn.Module's own excluded)."""
+    found = [vars(k)[name] for k in cls.__mro__ if name in vars(k)]
+    return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
+
+
+def _source_tree(fn) -> ast.Module | None:
+    """The parsed source of ``fn``, or None where it cannot be read."""
+    try:
+        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
 
 
 def _own_code(fn) -> bool:
