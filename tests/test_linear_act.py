@@ -165,6 +165,14 @@ def test_argument_errors(args, kwargs, exc, match):
         linear_act(*args, **kwargs)
 
 
+def test_a_bool_alpha_is_refused_after_an_equal_number_was_cached():
+    """The eager CPU path caches resolved (act, alpha) pairs; True == 1 must not reach that cache entry."""
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    linear_act(x, w, None, "lrelu", 1)
+    with pytest.raises(ValueError, match="alpha"):
+        linear_act(x, w, None, "lrelu", True)
+
+
 @pytest.mark.parametrize("act", ["lrelu", "tanh"])
 def test_registered_custom_op_is_twice_differentiable(act):
     # what torch.compile runs (eager calls use a C++ autograd node on the same kernels)

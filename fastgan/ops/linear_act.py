@@ -123,7 +123,7 @@ def _cpu_eager_fast(x: Tensor, weight: Tensor, bias: Tensor | None, act, alpha, 
         return None
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return None
-    key = (act, alpha)
+    key = (act, alpha, type(alpha))  # the type too: True == 1 hashes alike, but resolve_act refuses a bool
     try:
         resolved = _ACT_INDEX.get(key)
     except TypeError:  # an unhashable alpha: let the general path reject it
