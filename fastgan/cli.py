@@ -680,7 +680,10 @@ def _train(args: argparse.Namespace) -> int:
 
     done = trainer.step_count
     remaining = config["steps"] - done
-    if saved is not None and remaining <= 0:
+    # A run that trained all its steps but stopped before its evaluation (interrupted at the last step)
+    # gets the evaluation written now; one that has it is done.
+    report_only = saved is not None and remaining <= 0 and not (out / "metrics.json").is_file()
+    if saved is not None and remaining <= 0 and not report_only:
         raise UsageError(f"--resume: the run in {out} has already done {done} of {config['steps']} steps; "
                          f"pass --steps N with N > {done} to train further")
 
@@ -692,6 +695,15 @@ def _train(args: argparse.Namespace) -> int:
     config["data_description"] = data.describe()
     config["world_size"] = world
     config["per_process_batch_size"] = per_process_batch
+    if report_only:
+        fdist.average_buffers(G)
+        fdist.average_buffers(D)
+        if main_process:
+            print(f"fastgan train: --resume: {out} has trained all {done} steps but has no metrics.json; "
+                  "writing its evaluation", file=sys.stderr)
+            _report(trainer, data, config, out, _read_history(out / "history.csv"), 0, 0.0)
+        fdist.barrier()
+        return 0
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", config)

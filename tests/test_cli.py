@@ -236,6 +236,24 @@ def test_run_folders_are_claimed_before_anything_is_written(tmp_path, monkeypatc
     assert not first.exists() and not second.exists()  # created here and never used: removed
 
 
+def test_resume_of_a_run_stopped_after_its_last_step_writes_its_evaluation(tmp_path, capsys):
+    """Interrupted at the very last step (its checkpoint written, the evaluation not): --resume writes the
+    evaluation instead of refusing a run that has done all its steps; once written, it refuses."""
+    out = tmp_path / "run"
+    assert _train("--data", "ring8", "--steps", "4", "--batch-size", "16", "--eval-samples", "50", "--out", str(out),
+                  *FAST) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("metrics.json", "samples.png", "training.png"):
+        (out / name).unlink()
+    capsys.readouterr()
+    assert _train("--resume", "--out", str(out), "--no-progress") == 0
+    assert "writing its evaluation" in capsys.readouterr().err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["steps"] == metrics["steps"] == 4 and (out / "samples.png").is_file()
+    assert _train("--resume", "--out", str(out), "--no-progress") == 2
+    assert "already done 4 of 4 steps" in capsys.readouterr().err
+
+
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, capsys):
     common = ["--data", "ring8", "--batch-size", "16", "--eval-samples", "50", *FAST]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
