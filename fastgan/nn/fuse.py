@@ -144,12 +144,9 @@ class _ShallowTracer(fx.Tracer):
 _BRANCHES = (ast.If, ast.IfExp, ast.While, ast.BoolOp, ast.Try, ast.Match)
 
 
-def _forward_branches(m: nn.Module) -> bool:
-    """Whether ``m``'s forward, or Python code it calls -- methods of ``m``'s class reached as
-    ``self.<name>(...)``, ``super().<name>(...)`` or ``<Class>.<name>(self, ...)``, and functions of their
-    modules called by name -- branches in Python (or cannot be read): fx would record only the path its
-    tracing took. Calls reached any other way stay invisible."""
-    cls = type(m)
+def _reached_code(cls: type, follow):
+    """(fn, parsed source or None) for ``cls``'s forward and each function ``follow(fn, tree)`` names
+    from a function already reached, each once."""
     todo, seen = _own_methods(cls, "forward"), set()
     while todo:
         fn = todo.pop()
@@ -157,20 +154,40 @@ def _forward_branches(m: nn.Module) -> bool:
             continue
         seen.add(fn)
         tree = _source_tree(fn)
-        if tree is None:
-            return True
+        yield fn, tree
+        if tree is not None:
+            todo.extend(follow(fn, tree))
+
+
+def _forward_branches(m: nn.Module) -> bool:
+    """Whether ``m``'s forward, or Python code it calls -- methods of ``m``'s class reached as
+    ``self.<name>(...)``, ``super().<name>(...)`` or ``<Class>.<name>(self, ...)``, and functions of their
+    modules called by name -- branches in Python (or cannot be read): fx would record only the path its
+    tracing took. Calls reached any other way stay invisible."""
+    cls = type(m)
+
+    def callees(fn, tree):
         for node in ast.walk(tree):
-            if isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs):
-                return True
             if not isinstance(node, ast.Call):
                 continue
             if isinstance(node.func, ast.Attribute):  # self.x(...), super().x(...), Base.x(self, ...)
-                todo.extend(_own_methods(cls, node.func.attr))
+                yield from _own_methods(cls, node.func.attr)
             elif isinstance(node.func, ast.Name):  # a helper function of the module
                 target = fn.__globals__.get(node.func.id)
                 if _own_code(target):
-                    todo.append(target)
+                    yield target
+
+    for _, tree in _reached_code(cls, callees):
+        if tree is None or any(isinstance(node, _BRANCHES) or (isinstance(node, ast.comprehension) and node.ifs)
+                               for node in ast.walk(tree)):
+            return True
     return False
+
+
+def _self_name(tree: ast.Module) -> str | None:
+    """The name of the first parameter ("self", whatever it is called) of the function ``tree`` holds."""
+    defs = [d for d in tree.body if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return defs[0].args.args[0].arg if defs and defs[0].args.args else None
 
 
 def _children_used_as_containers(m: nn.Module) -> set[str]:
@@ -182,23 +199,21 @@ def _children_used_as_containers(m: nn.Module) -> set[str]:
     sequential = {name for name, child in m.named_children() if type(child) is nn.Sequential}
     if not sequential:
         return set()
-    used: set[str] = set()
-    todo, seen = _own_methods(cls, "forward"), set()
-    while todo:
-        fn = todo.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        tree = _source_tree(fn)
-        defs = [d for d in tree.body if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef))] if tree else []
-        if not defs or not defs[0].args.args:
-            continue
-        me = defs[0].args.args[0].arg  # "self", whatever it is called
-        parent = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def methods_called_on_self(fn, tree):
+        me = _self_name(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
                     isinstance(node.func.value, ast.Name) and node.func.value.id == me:
-                todo.extend(_own_methods(cls, node.func.attr))
+                yield from _own_methods(cls, node.func.attr)
+
+    used: set[str] = set()
+    for _, tree in _reached_code(cls, methods_called_on_self):
+        me = _self_name(tree) if tree is not None else None
+        if me is None:
+            continue
+        parent = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
                     and node.attr in sequential and _walked_through(node, parent.get(id(node)))):
                 used.add(node.attr)
