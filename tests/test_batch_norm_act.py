@@ -3,6 +3,8 @@ against torch's own F.batch_norm + activation in float64 (values, gradients, run
 layouts (NCHW, channels_last, 2-D, 3-D, non-contiguous), dtypes, batch 1, affine=False, no running
 stats, first- and second-order gradients, torch.compile, the modules against nn.BatchNorm over
 several steps, and the argument checks."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -588,6 +590,32 @@ def test_argument_errors(impl):
     # ... but eval mode normalises a single sample with the running statistics.
     y = call(x=torch.randn(1, 3), training=False)
     assert y.shape == (1, 3)
+    # weight and bias in x's dtype, or float32 beside bf16 / fp16 x (as torch's BatchNorm); any other
+    # pairing is refused, naming the argument, rather than computed at some other precision.
+    with pytest.raises(ValueError, match="weight has dtype torch.float64 but x has torch.float32"):
+        call(weight=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias has dtype torch.float64 .* expected float32 or torch.bfloat16"):
+        call(x=x.bfloat16(), bias=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight has dtype torch.bfloat16 but x has torch.float32"):
+        call(weight=torch.ones(3, dtype=torch.bfloat16))
+    mixed = call(x=x.bfloat16())  # float32 weight, bias and statistics beside bf16 x
+    assert mixed.dtype == torch.bfloat16 and torch.isfinite(mixed.float()).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("training", [True, False])
+def test_no_channels_gives_an_empty_result(impl, training):
+    """C = 0: an empty result and empty gradients, as F.batch_norm gives, not a complaint about the
+    batch size (training too: there are 4 * 5 * 5 values per channel)."""
+    x = torch.randn(4, 0, 5, 5, requires_grad=True)
+    w, b = torch.ones(0, requires_grad=True), torch.zeros(0, requires_grad=True)
+    expected = F.batch_norm(x.detach(), None, None, training=training)  # (torch's own fails given empty weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a warning from the reference's statistics
+        y = batch_norm_act(x, w, b, torch.zeros(0), torch.ones(0), training, act="lrelu", impl=impl)
+    assert y.shape == expected.shape == (4, 0, 5, 5)
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == x.shape and dw.shape == db.shape == (0,)
 
 
 @pytest.mark.parametrize("impl", ["cpu"])

@@ -59,7 +59,8 @@ def _reference_core(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
     if training:
         mean = xf.mean(dims)
-        var = xf.var(dims, unbiased=False)
+        # (no channels: torch's var warns of zero degrees of freedom for the empty result)
+        var = xf.var(dims, unbiased=False) if x.shape[1] else mean.clone()
     else:
         mean, var = mean.to(acc), var.to(acc)
     z = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
@@ -90,7 +91,7 @@ def batch_norm_act_reference(x, weight, bias, running_mean, running_var, trainin
     use_batch_stats = training or running_mean is None
     y, mean, var = _reference_core(x, weight, bias, running_mean, running_var, use_batch_stats, eps, spec, alpha)
     if use_batch_stats and running_mean is not None and training:
-        count = x.numel() // x.shape[1]
+        count = math.prod(x.shape[:1] + x.shape[2:])  # values per channel
         _update_running_stats_reference(running_mean, running_var, mean.detach(), var.detach(), count,
                                         momentum, num_batches_tracked)
     return y
@@ -333,12 +334,19 @@ def _(running_mean, running_var, batch_mean, batch_var, count, momentum, num_bat
 # Public API: validation and dispatch.
 # ---------------------------------------------------------------------------------------------
 
-def _check_channel_vector(name: str, t, c: int) -> None:
+def _check_channel_vector(name: str, t, x: torch.Tensor) -> None:
     if t is None:
         return
     tensor_arg(name, t)
+    c = x.shape[1]
     if t.dim() != 1 or t.shape[0] != c:
         raise ValueError(f"{name} must have shape ({c},) (one value per channel of x), got {tuple(t.shape)}")
+    # As torch's BatchNorm: x's dtype, or float32 beside bfloat16 / float16 x (a model kept in float32
+    # under autocast). Any other pairing would be computed silently at some other precision. (Running
+    # statistics may be kept in any floating dtype: they are updated in their own.)
+    if name in ("weight", "bias") and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+        allowed = "float32 or " + str(x.dtype) if x.dtype in (torch.bfloat16, torch.float16) else str(x.dtype)
+        raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; expected {allowed}")
 
 
 def _normalise_layout(x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +382,7 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError(f"x must have shape (N, C), (N, C, L) or (N, C, H, W), got {tuple(x.shape)}")
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(name, t, c)
+        _check_channel_vector(name, t, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None, got "
                          f"running_mean={'None' if running_mean is None else 'a tensor'}, "
@@ -398,7 +406,7 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError(f"momentum must be a finite number or None, got {momentum!r}")
     spec, alpha = resolve_act(act, alpha)
     use_batch_stats = training or running_mean is None
-    count = x.numel() // c if c > 0 else 0
+    count = math.prod(x.shape) // c if c > 0 else math.prod(x.shape[:1] + x.shape[2:])  # values per channel
     if use_batch_stats and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     impl = resolve_impl("batch_norm_act", impl, device)
