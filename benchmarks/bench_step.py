@@ -31,6 +31,10 @@ PROBLEMS = common.problems(DEVICE)
 # One timed call runs this many steps, then synchronises: on CUDA a sync per step would stall the
 # host-side launch pipeline that eager PyTorch relies on; CUDA events time the same calls.
 STEPS_PER_ROUND = 10 if DEVICE.type == "cuda" else 1
+# Untimed rounds before each contender's timed round (common.paired_step_times): on CPU one step, so that
+# the timed step finds its state in cache as the next step of a training loop does; a CUDA round's ten
+# steps already do.
+WARM_ROUNDS = 0 if DEVICE.type == "cuda" else 1
 # Time for the interleaved rounds per problem (more rounds narrow the ratios on a noisy machine).
 PAIRED_BUDGET_S = float(os.environ.get("FASTGAN_BENCH_PAIRED_BUDGET_S", 30.0 if DEVICE.type == "cpu" else 10.0))
 CHECK_STEPS = 3
@@ -66,10 +70,10 @@ class ProblemRun:
         if enabled:
             per_round = sum(common.median_step_time(c, self.inputs, steps=2) for c in contenders.values())
             rounds = int(os.environ.get("FASTGAN_BENCH_PAIRED_ROUNDS", 0)) or \
-                max(7, min(51, int(PAIRED_BUDGET_S / max(per_round * STEPS_PER_ROUND, 1e-9))))
+                max(7, min(51, int(PAIRED_BUDGET_S / max(per_round * STEPS_PER_ROUND * (1 + WARM_ROUNDS), 1e-9))))
         else:
             rounds = 1
-        times = common.paired_step_times(contenders, self.inputs, rounds, STEPS_PER_ROUND)
+        times = common.paired_step_times(contenders, self.inputs, rounds, STEPS_PER_ROUND, warm=WARM_ROUNDS)
         self.paired = {n: statistics.median(t) for n, t in times.items()}
         self.paired_rounds = rounds
         # spread of fastgan's per-round speed-up over each contender: (25th, 50th, 75th percentile)

@@ -513,13 +513,17 @@ def prepare(build: Callable[[], Contender], inputs: InputSets, steps: int = 3,
 
 
 def paired_step_times(contenders: dict[str, Contender], inputs: InputSets, rounds: int,
-                      steps_per_round: int = 1) -> dict[str, list[float]]:
+                      steps_per_round: int = 1, warm: int = 0) -> dict[str, list[float]]:
     """Per-step wall times of every contender, measured interleaved: each round runs every contender
-    once (``steps_per_round`` steps, then a device sync), in an order rotated from round to round.
+    once (``steps_per_round`` steps, then a device sync), in an order rotated from round to round,
+    each contender's timed steps preceded by ``warm`` untimed rounds of its own.
 
     On a shared or throttling machine, load drifts over the minutes a benchmark file takes; timing
     contenders one after another lets that drift decide their ratio. Interleaved rounds expose all of
-    them to the same conditions, so the ratio of their medians is a paired comparison.
+    them to the same conditions, so the ratio of their medians is a paired comparison. Without warm
+    rounds, a single timed CPU step starts after the other contenders have pushed its parameters,
+    gradients and optimizer state out of the caches, which a training loop (the same step again and
+    again) never does; on CPU pass ``warm=1`` to time the step a loop runs.
     """
     device = inputs[0][0].device
 
@@ -531,7 +535,7 @@ def paired_step_times(contenders: dict[str, Contender], inputs: InputSets, round
         return run
 
     synchronize(device)
-    times = interleaved_times({n: round_of(c) for n, c in contenders.items()}, rounds)
+    times = interleaved_times({n: round_of(c) for n, c in contenders.items()}, rounds, warm=warm)
     return {n: [t / steps_per_round for t in ts] for n, ts in times.items()}
 
 
