@@ -107,6 +107,29 @@ def test_tensor_files(tmp_path):
     assert load_data(str(tmp_path / "p.pt")).kind == "images"
 
 
+def test_tensor_file_big_endian_npy(tmp_path):
+    # a valid .npy in non-native byte order (written on another machine) was 'cannot read'
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.save(tmp_path / "be.npy", values.astype(">f4"))
+    assert torch.equal(load_tensor_file(tmp_path / "be.npy"), torch.from_numpy(values))
+    np.save(tmp_path / "be8.npy", (values * 20).astype(">i8").reshape(4, 3))
+    assert torch.equal(load_tensor_file(tmp_path / "be8.npy"), torch.from_numpy(values * 20))
+
+
+def test_tensor_file_is_plain_data(tmp_path):
+    # a tensor saved with requires_grad (or as a Parameter) came back as a leaf requiring grad
+    values = torch.randn(6, 3)
+    torch.save(values.clone().requires_grad_(), tmp_path / "grad.pt")
+    torch.save(torch.nn.Parameter(values.clone()), tmp_path / "param.pt")
+    # a sparse tensor was a NotImplementedError from isfinite; its samples are the dense ones
+    torch.save(values.to_sparse(), tmp_path / "sparse.pt")
+    for name in ("grad.pt", "param.pt", "sparse.pt"):
+        data = load_tensor_file(tmp_path / name)
+        assert data.layout == torch.strided
+        assert type(data) is torch.Tensor and not data.requires_grad
+        assert torch.equal(data, values)
+
+
 def test_tensor_file_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_tensor_file(tmp_path / "missing.npy")
@@ -116,6 +139,10 @@ def test_tensor_file_errors(tmp_path):
     torch.save({"x": torch.zeros(3, 2)}, tmp_path / "dict.pt")
     with pytest.raises(DataError, match="dict.pt holds a dict"):
         load_tensor_file(tmp_path / "dict.pt")
+    np.savez(tmp_path / "archive.npz", x=np.zeros((3, 2)))
+    (tmp_path / "archive.npz").rename(tmp_path / "archive.npy")
+    with pytest.raises(DataError, match="archive.npy is an .npz archive"):
+        load_tensor_file(tmp_path / "archive.npy")
     np.save(tmp_path / "flat.npy", np.zeros(5, dtype=np.float32))
     with pytest.raises(DataError, match=r"shape \(5,\)"):
         load_tensor_file(tmp_path / "flat.npy")
@@ -158,6 +185,29 @@ def test_image_folder_pixel_scaling(tmp_path):
     images = load_image_folder(tmp_path / "f", 8)
     assert torch.equal(images[0], -torch.ones(1, 8, 8))  # sorted: black.png first
     assert torch.equal(images[1], torch.ones(1, 8, 8))
+
+
+def test_image_folder_16_bit_greyscale_is_rescaled(tmp_path):
+    from PIL import Image
+    tmp_path.joinpath("f").mkdir()
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "f" / "a.png")  # opens as I;16
+    # a 16-bit PGM opens as mode I
+    (tmp_path / "f" / "b.pgm").write_bytes(b"P5\n16 16\n65535\n" + ramp.astype(">u2").tobytes())
+    images = load_image_folder(tmp_path / "f", 16)
+    expected = torch.from_numpy(ramp / 65535.0 * 2 - 1).float()
+    assert images.shape == (2, 1, 16, 16)
+    # was clipped at 255 of 65535: nearly all white (mean 0.99 instead of 0)
+    for image in images:
+        assert torch.allclose(image[0], expected, atol=1 / 127.5)
+    # 32-bit integer images have no known range: 0..255 reads as 8-bit, wider values are an error
+    # naming the file, not clipped
+    tmp_path.joinpath("g").mkdir()
+    Image.fromarray(np.full((8, 8), 255, dtype=np.int32)).save(tmp_path / "g" / "byte.tif")
+    assert torch.equal(load_image_folder(tmp_path / "g", 8), torch.ones(1, 1, 8, 8))
+    Image.fromarray(np.full((8, 8), 300, dtype=np.int32)).save(tmp_path / "g" / "wide.tif")
+    with pytest.raises(DataError, match=r"wide.tif has I pixels in \[300, 300\]; expected 8-bit"):
+        load_image_folder(tmp_path / "g", 8)
 
 
 def test_image_folder_errors(tmp_path):

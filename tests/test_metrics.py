@@ -110,6 +110,11 @@ def test_mode_metrics_errors():
         mode_metrics(torch.zeros(5, 2), torch.zeros(3, 3), 0.01)
     with pytest.raises(ValueError, match="std"):
         mode_metrics(torch.zeros(5, 2), ring8().modes, 0.0)
+    with pytest.raises(ValueError, match="modes must hold"):
+        mode_metrics(torch.zeros(5, 2), torch.zeros(0, 2), 0.01)  # was an IndexError from min()
+    for threshold in (float("nan"), -3.0):  # were accepted: no sample high-quality, silently
+        with pytest.raises(ValueError, match="threshold"):
+            mode_metrics(torch.zeros(5, 2), ring8().modes, 0.01, threshold=threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +141,20 @@ def test_frechet_distance_matches_scipy_on_correlated_features():
     covmean = scipy_linalg.sqrtm(ca @ cb).real
     expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * covmean)
     assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_exact_for_singular_covariances():
+    # Rank-1 features in 64-d (a collapsed generator, dead ReLU units): the distance is that of the
+    # 1-d Gaussians along w, (Δμ)² + (σa − σb)², while 63 eigenvalues of each covariance are zero.
+    # Square roots of their rounding noise (±eps) once summed to a 2.5% error here, different each way.
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=64)
+    w /= np.linalg.norm(w)
+    za, zb = rng.normal(size=5000), rng.normal(size=5000)
+    expected = (za.mean() - zb.mean()) ** 2 + (za.std(ddof=1) - zb.std(ddof=1)) ** 2
+    a, b = torch.from_numpy(np.outer(za, w)), torch.from_numpy(np.outer(zb, w))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(b, a) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_errors_and_nonfinite():
@@ -200,6 +219,19 @@ def test_classifier_cache_survives_a_corrupt_file(tmp_path, monkeypatch):
     assert len(retrained) == 2
 
 
+def test_classifier_cache_write_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import fastgan.metrics.digits as digits_module
+    monkeypatch.setattr(digits_module, "train_digits_classifier", lambda images, labels: DigitsClassifier().eval())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(digits_module.os, "replace", disk_full)
+    with pytest.warns(UserWarning, match="could not cache"):
+        assert isinstance(load_digits_classifier(cache=tmp_path), DigitsClassifier)
+    assert list(tmp_path.iterdir()) == []  # the .tmp file was left behind
+
+
 def test_digits_metrics_on_real_heldout_digits(classifier):
     _, heldout = load_digits_splits()
     m = digits_metrics(heldout.images, classifier)
@@ -240,3 +272,20 @@ def test_digits_metrics_accepts_flat_and_rejects_wrong_shapes(classifier):
         digits_metrics(torch.zeros(4, 3, 8, 8), classifier)
     with pytest.raises(ValueError, match="at least 2"):
         digits_metrics(torch.zeros(1, 64), classifier)
+    with pytest.raises(ValueError, match="at least 2"):
+        digits_metrics(torch.zeros(0, 1, 8, 8), classifier)  # was an IndexError from samples[0]
+
+
+def test_digits_metrics_nonfinite_samples_count_in_no_class(classifier):
+    # a diverged generator's NaN samples were all counted as class 0 (a class covered)
+    _, heldout = load_digits_splits()
+    sevens = heldout.images[heldout.labels == 7]
+    broken = torch.full((len(sevens), 1, 8, 8), float("nan"))
+    m = digits_metrics(torch.cat([sevens, broken]), classifier)
+    assert m.num_samples == 2 * len(sevens)
+    assert m.class_counts == digits_metrics(sevens, classifier).class_counts  # the NaNs add to no class
+    assert m.class_counts[0] == 0
+    assert math.isnan(m.mean_confidence) and m.frechet_distance == float("inf")
+    d = m.as_dict()
+    assert d["mean_confidence"] is None and d["frechet_distance"] is None  # strict JSON
+    assert digits_metrics(broken, classifier).classes_covered == 0

@@ -32,7 +32,12 @@ def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            data = torch.from_numpy(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # an .npz archive (an open NpzFile) under a .npy name
+                array.close()
+                raise DataError(f"--data: {path} is an .npz archive; expected one array saved with np.save")
+            # torch.from_numpy refuses non-native byte order (a valid .npy written on another machine)
+            data = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
         elif suffix in (".pt", ".pth"):
             data = torch.load(path, map_location="cpu", weights_only=True)
         else:
@@ -43,6 +48,11 @@ def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"--data: cannot read {path}: {exc}") from exc
     if not isinstance(data, torch.Tensor):
         raise DataError(f"--data: {path} holds a {type(data).__name__}, expected one tensor of samples")
+    # a saved Parameter or a tensor saved with requires_grad: samples are data, not a graph leaf that
+    # D's backward would fill with a dataset-sized .grad
+    data = data.detach()
+    if data.layout != torch.strided:  # sparse samples: training indexes and stacks dense batches
+        data = data.to_dense()
     if data.dim() < 2 or data.shape[0] < 1 or data.numel() == 0:
         raise DataError(f"--data: {path} has shape {tuple(data.shape)}; expected (samples, features...) "
                         "with at least one sample")
@@ -77,12 +87,13 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     if not files:
         raise DataError(f"--data: folder {path} contains no image files "
                         f"(looked for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.bmp', '.gif'}))} ...)")
-    images, unreadable = [], []
+    images, formats, unreadable = [], [], []
     for file in files:
         try:
             with Image.open(file) as image:
                 image.load()
-                images.append(image.copy())
+                images.append(image.copy())  # (a copy has no format: keep it beside)
+                formats.append(image.format)
         except Exception as exc:  # Pillow raises several types for broken files
             unreadable.append(f"{file} ({type(exc).__name__}: {exc})")
     if unreadable:
@@ -90,10 +101,22 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> torch.Tensor:
         more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
         raise DataError(f"--data: {len(unreadable)} of {len(files)} image files in {path} "
                         f"cannot be read:\n  {shown}{more}")
-    greyscale = all(image.mode in ("1", "L", "LA", "I", "I;16", "F") for image in images)
+    greyscale = all(image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16") for image in images)
     mode = "L" if greyscale else "RGB"
     arrays = []
-    for image in images:
+    for file, image, file_format in zip(files, images, formats):
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            # 16-bit greyscale (PNG, TIFF: I;16; a 16-bit PGM: I): Pillow's convert to L / RGB clips at 255
+            # instead of rescaling, which turned such images white; map 0..65535 to 0..255 ourselves.
+            # Other 32-bit integer images (a TIFF of int32) have no known range: 0..255 is taken as 8-bit
+            # (Pillow's conversion), anything else is refused rather than clipped.
+            sixteen_bit = image.mode != "I" or file_format == "PPM"
+            pixels = np.asarray(image)
+            if pixels.min() < 0 or pixels.max() > (65535 if sixteen_bit else 255):
+                raise DataError(f"--data: {file} has {image.mode} pixels in [{pixels.min()}, {pixels.max()}]; "
+                                f"expected {'16' if sixteen_bit else '8'}-bit values")
+            if sixteen_bit:
+                image = Image.fromarray(np.round(pixels / 257.0).astype(np.uint8))
         if image.mode in ("RGBA", "LA", "P"):
             # Composite transparency over white instead of letting it turn black.
             rgba = image.convert("RGBA")

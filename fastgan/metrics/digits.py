@@ -90,12 +90,16 @@ def load_digits_classifier(cache: str | os.PathLike | None = None) -> DigitsClas
         except Exception as exc:  # a truncated or foreign file: retrain and overwrite it
             warnings.warn(f"ignoring unreadable cached digits classifier {path}: {exc}", stacklevel=2)
     model = train_digits_classifier(train.images, train.labels)
+    temporary = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+            temporary = handle.name
             torch.save(model.state_dict(), handle)
-        os.replace(handle.name, path)  # atomic: concurrent runs never read half a file
+        os.replace(temporary, path)  # atomic: concurrent runs never read half a file
     except OSError as exc:
+        if temporary is not None:  # a full disk must not also leave half a file behind
+            Path(temporary).unlink(missing_ok=True)
         warnings.warn(f"could not cache the digits classifier in {directory}: {exc}", stacklevel=2)
     return model
 
@@ -106,7 +110,8 @@ class DigitsMetrics:
 
     * ``classes_covered``: classes (of 10) predicted for at least ``COVERED_MIN_SHARE`` of samples.
     * ``kl_from_uniform``: KL(predicted-class histogram ‖ uniform over 10), nats; 0 is even.
-    * ``mean_confidence``: mean of the classifier's top softmax probability.
+    * ``mean_confidence``: mean of the classifier's top softmax probability (NaN when a sample is
+      not finite; such samples count in no class).
     * ``frechet_distance``: between penultimate features of the samples and of the held-out split.
     * ``frechet_floor``: the same distance between the real training and held-out splits.
     """
@@ -123,7 +128,7 @@ class DigitsMetrics:
     def as_dict(self) -> dict:
         out = asdict(self)
         out["class_counts"] = list(self.class_counts)
-        for key in ("kl_from_uniform", "frechet_distance", "frechet_floor"):
+        for key in ("kl_from_uniform", "mean_confidence", "frechet_distance", "frechet_floor"):
             if not math.isfinite(out[key]):
                 out[key] = None  # strict JSON has no NaN / inf
         return out
@@ -132,7 +137,8 @@ class DigitsMetrics:
 @torch.no_grad()
 def digits_metrics(samples: torch.Tensor, classifier: DigitsClassifier | None = None) -> DigitsMetrics:
     """Score generated digits ``(n, 1, 8, 8)`` or ``(n, 64)`` in [-1, 1] (n ≥ 2)."""
-    if not isinstance(samples, torch.Tensor) or samples.dim() < 2 or samples[0].numel() != 64:
+    # the size of one sample from the shape, not samples[0], which does not exist when n = 0
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 2 or math.prod(samples.shape[1:]) != 64:
         raise ValueError(f"samples must be (n, 1, 8, 8) or (n, 64) digits, got {getattr(samples, 'shape', samples)}")
     if samples.shape[0] < 2:
         raise ValueError("samples must hold at least 2 digits")
@@ -142,7 +148,9 @@ def digits_metrics(samples: torch.Tensor, classifier: DigitsClassifier | None = 
     features = classifier.features(x)
     probabilities = torch.softmax(classifier.head(features), dim=1)
     confidence, predicted = probabilities.max(dim=1)
-    counts = torch.bincount(predicted, minlength=NUM_CLASSES)
+    # a non-finite sample is no digit: max() would report it as class 0 (the index of its first NaN)
+    classified = torch.isfinite(probabilities).all(dim=1)
+    counts = torch.bincount(predicted[classified], minlength=NUM_CLASSES)
     heldout_features = classifier.features(heldout.images)
     heldout_accuracy = (classifier.head(heldout_features).argmax(1) == heldout.labels).float().mean()
     return DigitsMetrics(

@@ -5,9 +5,17 @@ import numpy as np
 import torch
 
 
+def _zero_below_rank(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric PSD matrix with those below its numerical-rank tolerance (as in
+    ``np.linalg.matrix_rank``) set to 0: eigh returns the zero eigenvalues of a singular covariance as
+    ±eps·max, whose square roots (≈ 1e-8·max each) would otherwise add up to a visible error."""
+    tolerance = values.max(initial=0.0) * values.shape[0] * np.finfo(np.float64).eps
+    return np.where(values > tolerance, values, 0.0)
+
+
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    return (vectors * np.sqrt(_zero_below_rank(values))) @ vectors.T
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
@@ -30,6 +38,6 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     sqrt_a = _sqrt_psd(cov_a)
     middle = sqrt_a @ cov_b @ sqrt_a
     middle = (middle + middle.T) / 2  # remove rounding asymmetry before eigvalsh
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(middle), 0.0, None)).sum()
+    trace_sqrt = np.sqrt(_zero_below_rank(np.linalg.eigvalsh(middle))).sum()
     distance = float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt)
     return max(distance, 0.0)

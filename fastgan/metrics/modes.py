@@ -70,8 +70,12 @@ def mode_metrics(samples: torch.Tensor, modes: torch.Tensor, std: float,
         raise ValueError(f"modes must be a (K, {samples.shape[1]}) tensor, got {getattr(modes, 'shape', modes)}")
     if samples.shape[0] < 1:
         raise ValueError("samples must hold at least one sample")
+    if modes.shape[0] < 1:
+        raise ValueError("modes must hold at least one mode")
     if not std > 0:
         raise ValueError(f"std must be positive, got {std}")
+    if not threshold > 0:  # a NaN or negative threshold would silently make no sample high-quality
+        raise ValueError(f"threshold must be positive, got {threshold}")
     samples = samples.detach().to("cpu", torch.float64)
     modes = modes.detach().to("cpu", torch.float64)
     distances = torch.cdist(samples, modes)  # (n, K)
