@@ -23,7 +23,8 @@ def _image_suffixes() -> set[str]:
 def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
     """Samples from a ``.npy`` or ``.pt`` file as float32, first dimension = samples.
 
-    uint8 data (e.g. raw pixels) is scaled from [0, 255] to [-1, 1]; float data is used as stored.
+    uint8 data (e.g. raw pixels) is scaled from [0, 255] to [-1, 1]; float and other integer data is used
+    as stored.
     ``(N, H, W)`` arrays are read as one-channel images ``(N, 1, H, W)``.
     """
     path = Path(path)
@@ -61,7 +62,7 @@ def load_tensor_file(path: str | os.PathLike) -> torch.Tensor:
     elif data.is_floating_point() or data.dtype in (torch.int16, torch.int32, torch.int64, torch.int8):
         data = data.float()
     else:
-        raise DataError(f"--data: {path} has dtype {data.dtype}; expected floating point or uint8")
+        raise DataError(f"--data: {path} has dtype {data.dtype}; expected a floating-point or integer dtype")
     if not torch.isfinite(data).all():
         raise DataError(f"--data: {path} contains NaN or infinite values")
     if data.dim() == 3:
