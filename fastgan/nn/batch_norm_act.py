@@ -12,22 +12,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastgan.ops.activations import resolve_act
-from fastgan._dispatch import check_impl
-from fastgan.nn.layers import _adopt
+from fastgan.nn.layers import _ActMixin, _adopt
 from fastgan.ops.batch_norm_act import batch_norm_act
 
 
-class _BatchNormActMixin:
+class _BatchNormActMixin(_ActMixin):
     """forward() of nn.BatchNorm (same training / running-statistics logic) through the fused op."""
 
     _torch_base: type = nn.modules.batchnorm._BatchNorm
-
-    def _init_act(self, act: str, alpha: Optional[float], impl: str) -> None:
-        spec, alpha_value = resolve_act(act, alpha)  # validates early, at construction
-        self.act = spec.name
-        self.alpha = alpha_value
-        self.impl = check_impl(impl)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -48,7 +40,7 @@ class _BatchNormActMixin:
                               num_batches_tracked=num_batches_tracked)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", act={self.act!r}, alpha={self.alpha}"
+        return f"{super().extra_repr()}, {self._act_repr()}"  # alpha only where the activation has one
 
     @classmethod
     def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm, act: str = "linear",
@@ -61,8 +53,14 @@ class _BatchNormActMixin:
         # All of bn's state -- its parameter and buffer objects, and whatever else the instance carries
         # (extra buffers, non-persistent flags, hooks) -- as the fused linear and conv layers adopt theirs.
         module = _adopt(cls, bn)
-        module._init_act(act, alpha, impl)
+        module._set_act(act, alpha, impl)
         return module
+
+
+def _bias_kwarg(bias: bool) -> dict:
+    """nn.BatchNorm's keyword-only ``bias`` (affine weight without a shift), passed only when False:
+    torch versions before it keep working with the default, and refuse bias=False themselves."""
+    return {} if bias else {"bias": False}
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
@@ -72,9 +70,10 @@ class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, act: str = "linear",
-                 alpha: Optional[float] = None, impl: str = "auto") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self._init_act(act, alpha, impl)
+                 alpha: Optional[float] = None, impl: str = "auto", *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **_bias_kwarg(bias))
+        self._set_act(act, alpha, impl)
 
 
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
@@ -85,6 +84,7 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, act: str = "linear",
-                 alpha: Optional[float] = None, impl: str = "auto") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self._init_act(act, alpha, impl)
+                 alpha: Optional[float] = None, impl: str = "auto", *, bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **_bias_kwarg(bias))
+        self._set_act(act, alpha, impl)

@@ -93,6 +93,11 @@ class BiasAct(_ActMixin, nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def reset_parameters(self) -> None:
+        """The bias back to its initial zeros (what re-initialising a model calls on each module)."""
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         return bias_act(x, self.bias, self.dim, self.act, self.alpha, self.gain, self.clamp, impl=self.impl)
 
@@ -116,21 +121,20 @@ class _ConvActMixin(_ActMixin):
         fused._set_act(act, alpha, impl)
         return fused
 
-    def _bias_in_conv(self, input: Tensor) -> bool:
+    def _bias_in_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         """Whether the convolution adds the bias itself: when it computes in bfloat16 / float16
         (under autocast, which casts the bias with x and weight as for torch's conv, or not). There
         the conv adds the bias to its float32 accumulator before its one rounding, as torch's conv;
         added afterwards by bias_act it would meet an already rounded output: a second rounding,
         which flips relu kinks of outputs near 0 (more often than torch's) and so moves gradients.
         In float32 / float64 bias_act adds it, fused with the activation."""
-        if self.bias is None:
+        if bias is None:
             return False
         low = autocast_dtype(input.device.type)
-        dtype = low if low is not None and self.weight.dtype != torch.float64 else self.weight.dtype
+        dtype = low if low is not None and weight.dtype != torch.float64 else weight.dtype
         return dtype in (torch.bfloat16, torch.float16)
 
-    def _bias_act(self, y: Tensor, bias_in_conv: bool) -> Tensor:
-        bias = None if bias_in_conv else self.bias
+    def _bias_act(self, y: Tensor, bias: Tensor | None) -> Tensor:
         if y.dim() == len(self.kernel_size) + 1:
             # An unbatched input ((C, L), (C, H, W), ...), which torch's convolutions accept: channels on dim 0.
             return bias_act(y, bias, 0, self.act, self.alpha, impl=self.impl)
@@ -157,14 +161,19 @@ def _conv_act_class(base: type, doc: str) -> type:
             spatial = len(self.kernel_size)
             output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
                                                   spatial, self.dilation)
-            in_conv = self._bias_in_conv(input)
-            y = fn(input, self.weight, self.bias if in_conv else None, self.stride, self.padding, output_padding,
+            # Each read of a parametrized weight runs its parametrization (spectral_norm: a power
+            # iteration that updates u and v in training): one read per forward, as torch's conv.
+            weight, bias = self.weight, self.bias
+            in_conv = self._bias_in_conv(input, weight, bias)
+            y = fn(input, weight, bias if in_conv else None, self.stride, self.padding, output_padding,
                    self.groups, self.dilation)
-            return self._bias_act(y, in_conv)
+            return self._bias_act(y, None if in_conv else bias)
     else:
         def forward(self, input: Tensor) -> Tensor:
-            in_conv = self._bias_in_conv(input)
-            return self._bias_act(self._conv_forward(input, self.weight, self.bias if in_conv else None), in_conv)
+            weight, bias = self.weight, self.bias  # one read each (see the transposed forward above)
+            in_conv = self._bias_in_conv(input, weight, bias)
+            y = self._conv_forward(input, weight, bias if in_conv else None)
+            return self._bias_act(y, None if in_conv else bias)
 
     name = base.__name__ + "Act"
     return type(name, (_ConvActMixin, base), {"__init__": __init__, "forward": forward, "__doc__": doc, "_base": base,
