@@ -230,6 +230,28 @@ def test_empty_input_in_eval_mode(impl, shape):
     assert dx.shape == x.shape and torch.equal(dw, torch.zeros(c)) and torch.equal(db, torch.zeros(c))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(0, 5, 3, 3), (0, 5), (2, 5, 0, 3)])
+def test_empty_batch_in_training_mode(impl, shape):
+    """No values per channel in training: as nn.BatchNorm, an empty output, zero gradients, the running
+    statistics untouched (batch statistics of nothing are 0 / 0) and num_batches_tracked counted."""
+    x = torch.randn(shape, requires_grad=True)
+    fused = (BatchNormAct2d if len(shape) == 4 else BatchNormAct1d)(5, act="lrelu", impl=impl)
+    plain = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(5)
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.weight.uniform_(0.5, 1.5)
+            m.running_mean.uniform_(-1, 1)
+    plain.load_state_dict(fused.state_dict())
+    y, expected = fused(x), F.leaky_relu(plain(x.detach()), 0.2)
+    assert y.shape == expected.shape == shape
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, fused.weight, fused.bias))
+    assert dx.shape == shape and torch.equal(dw, torch.zeros(5)) and torch.equal(db, torch.zeros(5))
+    for name, value in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[name], value), name
+    assert int(fused.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_split_finishing_and_counters(layout, triton_path, monkeypatch):
     """The split path's last program per block of channels sums every split's partial rows (here more

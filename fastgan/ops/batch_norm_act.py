@@ -407,9 +407,15 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     spec, alpha = resolve_act(act, alpha)
     use_batch_stats = training or running_mean is None
     count = math.prod(x.shape) // c if c > 0 else math.prod(x.shape[:1] + x.shape[2:])  # values per channel
-    if use_batch_stats and count <= 1:
+    if use_batch_stats and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     impl = resolve_impl("batch_norm_act", impl, device)
+    if count == 0 and c > 0:
+        # No values (N = 0, or an empty map): an empty result with zero gradients, the running statistics
+        # untouched, as nn.BatchNorm gives (batch statistics of nothing would be 0 / 0).
+        acc = _acc_dtype(x.dtype)
+        return _reference_core(x, weight, bias, x.new_zeros(c, dtype=acc), x.new_ones(c, dtype=acc), False, eps,
+                               spec, alpha)[0]
     if impl == "ref":
         return batch_norm_act_reference(x, weight, bias, running_mean, running_var, training, momentum, eps,
                                         act, alpha, num_batches_tracked=num_batches_tracked)
