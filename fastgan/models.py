@@ -131,6 +131,8 @@ def build_models(model: str, sample_shape: tuple[int, ...], *, latent_dim: int, 
     ``width``: hidden units per MLP layer (default 256; 128 for 2-D data), or the DCGAN base channels
     (default 64). ``bounded``: the generator ends in tanh (data in [-1, 1]).
     """
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"width must be a positive integer or None (the default), got {width!r}")
     if model == "mlp":
         size = width or (128 if math.prod(sample_shape) <= 2 else 256)
         hidden = (size, size) if math.prod(sample_shape) > 2 else (size, size, size)

@@ -21,6 +21,8 @@ def _pyplot():
 def image_grid(images: torch.Tensor, columns: int | None = None, pad: int = 1, pad_value: float = 1.0) -> np.ndarray:
     """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(rows·(H+pad), cols·(W+pad)[, 3])`` array in
     [0, 1], separated by ``pad`` pixels of ``pad_value``."""
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got {tuple(images.shape)}")
     images = images.detach().to("cpu", torch.float32).clamp(-1, 1)
     n, channels, height, width = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
@@ -85,8 +87,10 @@ def save_samples(path: str | os.PathLike, samples: torch.Tensor, *, modes: torch
     if title:
         axis.set_title(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    finally:  # a failed write (full disk, bad path) must not leave the figure open in pyplot's registry
+        plt.close(figure)
 
 
 # (panel title, [(history key, label)], reference lines)
@@ -125,5 +129,7 @@ def save_training(path: str | os.PathLike, history: Mapping[str, Sequence[float]
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    finally:  # a failed write (full disk, bad path) must not leave the figure open in pyplot's registry
+        plt.close(figure)
