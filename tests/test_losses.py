@@ -9,6 +9,7 @@ from fastgan.ops import d_loss, g_loss, LOSS_KINDS
 
 IMPLS = ["ref", "cpu", "triton"]
 KINDS = list(LOSS_KINDS)
+DLOSS_FIELDS = ("loss", "value", "jsd", "d_real", "d_fake")  # the order of expected_d's stats
 # 1, 7, 1000 and one larger than any block size of the kernels (Triton: 4096 per program).
 SIZES = [1, 7, 1000, 4096 * 2 + 5]
 
@@ -120,16 +121,18 @@ def test_dtypes_accumulate_in_float32_and_return_input_dtype_grads(impl, dtype, 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_gradients_under_a_loss_scale(impl, dtype):
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_low_precision_gradients_under_a_loss_scale(impl, dtype, create_graph):
     """Mixed precision: fp16 / bf16 logits, the loss scaled by GradScaler's starting 65536 before backward.
     d loss / d logit (~1/n) is kept in float32 and scaled there: in fp16 the scale alone is inf, and
     1/n for a large batch rounds into fp16's subnormals (percent errors). Each gradient must be the
-    exact one to within the logits' dtype's rounding."""
+    exact one to within the logits' dtype's rounding -- under create_graph (a penalty on the gradient
+    under mixed precision) too, where the gradient is recomputed differentiably."""
     n, scale = 65536, 65536.0
     r, f = logits(n, dtype).requires_grad_(), logits(n, dtype).requires_grad_()
     out = d_loss(r, f, "nonsaturating", impl=impl)
-    got_r, got_f = torch.autograd.grad(out.loss * scale, (r, f))
-    (got_g,) = torch.autograd.grad(g_loss(f, "nonsaturating", impl=impl) * scale, (f,))
+    got_r, got_f = torch.autograd.grad(out.loss * scale, (r, f), create_graph=create_graph)
+    (got_g,) = torch.autograd.grad(g_loss(f, "nonsaturating", impl=impl) * scale, (f,), create_graph=create_graph)
     _, gr, gf = expected_d(r.detach(), f.detach(), "nonsaturating")
     _, gg = expected_g(f.detach(), "nonsaturating")
     info = torch.finfo(dtype)
@@ -140,6 +143,7 @@ def test_low_precision_gradients_under_a_loss_scale(impl, dtype):
         bound = (info.eps / 2) * torch.maximum(exact.abs(), torch.full_like(exact, info.smallest_normal))
         excess = ((got.double() - exact).abs() / bound).max()
         assert excess <= 1.0, f"{impl} {dtype}: a gradient is off by {excess:.3g} times its rounding"
+        assert got.requires_grad == create_graph
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -158,6 +162,42 @@ def test_extreme_logits_stay_finite(impl, kind):
     (grad,) = torch.autograd.grad(loss, f)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     close(loss, expected_g(f.detach(), kind)[0], 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_confident_discriminator_small_losses_keep_their_relative_accuracy(impl, dtype):
+    """A D that tells real from fake (|logits| ~ 8..9) has log-D losses of ~1e-4: they keep the relative
+    accuracy of their dtype (log(1 + e) in float32 rounds away e's low digits: 5e-4 errors)."""
+    r = torch.linspace(8.0, 9.0, 50, dtype=dtype)
+    f = -torch.linspace(8.2, 9.1, 37, dtype=dtype)
+    out = d_loss(r, f, "nonsaturating", impl=impl)
+    stats, _, _ = expected_d(r, f, "nonsaturating")
+    rtol = tol(dtype)
+    for name in ("loss", "value", "d_fake"):  # each of size ~1e-4
+        torch.testing.assert_close(getattr(out, name).double(), stats[DLOSS_FIELDS.index(name)], rtol=rtol, atol=0)
+    for kind, x in (("nonsaturating", -f), ("minimax", f)):  # G's loss where G fools D
+        torch.testing.assert_close(g_loss(x, kind, impl=impl).double(), expected_g(x, kind)[0], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["minimax", "nonsaturating"])
+def test_float64_logits_beyond_twenty_keep_float64_accuracy(impl, kind):
+    """softplus(x) = x + log1p(exp(-x)) is not x beyond x = 20 in float64 (torch's F.softplus default
+    threshold, a float32 cut-off): the last term is 2e-9, and sigmoid(x) is 1 - 2e-9."""
+    r = torch.linspace(-40.0, 40.0, 23, dtype=torch.float64).requires_grad_()
+    f = torch.linspace(-38.0, 38.0, 19, dtype=torch.float64).requires_grad_()
+    out = d_loss(r, f, kind, impl=impl)
+    stats, gr, gf = expected_d(r.detach(), f.detach(), kind)
+    close(torch.stack(list(out)), stats, tol(torch.float64))
+    got_r, got_f = torch.autograd.grad(out.loss, (r, f))
+    close(got_r, gr, tol(torch.float64), atol_scale=1.0 / 23)
+    close(got_f, gf, tol(torch.float64), atol_scale=1.0 / 19)
+    loss = g_loss(f, kind, impl=impl)
+    exp_loss, exp_grad = expected_g(f.detach(), kind)
+    close(loss, exp_loss, tol(torch.float64))
+    (grad,) = torch.autograd.grad(loss, f)
+    close(grad, exp_grad, tol(torch.float64), atol_scale=1.0 / 19)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -279,6 +319,8 @@ def test_errors_name_the_argument(impl):
         ((good, torch.randn(4, dtype=torch.float64)), "fake_logits"),
         ((torch.arange(4), good), "real_logits"),
         ((good.to(torch.device("meta")), good), "fake_logits"),
+        ((good.to_sparse(), good), "real_logits"),   # not a confusing error from reshape / contiguous
+        ((good, torch.nested.nested_tensor([good, good])), "fake_logits"),
     ]
     for args, name in cases:
         with pytest.raises(ValueError, match=name):

@@ -368,7 +368,11 @@ struct LossBackward : public torch::autograd::Node {
     if (torch::GradMode::is_enabled()) {  // create_graph: differentiable recomputation
       for (size_t i = 0; i < xs.size(); ++i) {
         const bool real = !generator && i == 0;
-        out[i] = (g * side_grad_aten(xs[i], kind, real, generator)).to(xs[i].scalar_type());
+        // In the accumulation dtype, as the fused kernels keep it (see DLossResult): with fp16 logits
+        // type promotion would cast the 0-d g to fp16 (a loss scale of 65536 is inf there), and ~1/n
+        // would round into fp16's subnormals.
+        const auto grad = side_grad_aten(xs[i].to(acc_type_of(xs[i])), kind, real, generator);
+        out[i] = (g * grad).to(xs[i].scalar_type());
       }
       return out;
     }

@@ -39,9 +39,16 @@ class LossKind(NamedTuple):
     g_fake: Callable[[torch.Tensor], torch.Tensor]             # per-sample G loss term on fake logits
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    # F.softplus returns x itself beyond its default threshold 20, a float32 cut-off: in float64
+    # softplus(21) - 21 = 8e-10 and 1 - sigmoid(21) (its gradient) are lost. Beyond 40 both are below
+    # float64's rounding, and exp(40) is finite in float32 too.
+    return F.softplus(x, threshold=40.0)
+
+
 LOSS_KINDS: dict[str, LossKind] = {
-    "minimax": LossKind(0, lambda r: F.softplus(-r), lambda f: F.softplus(f), lambda f: -F.softplus(f)),
-    "nonsaturating": LossKind(1, lambda r: F.softplus(-r), lambda f: F.softplus(f), lambda f: F.softplus(-f)),
+    "minimax": LossKind(0, lambda r: _softplus(-r), lambda f: _softplus(f), lambda f: -_softplus(f)),
+    "nonsaturating": LossKind(1, lambda r: _softplus(-r), lambda f: _softplus(f), lambda f: _softplus(-f)),
     "hinge": LossKind(2, lambda r: F.relu(1 - r), lambda f: F.relu(1 + f), lambda f: -f),
     "wasserstein": LossKind(3, lambda r: -r, lambda f: f, lambda f: -f),
     "least_squares": LossKind(4, lambda r: 0.5 * (r - 1) ** 2, lambda f: 0.5 * f ** 2, lambda f: 0.5 * (f - 1) ** 2),
@@ -94,7 +101,7 @@ def d_loss_reference(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind:
     rf, ff = _finite_part(r), _finite_part(f)
     loss = _poison_nonfinite(spec.d_real(rf).mean() + spec.d_fake(ff).mean(), r, f)
     with torch.no_grad():
-        value = -(F.softplus(-r).mean() + F.softplus(f).mean())
+        value = -(_softplus(-r).mean() + _softplus(f).mean())
         stats = torch.stack([value, (value + LOG4) / 2, torch.sigmoid(r).mean(), torch.sigmoid(f).mean()])
         stats = _poison_nonfinite(stats, r, f)
     return DLoss(loss, stats[0], stats[1], stats[2], stats[3])
@@ -254,6 +261,8 @@ def _loss_kind(kind) -> LossKind:
 
 def _check_logits(name: str, x) -> torch.Tensor:
     tensor_arg(name, x)
+    if x.layout != torch.strided or x.is_nested:  # the kernels read a dense buffer of logits
+        raise ValueError(f"{name} must be a dense tensor, got a {'nested' if x.is_nested else x.layout} one")
     if x.dtype not in _LOGIT_DTYPES:
         raise ValueError(f"{name} must have dtype float32, float64, bfloat16 or float16, got {x.dtype}")
     if not (x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1)):

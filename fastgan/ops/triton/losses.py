@@ -27,11 +27,33 @@ def _reciprocal(n, ACC: tl.constexpr):
 
 
 @triton.jit
-def _softplus_sigmoid(x):
+def _log1p_unit(e, ACC: tl.constexpr):
+    """log1p(e) for e in [0, 1]."""
+    if ACC == tl.float64:
+        # the series where 1 + e would round e away, log otherwise (1e-12 relative at worst)
+        return tl.where(e < 1e-4, e - 0.5 * e * e + e * e * e / 3.0, tl.log(1.0 + e))
+    else:
+        # float32: log(1 + e) keeps only e's digits above 2^-24 (5e-4 relative errors at e ~ 1e-4: the
+        # loss terms of a confident D). 2 atanh(s), s = e / (2 + e) <= 1/3, as the odd series truncated
+        # after s^15 (relative error < 2e-9), as csrc/cpu/vec_math.h's log1p_unit.
+        s = e / (2.0 + e)
+        s2 = s * s
+        t = 1.0 / 15.0
+        t = t * s2 + 1.0 / 13.0
+        t = t * s2 + 1.0 / 11.0
+        t = t * s2 + 1.0 / 9.0
+        t = t * s2 + 1.0 / 7.0
+        t = t * s2 + 1.0 / 5.0
+        t = t * s2 + 1.0 / 3.0
+        t = t * s2 + 1.0
+        return 2.0 * s * t
+
+
+@triton.jit
+def _softplus_sigmoid(x, ACC: tl.constexpr):
     """softplus(x), softplus(-x), sigmoid(x), sigmoid(-x) from one exp(-|x|), stable for any x."""
     e = tl.exp(-tl.abs(x))
-    # log1p(e) for e in [0, 1]: the series where 1 + e would round e away, log otherwise.
-    log_term = tl.where(e < 1e-4, e - 0.5 * e * e + e * e * e / 3.0, tl.log(1.0 + e))
+    log_term = _log1p_unit(e, ACC)
     inv = 1.0 / (1.0 + e)
     pos = x >= 0
     return (tl.where(x > 0, x, 0.0) + log_term, tl.where(x < 0, -x, 0.0) + log_term,
@@ -39,9 +61,9 @@ def _softplus_sigmoid(x):
 
 
 @triton.jit
-def _d_terms(v, KIND: tl.constexpr, REAL: tl.constexpr):
+def _d_terms(v, KIND: tl.constexpr, REAL: tl.constexpr, ACC: tl.constexpr):
     """Per-logit D loss term, its derivative, the value term softplus(-+v) and sigmoid(v)."""
-    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(v)
+    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(v, ACC)
     if REAL:
         sp = sp_neg
     else:
@@ -77,9 +99,9 @@ def _d_terms(v, KIND: tl.constexpr, REAL: tl.constexpr):
 
 
 @triton.jit
-def _g_terms(v, KIND: tl.constexpr):
+def _g_terms(v, KIND: tl.constexpr, ACC: tl.constexpr):
     """Per-logit G loss term and its derivative."""
-    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(v)
+    sp_pos, sp_neg, sig, sig_neg = _softplus_sigmoid(v, ACC)
     if KIND == 0:  # minimax: G minimises log(1 - D(G(z))) = -softplus(v)
         term = -sp_pos
         g = -sig
@@ -109,7 +131,7 @@ def _d_side(x_ptr, grad_ptr, n, nan_value, pid, num_programs,
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        term, g, sp, sig = _d_terms(v, KIND, REAL)
+        term, g, sp, sig = _d_terms(v, KIND, REAL, ACC)
         finite = (v == v) & (tl.abs(v) != float("inf"))
         acc_loss += tl.where(mask, term, 0.0)
         acc_sp += tl.where(mask, sp, 0.0)
@@ -192,7 +214,7 @@ def _g_loss_kernel(fake_ptr, grad_ptr, partial_ptr, loss_ptr, n, nan_value,
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
         v = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(ACC)
-        term, g = _g_terms(v, KIND)
+        term, g = _g_terms(v, KIND, ACC)
         finite = (v == v) & (tl.abs(v) != float("inf"))
         acc_loss += tl.where(mask, term, 0.0)
         acc_bad += tl.where(mask & (finite == 0), 1.0, 0.0)
