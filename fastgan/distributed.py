@@ -15,6 +15,8 @@ What ``data_parallel`` does, and why:
 
 * **Same start.** G's and D's parameters and buffers, the EMA and the optimizer state are
   broadcast from rank 0, so every rank starts from one model whatever its local initialisation.
+  The ranks must hold the same networks, optimizers and step counts (a resumed run: the checkpoint
+  loaded on every rank); where they do not, every rank raises a ValueError naming the first difference.
 * **One DistributedDataParallel wrapper per network** (``Trainer.wrap_data_parallel``):
   ``find_unused_parameters=False``, ``broadcast_buffers=False``, ``gradient_as_bucket_view=True``.
   Forwards whose gradients are synchronised (D in the D step, G in the G step) go through the
@@ -114,25 +116,64 @@ def init_from_env(backend: str | None = None, device: str | torch.device | None 
 # ------------------------------------------------------------------------------------------------
 
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (in place)."""
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (in place). Raises a
+    ValueError on every rank if the ranks' modules differ (names, shapes, dtypes)."""
     if not is_initialized():
         return
+    _check_same_across_ranks(_module_layout("module", module), src)
+    _broadcast_module(module, src)
+
+
+def _broadcast_module(module: nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
 
 
+def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer state tensors that ``_broadcast_optimizer_state`` sends, in its order."""
+    flat_state = getattr(opt, "flat_state_buffers", None)
+    if flat_state is not None:   # a fastgan fused optimizer: its per-parameter state is views of these
+        return list(flat_state())
+    return [v for state in opt.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0]
+
+
 def _broadcast_optimizer_state(opt: torch.optim.Optimizer, src: int = 0) -> None:
     with torch.no_grad():
-        flat_state = getattr(opt, "flat_state_buffers", None)
-        if flat_state is not None:   # a fastgan fused optimizer: its per-parameter state is views of these
-            for buf in flat_state():
-                dist.broadcast(buf, src)
-            return
-        for state in opt.state.values():
-            for v in state.values():
-                if isinstance(v, torch.Tensor) and v.dim() > 0:
-                    dist.broadcast(v, src)
+        for t in _optimizer_state_tensors(opt):
+            dist.broadcast(t, src)
+
+
+def _module_layout(what: str, module: nn.Module) -> list[tuple]:
+    return [(f"{what} {kind} {name!r}", tuple(t.shape), str(t.dtype))
+            for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
+            for name, t in named]
+
+
+def _check_same_across_ranks(layout: list[tuple], src: int = 0) -> None:
+    """Raise the same ValueError on every rank if some rank's ``layout`` (rows of (what, value...))
+    differs from rank ``src``'s. The broadcasts that follow pair tensors by position: between
+    ranks that differ they would exchange buffers of other sizes, which gloo answers by aborting
+    the receiving process (SIGABRT, "Received data size doesn't match expected size") and the
+    others with a connection error, or silently copy the wrong values where the sizes happen to agree."""
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, layout)
+    ref = gathered[src]
+    for r, rows in enumerate(gathered):
+        if rows == ref:
+            continue
+        for i in range(max(len(rows), len(ref))):
+            mine = rows[i] if i < len(rows) else None
+            theirs = ref[i] if i < len(ref) else None
+            if mine != theirs:
+                break
+        def show(row):
+            return "nothing" if row is None else f"{row[0]}: {', '.join(map(str, row[1:]))}"
+        raise ValueError(f"the ranks do not hold the same model and training state: rank {src} has "
+                         f"{show(theirs)}, rank {r} has {show(mine)}. Build the same G, D and optimizers on "
+                         "every rank (and when resuming, load the checkpoint on every rank) before "
+                         "data_parallel / broadcast_module")
 
 
 def average_buffers(module: nn.Module) -> None:
@@ -187,19 +228,32 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
     """Make ``trainer`` train data-parallel across the ranks of the default process group (a no-op
     without one): rank 0's parameters, buffers, optimizer state and EMA broadcast, then one DDP
     wrapper per network (``Trainer.wrap_data_parallel``). Call it once, after building the Trainer
-    and before the first step (or after ``load_state_dict`` when resuming: rank 0's state is
-    broadcast). See the module docstring."""
+    and before the first step (or, when resuming, after ``load_state_dict`` of the checkpoint on
+    every rank). Ranks whose networks, optimizer state or step counts differ raise a ValueError
+    naming the difference (on every rank). See the module docstring."""
     if not is_initialized():
         return trainer
     r = rank()
-    broadcast_module(trainer.generator)
-    broadcast_module(trainer.discriminator)
     ema = getattr(trainer, "ema", None)
+    ema_tensors = [] if ema is None else \
+        list(getattr(ema, "shadow_params", [])) + list(getattr(ema, "shadow_buffers", []))
+    # Everything broadcast below, and the step counters (R1's schedule, fit's checkpoint and log
+    # steps, whose collectives every rank must reach together), agree in layout on every rank first:
+    # one clear error instead of a collective mismatch.
+    layout = _module_layout("generator", trainer.generator) + _module_layout("discriminator", trainer.discriminator)
+    for name, opt in (("g_optimizer", trainer.g_optimizer), ("d_optimizer", trainer.d_optimizer)):
+        layout += [(f"{name} state tensor {i}", tuple(t.shape), str(t.dtype))
+                   for i, t in enumerate(_optimizer_state_tensors(opt))]
+    layout += [(f"EMA shadow {i}", tuple(t.shape), str(t.dtype)) for i, t in enumerate(ema_tensors)]
+    layout.append(("step counts (G, D)", int(trainer.step_count), int(trainer.d_step_count)))
+    _check_same_across_ranks(layout)
+    _broadcast_module(trainer.generator)
+    _broadcast_module(trainer.discriminator)
     for opt in (trainer.g_optimizer, trainer.d_optimizer):
         _broadcast_optimizer_state(opt)
-    if ema is not None:   # an EMA outside the fused optimizer (its fused shadow was broadcast above)
+    if ema_tensors:   # an EMA outside the fused optimizer (its fused shadow was broadcast above)
         with torch.no_grad():
-            for t in list(getattr(ema, "shadow_params", [])) + list(getattr(ema, "shadow_buffers", [])):
+            for t in ema_tensors:
                 dist.broadcast(t, 0)
     trainer.wrap_data_parallel()
     saved_ranks = getattr(trainer, "loaded_rank_states", None)
@@ -208,11 +262,15 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
         # data order and global RNG streams exactly where they were (Trainer.checkpoint_state).
         trainer._load_rank_local_state(saved_ranks["local"][r])
         trainer.loaded_rank_states = None
-    elif seed_offset_per_rank:
+    elif seed_offset_per_rank and world_size() > 1:
         # Every rank draws its own noise (and its own order of its data shard). A fresh trainer
         # starts from seed + rank offset (rank 0 then draws what a single process would); a resumed
         # one (all ranks loaded rank 0's state; written at another world size) from a base mixed from
         # the seed and the D step count.
+        # A group of one process (torchrun --nproc_per_node=1) keeps the trainer's streams, as a run
+        # without a group does: a fresh trainer's are its seed's already, a resumed one's what its
+        # checkpoint restored (a world-size-1 checkpoint has no "ranks"; re-seeding it here broke the
+        # exact resume).
         fresh = trainer.step_count == 0 and trainer.d_step_count == 0
         base = int(trainer.seed)
         if not fresh:

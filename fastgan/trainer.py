@@ -1483,6 +1483,15 @@ class Trainer:
         epochs = 0
         while True:
             got = 0
+            # A DistributedSampler (how a DataLoader is split across data-parallel ranks) shuffles by
+            # seed + epoch and leaves advancing the epoch to the loop: without set_epoch every epoch
+            # repeats the first one's order. The D step count is the same on every rank, grows each
+            # epoch, and carries across fit calls and resumes (an epoch count would restart there).
+            batch_sampler = getattr(data, "batch_sampler", None)
+            for sampler in (getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
+                set_epoch = getattr(sampler, "set_epoch", None)
+                if callable(set_epoch):
+                    set_epoch(self.d_step_count)
             for batch in data:
                 batch = self._to_device(batch, "data")
                 got += 1
@@ -1696,6 +1705,10 @@ class Trainer:
         if fdist.world_size() > 1:
             fdist.average_buffers(self.generator)
             fdist.average_buffers(self.discriminator)
+            if self.ema is not None:
+                # The EMA's buffers are a copy of G's taken at each update: without this the checkpoint's
+                # EMA (what sample() and evaluations use) would keep rank 0's own running statistics.
+                self.ema.copy_buffers()
         state = self.checkpoint_state()
         if state is None:  # not rank 0
             return None

@@ -539,3 +539,154 @@ def test_nonfinite_guard_stops_every_rank_when_one_rank_hits_the_limit(tmp_path)
     result = subprocess.run([*_torchrun(2), str(script)], capture_output=True, text=True, timeout=300, env=_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "rank 0: stopped generator 4" in result.stdout and "rank 1: stopped generator 4" in result.stdout
+
+
+_MISMATCH_WORKER = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    from torch import nn
+    import fastgan.distributed as fd
+    from fastgan.trainer import Trainer
+    torch.set_num_threads(1)
+    info = fd.init_from_env()
+    rank = info.rank
+
+    def trainer(width=16):
+        torch.manual_seed(0)
+        G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+        D = nn.Sequential(nn.Linear(2, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
+        return Trainer(G, D, latent_dim=4, seed=0, ema_beta=0.9)
+
+    def attempt(case, t):
+        try:
+            fd.data_parallel(t)
+            outcome = "no error"
+        except ValueError as exc:
+            outcome = f"ValueError: {exc}"
+        print(f"{case} rank {rank}: {outcome}", flush=True)
+
+    # D one layer wider on rank 1 (a config read differently, say).
+    attempt("width", trainer(16 if rank == 0 else 32))
+    # A checkpoint loaded on rank 0 only: its optimizer state and step counts are not on rank 1.
+    if rank == 0:
+        t = trainer()
+        for _ in range(2):
+            t.step(torch.randn(8, 2))
+        state = t.state_dict()
+    t = trainer()
+    if rank == 0:
+        t.load_state_dict(state)
+    attempt("rank-0-load", t)
+    # Ranks that agree: no error, and the group is still usable.
+    t = trainer()
+    attempt("same", t)
+    t.step(torch.randn(8, 2))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+""")
+
+
+def test_data_parallel_over_ranks_that_differ_raises_a_value_error_on_every_rank(tmp_path):
+    """Rank 0's state is broadcast tensor by tensor: between ranks whose networks or optimizer state
+    differ, gloo aborted the receiving rank (SIGABRT, "Received data size doesn't match expected
+    size") and the other died of a connection reset. Every rank now raises a ValueError naming the
+    first difference, before any broadcast."""
+    script = tmp_path / "mismatch.py"
+    script.write_text(_MISMATCH_WORKER)
+    result = subprocess.run([*_torchrun(2), str(script)], capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    for rank in (0, 1):
+        assert (f"width rank {rank}: ValueError: the ranks do not hold the same model and training state: rank 0 "
+                "has discriminator parameter '0.weight': (16, 2)") in result.stdout, result.stdout
+        assert f"rank-0-load rank {rank}: ValueError: the ranks do not hold the same model" in result.stdout
+        assert f"same rank {rank}: no error" in result.stdout
+    assert "load the checkpoint on every rank" in result.stdout
+
+
+_EMA_BN_WORKER = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    from torch import nn
+    import fastgan.distributed as fd
+    from fastgan.trainer import Trainer
+    torch.set_num_threads(1)
+    info = fd.init_from_env()
+    rank = info.rank
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    D = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    trainer = Trainer(G, D, latent_dim=4, seed=0, ema_beta=0.9)
+    fd.data_parallel(trainer)
+    for _ in range(3):   # each rank its own noise: its own running statistics in G
+        trainer.step(torch.randn(8, 2) + rank)
+    trainer.save_checkpoint(sys.argv[1])
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+""")
+
+
+def test_a_data_parallel_checkpoints_ema_holds_the_averaged_running_statistics(tmp_path):
+    """save_checkpoint averages G's BatchNorm running statistics across ranks; the EMA's buffers (a
+    copy of G's, taken at each update, and what sample() runs with) kept rank 0's own."""
+    from fastgan.checkpoint import list_checkpoints
+    script = tmp_path / "ema_bn.py"
+    script.write_text(_EMA_BN_WORKER)
+    out = tmp_path / "run"
+    result = subprocess.run([*_torchrun(2), str(script), str(out)], capture_output=True, text=True, timeout=300,
+                            env=_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    (path,) = list_checkpoints(out)
+    state = torch.load(path, weights_only=True)
+    assert set(state["ema"]["buffers"]) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    for name, value in state["ema"]["buffers"].items():
+        assert torch.equal(value, state["generator"][name]), name
+
+
+def test_fit_advances_a_distributed_samplers_epoch():
+    """A DataLoader is split across ranks by a DistributedSampler, which shuffles by seed + epoch and
+    leaves set_epoch to the training loop: fit never called it, so every epoch repeated the first
+    one's order (a DataLoader with shuffle=True in one process reshuffles each epoch)."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from fastgan.trainer import Trainer
+
+    class Recording(TensorDataset):
+        def __init__(self, *tensors):
+            super().__init__(*tensors)
+            self.order = []
+
+        def __getitem__(self, i):
+            self.order.append(int(i))
+            return super().__getitem__(i)
+
+    data = Recording(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)))
+    sampler = DistributedSampler(data, num_replicas=2, rank=0, shuffle=True, seed=0)
+    G, D = _small_gan(batch_norm=False)
+    trainer = Trainer(G, D, latent_dim=4, seed=0)
+    trainer.fit(DataLoader(data, batch_size=4, sampler=sampler), steps=6, log_every=100, progress=False)
+    epochs = [data.order[i:i + 8] for i in range(0, 24, 8)]   # 8 samples of rank 0 per epoch, 2 batches
+    assert len(data.order) == 24
+    assert len({tuple(e) for e in epochs}) == 3, epochs
+
+
+def test_a_one_process_group_resumes_exactly(one_rank_group, tmp_path):
+    """Under a process group of one (``torchrun --nproc_per_node=1``) a world-size-1 checkpoint holds
+    no per-rank states; data_parallel re-seeded the resumed trainer's noise and data order, so the
+    resumed run drifted from the uninterrupted one (as a run without a group does not)."""
+    from fastgan.trainer import Trainer
+    data = torch.randn(40, 2, generator=torch.Generator().manual_seed(5))
+    G, D = _small_gan(batch_norm=False)
+    trainer = fd.data_parallel(Trainer(G, D, latent_dim=4, seed=3, lr=1e-3))
+    trainer.fit(data, steps=3, batch_size=4, log_every=100, progress=False, checkpoint_every=3, out_dir=tmp_path)
+    trainer.fit(data, steps=3, batch_size=4, log_every=100, progress=False)
+    G2, D2 = _small_gan(batch_norm=False)
+    resumed = fd.data_parallel(Trainer.load(tmp_path, G2, D2))
+    assert resumed.step_count == 3
+    resumed.fit(data, steps=3, batch_size=4, log_every=100, progress=False)
+    for a, b in zip([*G.parameters(), *D.parameters()], [*G2.parameters(), *D2.parameters()]):
+        assert torch.equal(a, b)
