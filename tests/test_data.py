@@ -187,6 +187,22 @@ def test_image_folder_pixel_scaling(tmp_path):
     assert torch.equal(images[1], torch.ones(1, 8, 8))
 
 
+def test_image_folder_skips_hidden_files_and_folders(tmp_path):
+    """Images in sub-folders are samples; hidden files and whatever lies under a hidden folder (a
+    thumbnail cache, .ipynb_checkpoints) are not. The folder given may itself be hidden."""
+    from PIL import Image
+    root = tmp_path / ".data"
+    for folder in ("a", "a/b", ".thumbnails", "a/.cache"):
+        (root / folder).mkdir(parents=True)
+    Image.new("L", (8, 8), color=0).save(root / "a" / "one.png")
+    Image.new("L", (8, 8), color=255).save(root / "a" / "b" / "two.png")
+    for hidden in (".thumbnails/one.png", "a/.cache/two.png", "a/.three.png"):
+        Image.new("L", (8, 8), color=128).save(root / hidden)
+    images = load_image_folder(root, 8)
+    assert images.shape == (2, 1, 8, 8)
+    assert sorted(float(image.mean()) for image in images) == [-1.0, 1.0]  # no 128-grey hidden one
+
+
 def test_image_folder_16_bit_greyscale_is_rescaled(tmp_path):
     from PIL import Image
     tmp_path.joinpath("f").mkdir()

@@ -83,8 +83,11 @@ def load_image_folder(path: str | os.PathLike, image_size: int) -> torch.Tensor:
     if not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"--image-size must be a positive integer, got {image_size!r}")
     suffixes = _image_suffixes()
+    # Hidden files and everything under hidden folders (.thumbnails, .ipynb_checkpoints, ...) are not
+    # samples: a thumbnail cache would add a second, smaller copy of each image.
     files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes)
+                   if p.is_file() and p.suffix.lower() in suffixes
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise DataError(f"--data: folder {path} contains no image files "
                         f"(looked for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.bmp', '.gif'}))} ...)")
