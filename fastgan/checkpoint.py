@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import signal
+import struct
 import time
 import warnings
 import zipfile
@@ -43,7 +44,10 @@ __all__ = ["CheckpointError", "NonFiniteTrainingError", "TrainingInterrupted", "
 log = logging.getLogger("fastgan")
 
 CHECKPOINT_GLOB = "checkpoint-*.pt"
-_STEP_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+# [0-9], not \d: \d also matches other scripts' digits (checkpoint-٣.pt would be taken for step 3 and pruned).
+_STEP_NAME = re.compile(r"^checkpoint-([0-9]+)\.pt$")
+# What atomic_write leaves of a checkpoint or digest when the process is killed mid-write (mkstemp's name).
+_STALE_TEMP_NAME = re.compile(r"^\.checkpoint-[0-9]+\.pt(\.sha256)?\.[a-z0-9_]+\.tmp$")
 LEGACY_NAME = "checkpoint.pt"     # what fit / the CLI wrote before checkpoint-<step>.pt (no digest, no rotation)
 
 
@@ -114,8 +118,9 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     Returns the path written.
 
     The digest file is written first and the checkpoint second, each atomically: a crash at any point
-    leaves every earlier checkpoint intact, and at worst a stray digest without its checkpoint
-    (ignored, removed by the next save). Call it on one process only (rank 0 under torch.distributed).
+    leaves every earlier checkpoint intact, and at worst a stray digest without its checkpoint and a
+    temporary ``.checkpoint-<step>.pt.*.tmp`` (both ignored, removed by the next save). Call it on one
+    process only (rank 0 under torch.distributed).
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
@@ -145,6 +150,14 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
         if not Path(str(digest)[: -len(".sha256")]).exists():
             try:
                 digest.unlink()
+            except FileNotFoundError:
+                pass
+    # Temporary files of writes cut by a hard kill (SIGKILL, OOM killer, power): each is as large as a
+    # checkpoint and nothing else ever removes them. Safe here: one process writes a run folder's checkpoints.
+    for temp in run_dir.glob(".checkpoint-*.tmp"):
+        if _STALE_TEMP_NAME.match(temp.name) and temp.is_file():
+            try:
+                temp.unlink()
             except FileNotFoundError:
                 pass
     return path
@@ -186,7 +199,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
-    if digest_matches(path) is False:
+    try:
+        matches = digest_matches(path)
+    except OSError as exc:  # as torch.load's OSError below: an unreadable file is a bad one, named, not a crash
+        raise CheckpointError(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+    if matches is False:
         raise CheckpointError(path, "corrupted or truncated: its SHA-256 digest does not match the one "
                                     f"written with it ({os.path.basename(path)}.sha256)")
     try:
@@ -197,7 +214,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
                                     "values (weights_only=True loading), so it was not loaded; a fastgan "
                                     f"checkpoint never does this and the file may be malicious ({exc})") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
-            UnicodeDecodeError, AttributeError, TypeError) as exc:
+            UnicodeDecodeError, AttributeError, TypeError,
+            # A damaged pickle can also end inside an opcode's argument (struct.error) or fail one of
+            # torch.load's own checks (AssertionError: "saved_id must be a tuple", "storage key ... not found").
+            struct.error, AssertionError) as exc:
         raise CheckpointError(path, f"corrupted or truncated: torch.load failed ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if validate is not None:

@@ -336,6 +336,13 @@ def _rebuild_optimizer(cfg: dict[str, Any], params: list, what: str) -> torch.op
     return cls(params, **defaults)
 
 
+def _check_trainer_format(state: Any) -> None:
+    """``validate`` for ``fastgan.checkpoint`` loading: a ValueError marks a file that is no Trainer checkpoint."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"is not a fastgan.Trainer checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+
+
 def _check_module_state(net: nn.Module, saved: dict[str, Any], what: str) -> None:
     """Raise a ValueError naming ``what`` when ``saved`` (a state_dict) does not fit ``net``: missing or
     unexpected keys, or tensors of another shape (what load_state_dict would refuse after changing
@@ -1740,7 +1747,9 @@ class Trainer:
         # weights_only loading; a truncated, corrupted (digest) or unsafe file is a CheckpointError
         # (a ValueError) naming it; a run folder resumes from its newest good checkpoint.
         if os.path.isdir(path):
-            state, path = load_latest_good(path, validate=None)
+            # A newer file that loads but is no Trainer checkpoint (another format, a file saved under a
+            # checkpoint's name) is a bad one like a corrupted file: named and skipped, as the CLI does.
+            state, path = load_latest_good(path, validate=_check_trainer_format)
         else:
             state = load_checkpoint(path, validate=None)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
