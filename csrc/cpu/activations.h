@@ -54,6 +54,18 @@ inline T act_grad_from_output_ct(T y, T alpha) {
   }
 }
 
+// gy * f'(x) from y = f(x), as torch's backward of the row computes it: a product, except for relu,
+// whose backward (threshold_backward) selects: 0 where y <= 0 even for a non-finite gy (inf * 0 would
+// be NaN), gy where y > 0 or y is NaN. The kernels must call this, not multiply by the rule above.
+template <int64_t ACT, typename T>
+inline T act_backward_ct(T gy, T y, T alpha) {
+  if constexpr (ACT == kActRelu) {
+    return y <= T(0) ? T(0) : gy;
+  } else {
+    return gy * act_grad_from_output_ct<ACT>(y, alpha);
+  }
+}
+
 // Calls fn(std::integral_constant<int64_t, ACT>{}) for the runtime id act.
 template <typename Fn>
 inline void dispatch_act(int64_t act, Fn&& fn) {

@@ -65,23 +65,30 @@ Tensor channel_vector(const std::optional<Tensor>& t, at::ScalarType acc, int64_
 
 template <typename T> const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
 
-// z = x * scale + shift per channel: scale = w invstd, shift = b - mean scale. Forward and backward
-// derive them identically, so the backward's recomputed z is bit-identical to the forward's.
+// z = (x - mean) * scale + shift per channel: scale = w invstd, shift = b. Centred first, as the
+// reference computes it: x - mean is exact near the mean, so z is exactly b where x == mean (0 at
+// relu's kink when b = 0: the reference's gradient there is 0). The folded x * scale + (b - mean
+// scale) left the rounding error of mean * scale there (a contracted FMA keeps x * scale exact), which
+// put such values on either side of the kink. Forward and backward derive them identically, so the
+// backward's recomputed z is bit-identical to the forward's.
 template <typename opm> struct ChannelAffine {
   double invstd;
   opm scale, shift;
 };
 template <typename opm>
-inline ChannelAffine<opm> channel_affine(const opm* w, const opm* b, opm mean, opm var, double eps, int64_t c) {
+inline ChannelAffine<opm> channel_affine(const opm* w, const opm* b, opm var, double eps, int64_t c) {
   const double invstd = 1.0 / std::sqrt(double(var) + eps);
   const double scale = w ? double(w[c]) * invstd : invstd;
-  return {invstd, static_cast<opm>(scale), static_cast<opm>((b ? double(b[c]) : 0.0) - double(mean) * scale)};
+  return {invstd, static_cast<opm>(scale), static_cast<opm>(b ? b[c] : opm(0))};
 }
 
-// dy * act'(z), z recomputed from x (act' through the table's rule in y = act(z), all in op-math).
+template <typename opm> inline opm normalise(opm x, opm mean, opm scale, opm shift) { return (x - mean) * scale + shift; }
+
+// dy * act'(z), z recomputed from x (act' through the table's rule in y = act(z), all in op-math; relu's
+// a select, as torch's: see act_backward_ct).
 template <int64_t ACT, typename opm>
-inline opm grad_z(opm gy, opm x, opm scale, opm shift, opm alpha) {
-  return gy * act_grad_from_output_ct<ACT>(apply_act_ct<ACT>(x * scale + shift, alpha), alpha);
+inline opm grad_z(opm gy, opm x, opm mean, opm scale, opm shift, opm alpha) {
+  return act_backward_ct<ACT>(gy, apply_act_ct<ACT>(normalise(x, mean, scale, shift), alpha), alpha);
 }
 
 // Below this many elements per task, at::parallel_for runs inline: waking threads costs more.
@@ -198,10 +205,11 @@ inline void flush_lanes(opm* __restrict__ fa, opm* __restrict__ fq, double* __re
 }
 
 template <int64_t ACT, typename scalar_t, typename opm>
-inline void plane_normalise(const scalar_t* __restrict__ p, scalar_t* __restrict__ o, int64_t HW, opm scale, opm shift,
-                            opm alpha) {
+inline void plane_normalise(const scalar_t* __restrict__ p, scalar_t* __restrict__ o, int64_t HW, opm mean, opm scale,
+                            opm shift, opm alpha) {
 #pragma omp simd
-  for (int64_t i = 0; i < HW; ++i) o[i] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[i]) * scale + shift, alpha));
+  for (int64_t i = 0; i < HW; ++i)
+    o[i] = static_cast<scalar_t>(apply_act_ct<ACT>(normalise(static_cast<opm>(p[i]), mean, scale, shift), alpha));
 }
 
 template <typename scalar_t, int64_t ACT>
@@ -254,14 +262,14 @@ void forward_planar(const scalar_t* x, scalar_t* y, const Layout& L, bool traini
         }
       }
       for (int64_t k = 0; k < G; ++k) {
-        const auto aff = channel_affine<opm>(w, b, mean[c0 + k], var[c0 + k], eps, c0 + k);
+        const auto aff = channel_affine<opm>(w, b, var[c0 + k], eps, c0 + k);
         scale[k] = aff.scale;
         shift[k] = aff.shift;
       }
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t k = 0; k < G; ++k) {
           const int64_t off = (n * C + c0 + k) * HW;
-          plane_normalise<ACT>(x + off, y + off, HW, scale[k], shift[k], alpha);
+          plane_normalise<ACT>(x + off, y + off, HW, mean[c0 + k], scale[k], shift[k], alpha);
         }
       }
     }
@@ -317,10 +325,11 @@ void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training
   }
   std::vector<opm> scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
+    const auto aff = channel_affine<opm>(w, b, var[c], eps, c);
     scale[c] = aff.scale;
     shift[c] = aff.shift;
   }
+  const opm* __restrict__ mc = mean;
   const opm* __restrict__ sc = scale.data();
   const opm* __restrict__ sh = shift.data();
   at::parallel_for(0, R, grain_for(C), [&](int64_t r0, int64_t r1) {
@@ -329,7 +338,7 @@ void forward_rows(const scalar_t* x, scalar_t* y, const Layout& L, bool training
       scalar_t* __restrict__ o = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        o[c] = static_cast<scalar_t>(apply_act_ct<ACT>(static_cast<opm>(p[c]) * sc[c] + sh[c], alpha));
+        o[c] = static_cast<scalar_t>(apply_act_ct<ACT>(normalise(static_cast<opm>(p[c]), mc[c], sc[c], sh[c]), alpha));
       }
     }
   });
@@ -414,7 +423,7 @@ inline void plane_grad_moments(const scalar_t* __restrict__ g, const scalar_t* _
   }
   auto element = [&](int64_t i, int j) {
     const opm xi = static_cast<opm>(xv[i]);
-    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, m, scale, shift, alpha);
     a[j] += dz;
     q[j] += dz * (xi - m);
     if constexpr (EVAL) o[i] = static_cast<scalar_t>(dz * p_eval);
@@ -434,11 +443,11 @@ inline void plane_grad_moments(const scalar_t* __restrict__ g, const scalar_t* _
 
 template <int64_t ACT, typename scalar_t, typename opm>
 inline void plane_input_grad(const scalar_t* __restrict__ g, const scalar_t* __restrict__ xv, scalar_t* __restrict__ o,
-                             int64_t HW, opm scale, opm shift, opm kp, opm kq, opm ko, opm alpha) {
+                             int64_t HW, opm m, opm scale, opm shift, opm kp, opm kq, opm ko, opm alpha) {
 #pragma omp simd
   for (int64_t i = 0; i < HW; ++i) {
     const opm xi = static_cast<opm>(xv[i]);
-    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, scale, shift, alpha);
+    const opm dz = grad_z<ACT>(static_cast<opm>(g[i]), xi, m, scale, shift, alpha);
     o[i] = static_cast<scalar_t>(dz * kp + xi * kq + ko);
   }
 }
@@ -460,7 +469,7 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
     for (int64_t gi = g0; gi < g1; ++gi) {
       const int64_t c0 = gi * group, G = std::min(C, c0 + group) - c0;
       for (int64_t k = 0; k < G; ++k) {
-        const auto aff = channel_affine<opm>(w, b, mean[c0 + k], var[c0 + k], eps, c0 + k);
+        const auto aff = channel_affine<opm>(w, b, var[c0 + k], eps, c0 + k);
         scale[k] = aff.scale;
         shift[k] = aff.shift;
         invstd[k] = aff.invstd;
@@ -502,7 +511,8 @@ void backward_planar(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const 
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t k = 0; k < G; ++k) {
           const int64_t off = (n * C + c0 + k) * HW;
-          plane_input_grad<ACT>(gy + off, x + off, dx + off, HW, scale[k], shift[k], kp[k], kq[k], ko[k], alpha);
+          plane_input_grad<ACT>(gy + off, x + off, dx + off, HW, mean[c0 + k], scale[k], shift[k], kp[k], kq[k], ko[k],
+                                alpha);
         }
       }
     }
@@ -519,7 +529,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
   std::vector<double> invstd(C);
   std::vector<opm> p_eval(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    const auto aff = channel_affine<opm>(w, b, mean[c], var[c], eps, c);
+    const auto aff = channel_affine<opm>(w, b, var[c], eps, c);
     invstd[c] = aff.invstd;
     scale[c] = aff.scale;
     shift[c] = aff.shift;
@@ -545,7 +555,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const opm xi = static_cast<opm>(xv[c]);
-            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, mc[c], sc[c], sh[c], alpha);
             pa[c] += dz;
             pq[c] += dz * (xi - mc[c]);
           }
@@ -554,7 +564,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
             const opm xi = static_cast<opm>(xv[c]);
-            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
+            const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, mc[c], sc[c], sh[c], alpha);
             pa[c] += dz;
             pq[c] += dz * (xi - mc[c]);
             o[c] = static_cast<scalar_t>(dz * pe[c]);
@@ -582,6 +592,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
   const opm* __restrict__ pp = kp.data();
   const opm* __restrict__ pq = kq.data();
   const opm* __restrict__ po = ko.data();
+  const opm* __restrict__ mc = mean;
   at::parallel_for(0, R, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* __restrict__ g = gy + r * C;
@@ -590,7 +601,7 @@ void backward_rows(const scalar_t* gy, const scalar_t* x, scalar_t* dx, const La
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const opm xi = static_cast<opm>(xv[c]);
-        const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, sc[c], sh[c], alpha);
+        const opm dz = grad_z<ACT>(static_cast<opm>(g[c]), xi, mc[c], sc[c], sh[c], alpha);
         o[c] = static_cast<scalar_t>(dz * pp[c] + xi * pq[c] + po[c]);
       }
     }

@@ -71,11 +71,13 @@ inline void forward_run(const scalar_t* x, const acc_type_t<scalar_t>* bias, sca
 
 // gx = gy * gain * f'(x) [* (|y| < clamp)] with f'(x) recomputed from the saved output
 // y = clamp(f(x) * gain), so f(x) = y / gain. Saturated (clamped) outputs pass no gradient.
+// In torch's order (the reference's autograd): the clamp's mask selects gy first (a non-finite gy at a
+// saturated output gives 0), then gain, then the activation's backward (so a NaN output still gives
+// NaN through tanh / sigmoid, as 0 * f'(NaN) does there).
 template <int64_t ACT, bool CLAMP, typename acc_t>
 inline acc_t grad_element(acc_t gy, acc_t out, acc_t alpha, acc_t gain, acc_t inv_gain, acc_t clamp) {
-  acc_t g = gy * gain * act_grad_from_output_ct<ACT>(out * inv_gain, alpha);
-  if constexpr (CLAMP) g = std::abs(out) < clamp ? g : acc_t(0);
-  return g;
+  if constexpr (CLAMP) gy = std::abs(out) < clamp ? gy : acc_t(0);
+  return act_backward_ct<ACT>(gy * gain, out * inv_gain, alpha);
 }
 
 // A row of C features: writes gx and, when sums is given, adds gx into sums[0..C).

@@ -8,14 +8,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastgan {
 
-// exp(y) for y <= 0: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp); values
-// below -87 flush to 0 (the float range ends there). NaN propagates. The rounding of y / ln 2 to an
-// integer uses the 1.5 * 2^23 trick rather than std::floor, which is a library call below SSE4.1.
+// exp(y) for y <= 0: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp). Values
+// below -104 flush to 0 (exp rounds to 0 there); between -104 and -87 the result is subnormal, as
+// torch's exp and sigmoid give it (a flush at -87 made sigmoid(-88) 0, and its gradient times an
+// infinite incoming gradient NaN where torch's is inf): 2^n is applied as 2^(n + 64) (a normal float for
+// every n here) and then 2^-64, which rounds once and only where the result is subnormal. NaN
+// propagates. The rounding of y / ln 2 to an integer uses the 1.5 * 2^23 trick rather than std::floor,
+// which is a library call below SSE4.1.
 inline float exp_nonpositive(float y) {
-  const float yc = y < -87.0f ? -87.0f : y;
+  const float yc = y < -104.0f ? -104.0f : y;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const float n = (yc * 1.44269504088896341f + kRound) - kRound;
   float r = yc - n * 0.693359375f;
@@ -27,10 +32,10 @@ inline float exp_nonpositive(float y) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (static_cast<int32_t>(n) + 127 + 64) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return y < -87.0f ? 0.0f : p * scale;
+  return y < -104.0f ? 0.0f : (p * scale) * 5.42101086242752217e-20f;  // 2^-64
 }
 inline double exp_nonpositive(double y) { return std::exp(y); }
 
@@ -67,11 +72,14 @@ inline float tanh_float(float x) {
 }
 inline double tanh_float(double x) { return std::tanh(x); }
 
-// sigmoid from exp(-|x|), which never overflows; both branches are accurate.
+// sigmoid from exp(-|x|), which never overflows; both branches are accurate. Below -ln(max) it is 0,
+// as torch's 1 / (1 + exp(-x)) gives it once exp(-x) overflows (exp(x) would still be subnormal there):
+// the reference's output and gradient are then exactly 0 (an infinite incoming gradient: NaN, not inf).
 template <typename T> inline T sigmoid_stable(T x) {
+  constexpr T kZeroBelow = std::is_same_v<T, double> ? T(-709.782712893384) : T(-88.72283172607422);
   const T e = exp_nonpositive(-std::abs(x));
   const T inv = T(1) / (T(1) + e);
-  return x >= T(0) ? inv : e * inv;
+  return x >= T(0) ? inv : (x < kZeroBelow ? T(0) : e * inv);
 }
 
 }  // namespace fastgan
