@@ -696,7 +696,7 @@ def _train(args: argparse.Namespace) -> int:
     config["world_size"] = world
     config["per_process_batch_size"] = per_process_batch
     if report_only:
-        _average_buffers_across_ranks(trainer)
+        trainer._average_buffers_across_ranks()
         if main_process:
             print(f"fastgan train: --resume: {out} has trained all {done} steps but has no metrics.json; "
                   "writing its evaluation", file=sys.stderr)
@@ -785,7 +785,7 @@ def _train(args: argparse.Namespace) -> int:
                                   upto=checkpoint_step(kept[0]) if kept else done)
         raise
     elapsed = time.perf_counter() - started
-    _average_buffers_across_ranks(trainer)  # BatchNorm running statistics of all ranks for the evaluation
+    trainer._average_buffers_across_ranks()  # BatchNorm running statistics of all ranks for the evaluation
 
     if main_process:
         history = _merge_history(_read_history(out / "history.csv"), history) if done else history
@@ -793,18 +793,6 @@ def _train(args: argparse.Namespace) -> int:
         _report(trainer, data, config, out, history, remaining, elapsed)
     fdist.barrier()  # the other ranks wait until rank 0 has written everything
     return 0
-
-
-def _average_buffers_across_ranks(trainer) -> None:
-    """G's and D's buffers (BatchNorm running statistics) averaged over the ranks, and the EMA's copy of
-    G's buffers refreshed from them: the evaluation samples through the EMA, which would otherwise keep
-    rank 0's own statistics (as Trainer.save_checkpoint does)."""
-    from fastgan import distributed as fdist
-    if fdist.world_size() > 1:
-        fdist.average_buffers(trainer.generator)
-        fdist.average_buffers(trainer.discriminator)
-        if trainer.ema is not None:
-            trainer.ema.copy_buffers()
 
 
 def _report(trainer, data, config: dict[str, Any], out: Path, history: dict[str, list[float]],

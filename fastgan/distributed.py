@@ -145,10 +145,15 @@ def _broadcast_optimizer_state(opt: torch.optim.Optimizer, src: int = 0) -> None
             dist.broadcast(t, src)
 
 
+def _layout(named_tensors) -> list[tuple]:
+    """(what, shape, dtype) rows of ``(what, tensor)`` pairs: what the ranks compare before broadcasting."""
+    return [(what, tuple(t.shape), str(t.dtype)) for what, t in named_tensors]
+
+
 def _module_layout(what: str, module: nn.Module) -> list[tuple]:
-    return [(f"{what} {kind} {name!r}", tuple(t.shape), str(t.dtype))
-            for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
-            for name, t in named]
+    return _layout((f"{what} {kind} {name!r}", t)
+                   for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers()))
+                   for name, t in named)
 
 
 def _check_same_across_ranks(layout: list[tuple], src: int = 0) -> None:
@@ -242,9 +247,8 @@ def data_parallel(trainer, *, seed_offset_per_rank: bool = True):
     # one clear error instead of a collective mismatch.
     layout = _module_layout("generator", trainer.generator) + _module_layout("discriminator", trainer.discriminator)
     for name, opt in (("g_optimizer", trainer.g_optimizer), ("d_optimizer", trainer.d_optimizer)):
-        layout += [(f"{name} state tensor {i}", tuple(t.shape), str(t.dtype))
-                   for i, t in enumerate(_optimizer_state_tensors(opt))]
-    layout += [(f"EMA shadow {i}", tuple(t.shape), str(t.dtype)) for i, t in enumerate(ema_tensors)]
+        layout += _layout((f"{name} state tensor {i}", t) for i, t in enumerate(_optimizer_state_tensors(opt)))
+    layout += _layout((f"EMA shadow {i}", t) for i, t in enumerate(ema_tensors))
     layout.append(("step counts (G, D)", int(trainer.step_count), int(trainer.d_step_count)))
     _check_same_across_ranks(layout)
     _broadcast_module(trainer.generator)

@@ -1706,16 +1706,9 @@ class Trainer:
         Under ``torch.distributed`` every rank must call it (BatchNorm running statistics are first
         averaged across ranks and every rank's RNG states gathered, see ``checkpoint_state``: both
         collectives), and rank 0 alone writes; the others return None."""
-        from fastgan import distributed as fdist
         from fastgan.checkpoint import save_checkpoint
         keep = _check_int("keep", keep, 1)
-        if fdist.world_size() > 1:
-            fdist.average_buffers(self.generator)
-            fdist.average_buffers(self.discriminator)
-            if self.ema is not None:
-                # The EMA's buffers are a copy of G's taken at each update: without this the checkpoint's
-                # EMA (what sample() and evaluations use) would keep rank 0's own running statistics.
-                self.ema.copy_buffers()
+        self._average_buffers_across_ranks()
         state = self.checkpoint_state()
         if state is None:  # not rank 0
             return None
@@ -1746,14 +1739,13 @@ class Trainer:
         from fastgan.checkpoint import load_checkpoint, load_latest_good
         # weights_only loading; a truncated, corrupted (digest) or unsafe file is a CheckpointError
         # (a ValueError) naming it; a run folder resumes from its newest good checkpoint.
+        # A file that loads but is no Trainer checkpoint (another format, a file saved under a checkpoint's
+        # name) is a bad one like a corrupted file: in a run folder named and skipped (as the CLI's resume),
+        # given by name refused.
         if os.path.isdir(path):
-            # A newer file that loads but is no Trainer checkpoint (another format, a file saved under a
-            # checkpoint's name) is a bad one like a corrupted file: named and skipped, as the CLI does.
             state, path = load_latest_good(path, validate=_check_trainer_format)
         else:
-            state = load_checkpoint(path, validate=None)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a fastgan.Trainer checkpoint")
+            state = load_checkpoint(path, validate=_check_trainer_format)
         return cls.from_state_dict(state, generator, discriminator, **overrides)
 
     @classmethod
@@ -1785,6 +1777,18 @@ class Trainer:
         trainer.load_state_dict(state)  # also restores the optimizers' hyper-parameters and state
         trainer._reapply_hyper_overrides(overrides)
         return trainer
+
+    def _average_buffers_across_ranks(self) -> None:
+        """Under torch.distributed (a collective: every rank calls it): G's and D's floating buffers
+        (BatchNorm running statistics) averaged over the ranks, and the EMA's copy of G's buffers
+        refreshed from them -- it is a copy taken at each update, so without this the EMA (what sample()
+        and evaluations use) would keep rank 0's own statistics. For checkpoints and final evaluations."""
+        from fastgan import distributed as fdist
+        if fdist.world_size() > 1:
+            fdist.average_buffers(self.generator)
+            fdist.average_buffers(self.discriminator)
+            if self.ema is not None:
+                self.ema.copy_buffers()
 
     def _reapply_hyper_overrides(self, overrides: dict[str, Any]) -> None:
         """After load_state_dict restored the checkpoint's optimizer and EMA hyper-parameters: the ones

@@ -58,17 +58,23 @@ DAMAGED = {
 }
 
 
+def _assert_named_then_skipped(run: Path, bad: Path, good: Path, why: str) -> None:
+    """Loading ``bad`` is a CheckpointError naming it (``why``); resuming the folder warns about it and
+    takes ``good``, the step-1 checkpoint."""
+    with pytest.raises(CheckpointError, match=why) as info:
+        load_checkpoint(bad)
+    assert info.value.path == str(bad)
+    with pytest.warns(RuntimeWarning, match=bad.name):
+        state, path = load_latest_good(run)
+    assert path == good and state["step"] == 1
+
+
 @pytest.mark.parametrize("how", sorted(DAMAGED))
 def test_a_damaged_pickle_is_a_named_bad_checkpoint_and_the_previous_one_used(tmp_path, how):
     good = save_checkpoint(_state(1), tmp_path, 1)
     bad = tmp_path / "checkpoint-000000002.pt"
     bad.write_bytes(DAMAGED[how]())
-    with pytest.raises(CheckpointError, match="corrupted or truncated") as info:
-        load_checkpoint(bad)
-    assert info.value.path == str(bad)
-    with pytest.warns(RuntimeWarning, match="checkpoint-000000002.pt"):
-        state, path = load_latest_good(tmp_path)
-    assert path == good and state["step"] == 1
+    _assert_named_then_skipped(tmp_path, bad, good, "corrupted or truncated")
     # The old single-file checkpoint.pt damaged alike, alone in its folder: the "no good checkpoint" error.
     (alone := tmp_path / "alone").mkdir()
     (alone / "checkpoint.pt").write_bytes(DAMAGED[how]())
@@ -89,12 +95,7 @@ def test_an_unreadable_newest_checkpoint_is_named_and_skipped(tmp_path, monkeypa
             raise PermissionError(13, "Permission denied", str(file))
         return open(file, *args, **kwargs)
     monkeypatch.setattr(ckpt, "open", unreadable, raising=False)  # what fastgan.checkpoint's digest check opens
-    with pytest.raises(CheckpointError, match="unreadable") as info:
-        load_checkpoint(newest)
-    assert info.value.path == str(newest)
-    with pytest.warns(RuntimeWarning, match="checkpoint-000000002.pt"):
-        state, path = load_latest_good(tmp_path)
-    assert path == good and state["step"] == 1
+    _assert_named_then_skipped(tmp_path, newest, good, "unreadable")
 
 
 _KILLED_WRITER = textwrap.dedent("""

@@ -82,7 +82,8 @@ inline ChannelAffine<opm> channel_affine(const opm* w, const opm* b, opm var, do
   return {invstd, static_cast<opm>(scale), static_cast<opm>(b ? b[c] : opm(0))};
 }
 
-template <typename opm> inline opm normalise(opm x, opm mean, opm scale, opm shift) { return (x - mean) * scale + shift; }
+template <typename opm>
+inline opm normalise(opm x, opm mean, opm scale, opm shift) { return (x - mean) * scale + shift; }
 
 // dy * act'(z), z recomputed from x (act' through the table's rule in y = act(z), all in op-math; relu's
 // a select, as torch's: see act_backward_ct).

@@ -344,8 +344,9 @@ def _check_channel_vector(name: str, t, x: torch.Tensor) -> None:
     # As torch's BatchNorm: x's dtype, or float32 beside bfloat16 / float16 x (a model kept in float32
     # under autocast). Any other pairing would be computed silently at some other precision. (Running
     # statistics may be kept in any floating dtype: they are updated in their own.)
-    if name in ("weight", "bias") and t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
-        allowed = "float32 or " + str(x.dtype) if x.dtype in (torch.bfloat16, torch.float16) else str(x.dtype)
+    low_precision_x = x.dtype in (torch.bfloat16, torch.float16)
+    if name in ("weight", "bias") and t.dtype != x.dtype and not (t.dtype == torch.float32 and low_precision_x):
+        allowed = "float32 or " + str(x.dtype) if low_precision_x else str(x.dtype)
         raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; expected {allowed}")
 
 
@@ -406,7 +407,7 @@ def batch_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
         raise ValueError(f"momentum must be a finite number or None, got {momentum!r}")
     spec, alpha = resolve_act(act, alpha)
     use_batch_stats = training or running_mean is None
-    count = math.prod(x.shape) // c if c > 0 else math.prod(x.shape[:1] + x.shape[2:])  # values per channel
+    count = math.prod(x.shape[:1] + x.shape[2:])  # values per channel (N * spatial; C may be 0)
     if use_batch_stats and count == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     impl = resolve_impl("batch_norm_act", impl, device)

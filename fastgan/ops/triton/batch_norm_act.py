@@ -8,9 +8,10 @@ are (BLOCK_C large), so loads coalesce either way.
 
 Split path (large maps), two launches each way. Forward: ``_stats_kernel`` (per-channel sums of
 x - shift, in float32 (float64 for float64 x), one row of partials per split of the rows;
-shift = the mean of the channel's first 64 rows keeps the variance free of cancellation) then ``_apply_kernel`` (y = act(x * scale +
-shift), scale and shift per channel). Backward: ``_grad_stats_kernel`` (sum dz, sum dz (x - mean),
-dz = dy act'(z) with z = x * scale + shift recomputed from x, so y is never read) then
+shift = the mean of the channel's first 64 rows keeps the variance free of cancellation) then
+``_apply_kernel`` (y = act(x * scale + shift), scale and shift per channel). Backward:
+``_grad_stats_kernel`` (sum dz, sum dz (x - mean), dz = dy act'(z) with z = x * scale + shift recomputed
+from x, so y is never read) then
 ``_grad_apply_kernel`` (dx = dz * p + x * q + o per channel). The last program of each reduction to
 finish a block of channels (an atomic counter per block: ``_store_partials_and_count``) sums the
 partial rows in float64, in order (deterministic), and does the per-channel algebra (mean, var,
@@ -62,7 +63,8 @@ def _tile_offsets(r, c, HW: tl.constexpr, s_n, s_c, s_w, ROWS: tl.constexpr):
 
 # --- Tile bodies: one [BLOCK_R, BLOCK_C] tile of each pass, shared by the split and single-pass kernels. ---
 
-SHIFT_SAMPLE = tl.constexpr(64)  # rows whose mean shifts the statistics' sums (csrc/cpu/batch_norm_act.cpp: kShiftSample)
+# rows whose mean shifts the statistics' sums (csrc/cpu/batch_norm_act.cpp: kShiftSample)
+SHIFT_SAMPLE = tl.constexpr(64)
 
 
 @triton.jit
@@ -268,9 +270,8 @@ def _stats_kernel(x_ptr, partial_ptr, counter_ptr, w_ptr, b_ptr, mean_ptr, var_p
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, UPDATE: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """partial[0, split, c] = sum (x - x0[c]), partial[1, split, c] = sum (x - x0[c])^2 (x0: _shift_sample);
-    the last split of
-    a block of channels then stores their mean and biased var, scale and shift (and, with UPDATE, the
-    running statistics)."""
+    the last split of a block of channels then stores their mean and biased var, scale and shift (and,
+    with UPDATE, the running statistics)."""
     split = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
