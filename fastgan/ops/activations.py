@@ -39,6 +39,15 @@ class Activation:
     (``d/dy [f'(x(y))]``), which the fused ops' double backward needs. Both are exact wherever
     ``f`` is differentiable (at the kink of relu / lrelu they follow torch: the slope left of 0).
 
+    ``grad_zero_where(y, alpha)``: for an ``f'`` that is 1 or 0 (relu), the mask of outputs where it
+    is 0; the backward then selects the incoming gradient rather than multiplying it, as torch's
+    ``threshold_backward`` (0 where ``y <= 0``, the incoming gradient elsewhere, NaN outputs
+    included): an inf / NaN gradient (an overflowed loss scale) at an inactive unit gives 0, not
+    NaN. ``piecewise_linear``: ``f'' = 0`` wherever ``f`` is differentiable, so the double backward's
+    term in the output is exactly 0 (no product that an inf gradient would turn into NaN).
+    ``backward`` and ``backward2`` apply both rules; the kernels follow them (``act_backward`` in
+    ``fastgan/ops/triton/activations.py``, ``act_backward_ct`` in ``csrc/cpu/activations.h``).
+
     ``alpha_meaning``: what ``alpha`` is for this activation (None: it has none and ignores alpha;
     give it for any row that takes alpha: error messages and module reprs use it); ``alpha_min``: the
     smallest alpha accepted. ``module``: the ``torch.nn`` activation module that ``fastgan.fuse`` folds
@@ -54,9 +63,23 @@ class Activation:
     grad2_from_output: Callable[[Tensor, float], Tensor]
     alpha_meaning: str | None = None
     alpha_min: float = -math.inf
+    grad_zero_where: Callable[[Tensor, float], Tensor] | None = None
+    piecewise_linear: bool = False
     module: type[nn.Module] | None = None
     module_matches: Callable[[Any], bool] = lambda m: True
     module_alpha: Callable[[Any], float | None] = lambda m: None
+
+    def backward(self, grad_y: Tensor, y: Tensor, alpha: float) -> Tensor:
+        """``grad_y * f'(x)`` from the output ``y = f(x)`` (differentiable in ``grad_y`` and ``y``)."""
+        if self.grad_zero_where is not None:
+            return torch.where(self.grad_zero_where(y, alpha), 0.0, grad_y)
+        return grad_y * self.grad_from_output(y, alpha)
+
+    def backward2(self, grad_y: Tensor, y: Tensor, alpha: float) -> Tensor:
+        """``grad_y * d/dy [f'(x(y))]``: the derivative of ``backward`` in ``y``, times ``grad_y``."""
+        if self.piecewise_linear:
+            return torch.zeros_like(y)
+        return grad_y * self.grad2_from_output(y, alpha)
 
 
 def _step(y: Tensor) -> Tensor:
@@ -70,17 +93,20 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("linear", 0, 0.0,
                    ref=lambda x, alpha: x,
                    grad_from_output=lambda y, alpha: torch.ones_like(y),
-                   grad2_from_output=lambda y, alpha: torch.zeros_like(y)),
+                   grad2_from_output=lambda y, alpha: torch.zeros_like(y),
+                   piecewise_linear=True),
         Activation("relu", 1, 0.0,
                    ref=lambda x, alpha: torch.relu(x),
                    grad_from_output=lambda y, alpha: _step(y),
                    grad2_from_output=lambda y, alpha: torch.zeros_like(y),
+                   grad_zero_where=lambda y, alpha: y <= 0, piecewise_linear=True,
                    module=nn.ReLU),
         Activation("lrelu", 2, 0.2,
                    ref=lambda x, alpha: F.leaky_relu(x, alpha),
                    # y > 0 exactly where x > 0 because alpha >= 0 (alpha_min)
                    grad_from_output=lambda y, alpha: _step(y) * (1.0 - alpha) + alpha,
                    grad2_from_output=lambda y, alpha: torch.zeros_like(y),
+                   piecewise_linear=True,
                    alpha_meaning="the negative slope", alpha_min=0.0,
                    module=nn.LeakyReLU, module_alpha=lambda m: float(m.negative_slope)),
         Activation("tanh", 3, 0.0,

@@ -60,9 +60,9 @@ def bias_act_grad_reference(grad_out: Tensor, out: Tensor, dim: int, act: str, a
     """
     spec, alpha = resolve_act(act, alpha)
     dim = dim % out.dim()
-    grad_x = grad_out * gain * spec.grad_from_output(out / gain, alpha)
-    if clamp is not None:
-        grad_x = grad_x * (out.abs() < clamp).to(grad_x.dtype)
+    if clamp is not None:  # selects before the activation's backward, as torch's clamp backward
+        grad_out = torch.where(out.abs() < clamp, grad_out, 0.0)
+    grad_x = spec.backward(grad_out * gain, out / gain, alpha)
     reduce_dims = [d for d in range(out.dim()) if d != dim]
     return grad_x, grad_x.sum(dim=reduce_dims) if reduce_dims else grad_x
 
@@ -218,11 +218,10 @@ def _bias_act_grad_backward(ctx, grad_grad_x, grad_grad_bias):
     if grad_grad_bias is not None and grad_grad_bias.numel() > 0:
         u = u + grad_grad_bias.reshape(_bias_shape(out.dim(), dim))
     s = out / gain
-    d_grad_out = u * gain * spec.grad_from_output(s, alpha)
-    d_out = u * grad_out * spec.grad2_from_output(s, alpha)
-    if clamp >= 0:
-        unsaturated = (out.abs() < clamp).to(out.dtype)
-        d_grad_out, d_out = d_grad_out * unsaturated, d_out * unsaturated
+    if clamp >= 0:  # selects first, as in the forward rule
+        u = torch.where(out.abs() < clamp, u, 0.0)
+    d_grad_out = spec.backward(u * gain, s, alpha)
+    d_out = spec.backward2(u * grad_out, s, alpha)
     return d_grad_out, d_out, None, None, None, None, None, None, None
 
 

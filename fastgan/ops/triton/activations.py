@@ -62,3 +62,15 @@ def act_grad_from_output(y, alpha, ACT: tl.constexpr):
         tl.static_assert(ACT == 4, "act_grad_from_output: no code for this activation id (see KERNEL_ACTIVATIONS)")
         g = y * (1.0 - y)
     return g
+
+
+@triton.jit
+def act_backward(gy, y, alpha, ACT: tl.constexpr):
+    """``gy * f'(x)`` from the saved output ``y``. relu selects, as torch's threshold_backward: 0 where
+    ``y <= 0`` even for an inf / NaN ``gy`` (a product would give NaN there), ``gy`` elsewhere (NaN
+    outputs included). The table's ``Activation.backward`` is the reference."""
+    if ACT == 1:
+        g = tl.where(y <= 0, 0.0, gy)
+    else:
+        g = gy * act_grad_from_output(y, alpha, ACT)
+    return g

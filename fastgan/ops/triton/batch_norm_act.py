@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.ops.triton.activations import act_grad_from_output, apply_act
+from fastgan.ops.triton.activations import act_backward, apply_act
 
 MAX_SPLITS = 128        # row splits of the reduction kernels (partial rows)
 TILE = 2048             # elements per program tile
@@ -104,7 +104,7 @@ def _apply_tile(x_ptr, y_ptr, r, R, c, c_mask, scale, shift, alpha, HW: tl.const
 def _dz(gy, v, scale, shift, alpha, ACT: tl.constexpr):
     """dy * act'(z) with z = x * scale + shift recomputed (act' through the table's rule in y)."""
     y = apply_act(v * scale[None, :] + shift[None, :], alpha, ACT)
-    return gy * act_grad_from_output(y, alpha, ACT)
+    return act_backward(gy, y, alpha, ACT)
 
 
 @triton.jit
@@ -121,14 +121,18 @@ def _grad_sums_tile(gy_ptr, x_ptr, r, r_end, c, c_mask, mean, scale, shift, alph
 
 @triton.jit
 def _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r, R, c, c_mask, scale, shift, p, q, o, alpha, HW: tl.constexpr, s_n, s_c,
-                     s_w, ROWS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
-    """dx = dz * p[c] + x * q[c] + o[c] on the tile, dz = dy act'(z)."""
+                     s_w, ROWS: tl.constexpr, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr):
+    """dx = dz * p[c] + x * q[c] + o[c] on the tile, dz = dy act'(z); in eval mode (q = o = 0) dx = dz * p[c],
+    so that a NaN x gives a NaN dx only where torch's does (through dz), not through x * 0."""
     mask = (r < R)[:, None] & c_mask[None, :]
     offs = _tile_offsets(r, c, HW, s_n, s_c, s_w, ROWS)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     dz = _dz(gy, v, scale, shift, alpha, ACT)
-    dx = dz * p[None, :] + v * q[None, :] + o[None, :]
+    if TRAINING:
+        dx = dz * p[None, :] + v * q[None, :] + o[None, :]
+    else:
+        dx = dz * p[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -357,7 +361,7 @@ def _grad_stats_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, partial_p
 
 
 @triton.jit
-def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr, o_ptr, alpha, R, C, HW: tl.constexpr, s_n, s_c, s_w, TRAINING: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     """dx = dz * p[c] + x * q[c] + o[c], dz = dy act'(z). Grid as _apply_kernel's."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -367,7 +371,7 @@ def _grad_apply_kernel(gy_ptr, x_ptr, scale_ptr, shift_ptr, dx_ptr, p_ptr, q_ptr
     scale = tl.load(scale_ptr + c, mask=c_mask, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_mask, other=0.0)
     _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R), R, c, c_mask, scale,
-                     shift, p, q, o, alpha, HW, s_n, s_c, s_w, ROWS, ACT, ACC)
+                     shift, p, q, o, alpha, HW, s_n, s_c, s_w, ROWS, TRAINING, ACT, ACC)
 
 
 # --- Single-pass path: one program per block of channels walks all their rows, each direction in one launch. ---
@@ -426,7 +430,7 @@ def _single_pass_backward_kernel(gy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
     o = o.to(ACC)
     for r0 in range(0, R, BLOCK_R):
         _grad_apply_tile(gy_ptr, x_ptr, dx_ptr, r0 + tl.arange(0, BLOCK_R), R, c, c_mask, scale, shift, p, q, o, alpha,
-                         HW, s_n, s_c, s_w, ROWS, ACT, ACC)
+                         HW, s_n, s_c, s_w, ROWS, TRAINING, ACT, ACC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +650,6 @@ def batch_norm_act_backward(grad_out, x, weight, bias, mean, var, training: bool
     dx = torch.empty_like(x)
     block_r, block_c = _blocks(x, c)
     grid = _apply_grid(r, c, block_r, block_c)
-    _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, *strides,
+    _grad_apply_kernel[grid](grad_out, x, scale, shift, dx, p, q, o, alpha, r, c, hw, *strides, TRAINING=training,
                              ACT=act, ACC=acc_tl, BLOCK_R=block_r, BLOCK_C=block_c, ROWS=rows)
     return dx, dweight, dbias

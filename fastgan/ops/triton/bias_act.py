@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.ops.triton.activations import act_grad_from_output, apply_act
+from fastgan.ops.triton.activations import act_backward, apply_act
 
 TILE = 4096  # elements per program
 
@@ -60,10 +60,12 @@ def _bias_act_grad_kernel(gy_ptr, y_ptr, gx_ptr, partial_ptr, R, C, INNER, alpha
     offs, mask, c = _tile(R, C, INNER, BLOCK_R, BLOCK_C, INDEX64)
     gy = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
-    # f'(x) from the saved output y = clamp(f(x) * gain): f(x) = y / gain
-    g = gy * gain * act_grad_from_output(y * inv_gain, alpha, ACT)
     if HAS_CLAMP:
-        g = tl.where(tl.abs(y) < clamp, g, 0.0)  # saturated outputs pass no gradient
+        # saturated outputs pass no gradient; the mask applies first, as torch's clamp backward before
+        # the activation's (a NaN output of tanh keeps a NaN gradient)
+        gy = tl.where(tl.abs(y) < clamp, gy, 0.0)
+    # f'(x) from the saved output y = clamp(f(x) * gain): f(x) = y / gain
+    g = act_backward(gy * gain, y * inv_gain, alpha, ACT)
     g = tl.where(mask, g, 0.0)
     tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_BIAS:

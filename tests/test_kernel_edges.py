@@ -1,14 +1,17 @@
-"""Edge cases of the C++ CPU kernels (csrc/cpu/layers.cpp, batch_norm_act.cpp, activations.h,
-vec_math.h) against the plain-PyTorch reference (impl="ref", torch autograd): non-finite values and
-the kinks of the activations, element for element (NaN where the reference has NaN, 0 where it has 0).
-Small shapes: the whole file runs in seconds."""
+"""Edge cases of the fast kernels against the plain-PyTorch reference (impl="ref", torch autograd):
+non-finite values and the kinks of the activations, element for element (NaN where the reference
+has NaN, 0 where it has 0). The C++ CPU kernels (csrc/cpu/layers.cpp, batch_norm_act.cpp,
+activations.h, vec_math.h) and, where the rule is the activation table's (relu's selecting backward,
+the clamp's mask), the Triton kernels through the interpreter. Small shapes: the whole file runs in
+seconds."""
 import pytest
 import torch
 
 from fastgan._dispatch import extension
 from fastgan.ops import batch_norm_act, bias_act, linear_act
 
-pytestmark = pytest.mark.skipif(extension() is None, reason="fastgan._C is not built")
+CPU = pytest.param("cpu", marks=pytest.mark.skipif(extension() is None, reason="fastgan._C is not built"))
+FAST_IMPLS = [CPU, "triton"]
 
 NAN, INF = float("nan"), float("inf")
 
@@ -27,9 +30,9 @@ def grads(fn, inputs, grad_out):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def both(fn, inputs, grad_out):
-    """(cpu, ref) results of fn(impl, *inputs): output and input gradients."""
-    return (grads(lambda *t: fn("cpu", *t), inputs, grad_out), grads(lambda *t: fn("ref", *t), inputs, grad_out))
+def both(fn, inputs, grad_out, impl="cpu"):
+    """(impl, ref) results of fn(impl, *inputs): output and input gradients."""
+    return (grads(lambda *t: fn(impl, *t), inputs, grad_out), grads(lambda *t: fn("ref", *t), inputs, grad_out))
 
 
 # x values around the kinks and where tanh / sigmoid saturate or overflow, each met by every grad_out value
@@ -37,10 +40,11 @@ SPECIAL_X = [0.0, -0.0, NAN, INF, -INF, 1e-40, -1e-40, 20.0, -20.0, 1.0, -1.0, 3
 SPECIAL_GY = [1.0, NAN, INF, -INF, 0.0, -2.0]
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("act", ["linear", "relu", "lrelu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("gain", [1.0, -2.0])
 @pytest.mark.parametrize("clamp", [None, 0.5])
-def test_bias_act_non_finite_values_and_gradients(act, gain, clamp):
+def test_bias_act_non_finite_values_and_gradients(act, gain, clamp, impl):
     # relu's backward in torch selects (0 where the output is <= 0 even for an infinite grad_out; grad_out
     # where the output is NaN); the clamp's mask applies before the activation's backward (a NaN input of
     # tanh / sigmoid keeps a NaN gradient under a clamp). The kernels multiplied, and masked last.
@@ -50,13 +54,14 @@ def test_bias_act_non_finite_values_and_gradients(act, gain, clamp):
     if clamp is not None:  # |out| == clamp exactly: the fast path (output only) cannot tell it from saturated
         keep = bias_act(x, None, 1, act, gain=gain, impl="ref").abs().ne(clamp).view(-1)
         x, gy = x[..., keep], gy[..., keep]
-    cpu, ref = both(lambda impl, x: bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl=impl), (x,), gy)
+    cpu, ref = both(lambda impl, x: bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl=impl), (x,), gy, impl)
     for a, r in zip(cpu, ref):
         same(a, r)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_bias_act_relu_blocks_non_finite_grad_where_inactive(layout):
+def test_bias_act_relu_blocks_non_finite_grad_where_inactive(layout, impl):
     # As torch.relu: an inf / NaN gradient (e.g. an overflowed loss scale) at inactive units gives 0 there,
     # not NaN in grad_x and in the bias gradient summed over them.
     x = torch.randn(2, 4, 3, 3) if layout != "rows" else torch.randn(6, 4)
@@ -67,16 +72,17 @@ def test_bias_act_relu_blocks_non_finite_grad_where_inactive(layout):
     gy[0, 0] = NAN
     x[0, 0] = -1.0
     x[-1, -1] = NAN  # a NaN input passes its gradient (torch: NaN <= 0 is false)
-    cpu, ref = both(lambda impl, x, b: bias_act(x, b, 1, "relu", impl=impl), (x, b), gy)
+    cpu, ref = both(lambda impl, x, b: bias_act(x, b, 1, "relu", impl=impl), (x, b), gy, impl)
     for a, r in zip(cpu, ref):
         same(a, r)
 
 
-def test_linear_act_relu_blocks_non_finite_grad_where_inactive():
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_linear_act_relu_blocks_non_finite_grad_where_inactive(impl):
     x, w, b = torch.randn(6, 5), torch.randn(3, 5), torch.randn(3)
     z = torch.nn.functional.linear(x, w, b)
     gy = torch.where(z < -1e-3, torch.full_like(z, INF), torch.randn_like(z))
-    cpu, ref = both(lambda impl, x, w, b: linear_act(x, w, b, "relu", impl=impl), (x, w, b), gy)
+    cpu, ref = both(lambda impl, x, w, b: linear_act(x, w, b, "relu", impl=impl), (x, w, b), gy, impl)
     for a, r in zip(cpu, ref):
         assert torch.isfinite(a).all()
         same(a, r, rtol=1e-5, atol=1e-5)
@@ -134,9 +140,10 @@ def test_batch_norm_kink_where_x_equals_the_mean(act, training, layout):
         same(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_batch_norm_relu_blocks_non_finite_grad_where_inactive(training, layout):
+def test_batch_norm_relu_blocks_non_finite_grad_where_inactive(training, layout, impl):
     # As torch.relu after the normalisation: inf / NaN gradients at inactive units give 0 there (the
     # kernel's product made them NaN, and the channel sums NaN the whole channel's gradients); a NaN input
     # (eval: its own z only) passes its gradient.
@@ -150,7 +157,7 @@ def test_batch_norm_relu_blocks_non_finite_grad_where_inactive(training, layout)
     if not training:
         x = x.clone()
         x[0, 1] = NAN
-    cpu, ref = both(lambda impl, x, w, b: _bn(impl, x, w, b, rm, rv, training, "relu"), (x, w, b), gy)
+    cpu, ref = both(lambda impl, x, w, b: _bn(impl, x, w, b, rm, rv, training, "relu"), (x, w, b), gy, impl)
     for a, r in zip(cpu, ref):
         if training:
             assert torch.isfinite(a).all()
@@ -175,4 +182,48 @@ def test_fused_conv_inplace_path_non_finite(fmt):
         y.backward(gy)
         out.append([y.detach(), x.grad, b.grad])
     for a, r in zip(*out):
+        same(a, r)
+
+
+def _special_grid():
+    n, m = len(SPECIAL_X), len(SPECIAL_GY)
+    return torch.tensor(SPECIAL_X).repeat_interleave(m).view(1, 1, -1), torch.tensor(SPECIAL_GY).repeat(n).view(1, 1, -1)
+
+
+@pytest.mark.parametrize("act", ["linear", "relu", "lrelu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("gain", [1.0, -2.0])
+@pytest.mark.parametrize("clamp", [None, 0.5])
+def test_bias_act_grad_reference_non_finite(act, gain, clamp):
+    # The Python rule from the saved output (the table's Activation.backward, the clamp's select first) is
+    # what the kernels are held to, and what the double backward differentiates: it must equal torch's
+    # autograd through the plain ops, NaN for NaN, 0 for 0.
+    from fastgan.ops.bias_act import bias_act_grad_reference
+    x, gy = _special_grid()
+    out = bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl="ref")
+    if clamp is not None:
+        keep = out.abs().ne(clamp).view(-1)
+        x, gy, out = x[..., keep], gy[..., keep], out[..., keep]
+    _, expected_gx = grads(lambda x: bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl="ref"), (x,), gy)
+    gx, gb = bias_act_grad_reference(gy, out, 1, act, gain=gain, clamp=clamp)
+    same(gx, expected_gx)
+    same(gb, expected_gx.sum(dim=(0, 2)))
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS + ["ref"])
+@pytest.mark.parametrize("clamp", [None, 3.0])
+def test_relu_double_backward_with_infinite_grad_out(impl, clamp):
+    # R1 under fp16 loss scaling can meet an inf grad_out. torch's relu: d(grad_x)/d(grad_out) selects
+    # (0 at inactive units) and d(grad_x)/d(x) is 0 everywhere, with no inf * 0 = NaN.
+    x = torch.randn(3, 4, 5)
+    gy = torch.where(x < 0, torch.full_like(x, INF), torch.randn_like(x))
+    v = torch.randn_like(x)
+    results = []
+    for path in (impl, "torch"):
+        xl, gyl = x.clone().requires_grad_(), gy.clone().requires_grad_()
+        y = (torch.relu(xl).clamp(-clamp, clamp) if clamp else torch.relu(xl)) if path == "torch" else \
+            bias_act(xl, None, 1, "relu", clamp=clamp, impl=path)
+        (gx,) = torch.autograd.grad(y, xl, gyl, create_graph=True)
+        d_gy, d_x = torch.autograd.grad(gx, (gyl, xl), v, allow_unused=True)
+        results.append((gx.detach(), d_gy, torch.zeros_like(x) if d_x is None else d_x))
+    for a, r in zip(*results):
         same(a, r)
