@@ -63,7 +63,7 @@ from torch import nn
 
 __all__ = ["DistInfo", "init_from_env", "is_initialized", "rank", "world_size", "is_main_process",
            "data_parallel", "all_reduce_gradients", "broadcast_module", "average_buffers", "shard", "RankSlices",
-           "barrier", "destroy", "ddp_wrap"]
+           "barrier", "destroy", "ddp_wrap", "raise_on_every_rank"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,35 @@ def _check_same_across_ranks(layout: list[tuple], src: int = 0) -> None:
                          f"{show(theirs)}, rank {r} has {show(mine)}. Build the same G, D and optimizers on "
                          "every rank (and when resuming, load the checkpoint on every rank) before "
                          "data_parallel / broadcast_module")
+
+
+def raise_on_every_rank(error: BaseException | None, settings: list[tuple] = ()) -> None:
+    """A collective that every rank calls before entering training together (``Trainer.fit`` under
+    ``data_parallel``): if some rank's ``error`` (its own set-up failure, e.g. a data shard smaller
+    than the batch) is not None, or its ``settings`` (rows of (name, value): what decides when the
+    ranks meet in collectives, such as the step count and the checkpoint cadence) differ from rank
+    0's, every rank raises. A rank raises its own error; the others a ValueError naming the first
+    failing rank and its message. Without this one rank raises while the others enter DDP's first
+    all-reduce and wait there until the process group's timeout (30 minutes with gloo)."""
+    if not is_initialized() or world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, (mine, list(settings)))
+    if error is not None:
+        raise error
+    for r, (message, _) in enumerate(gathered):
+        if message is not None:
+            raise ValueError(f"rank {r} could not start training ({message}); every rank stops here")
+    ref = gathered[0][1]
+    for r, (_, rows) in enumerate(gathered):
+        for mine_row, ref_row in zip(rows, ref):
+            if mine_row != ref_row:
+                raise ValueError(f"the ranks were given different {ref_row[0]}: rank 0 has {ref_row[1]!r}, rank {r} "
+                                 f"has {mine_row[1]!r}. They decide when the ranks meet in collectives; give every "
+                                 "rank the same")
 
 
 def average_buffers(module: nn.Module) -> None:

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import numbers
 import os
@@ -1256,7 +1257,10 @@ class Trainer:
         digest beside it, see :meth:`save_checkpoint`) at every step count that is a multiple of it
         (counted from the start of training, so a resumed run keeps the cadence) and after the last; the
         newest ``keep_checkpoints`` are kept, an older one is deleted only once the new one is
-        complete. Under ``torch.distributed`` rank 0 writes (all ranks must call ``fit`` alike).
+        complete. Under ``torch.distributed`` rank 0 writes (all ranks must call ``fit`` alike: under
+        ``data_parallel`` a rank whose ``fit`` cannot start, e.g. its data shard smaller than the batch,
+        or whose ``steps`` / ``log_every`` / ``checkpoint_every`` / ``max_nonfinite_steps`` differ from
+        rank 0's, makes every rank raise a ValueError before the first step).
         ``Trainer.load(out_dir, G, D)`` resumes from the newest good one. ``on_checkpoint(trainer,
         step, history)``, if given, is called at each checkpoint step just before the checkpoint is
         written, with the history logged so far (``fastgan train`` writes its history.csv there, so a
@@ -1277,30 +1281,23 @@ class Trainer:
         Whatever stops ``fit`` early (an exception, ``KeyboardInterrupt``) carries the history logged
         so far as its ``.history``.
         """
-        steps = _check_int("steps", steps, 0)
-        batch_size = _check_int("batch_size", batch_size, 1)
-        log_every = _check_int("log_every", log_every, 1)
-        keep_checkpoints = _check_int("keep_checkpoints", keep_checkpoints, 1)
-        if checkpoint_every is not None:
-            checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
-            if out_dir is None:
-                raise ValueError("checkpoint_every needs out_dir=... (the folder the checkpoints go to)")
-            self._check_out_dir(out_dir)
-        elif out_dir is not None:
-            raise ValueError("out_dir is the folder checkpoint_every writes checkpoints to; give checkpoint_every=... "
-                             "too (nothing would be written)")
-        guard = None
-        if max_nonfinite_steps is not None:
-            max_nonfinite_steps = _check_int("max_nonfinite_steps", max_nonfinite_steps, 1)
-            from fastgan.checkpoint import NonFiniteGuard
-            guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
-        callbacks = tuple(callbacks)
-        for cb in callbacks:
-            if not callable(cb):
-                raise TypeError(f"callbacks must be callables, got {type(cb).__name__}")
-        if on_checkpoint is not None and not callable(on_checkpoint):
-            raise TypeError(f"on_checkpoint must be a callable or None, got {type(on_checkpoint).__name__}")
-        batches = self._batches(data, batch_size)
+        from fastgan import distributed as fdist
+        try:
+            (steps, log_every, checkpoint_every, keep_checkpoints, max_nonfinite_steps, guard, callbacks,
+             batches) = self._prepare_fit(data, steps, batch_size, log_every, checkpoint_every, out_dir, callbacks,
+                                          keep_checkpoints, max_nonfinite_steps, on_checkpoint)
+            setup_error = None
+        except Exception as exc:  # noqa: BLE001 -- any set-up failure: re-raised on this rank below
+            if not self.data_parallel:
+                raise
+            setup_error = exc
+        if self.data_parallel:
+            # Every rank reaches the same collectives (DDP's all-reduces, the non-finite guard's and the
+            # checkpoints' gathers) at the same steps: a rank whose own set-up failed (a shard smaller than
+            # the batch) or whose cadence differs stops every rank now, not after the process group's timeout.
+            fdist.raise_on_every_rank(setup_error, [] if setup_error is not None else [
+                ("steps", steps), ("d_steps", self.d_steps), ("log_every", log_every),
+                ("checkpoint_every", checkpoint_every), ("max_nonfinite_steps", max_nonfinite_steps)])
         history: dict[str, list[float]] = {"step": [], "steps_per_s": []}
         skipped_logged = {"discriminator": 0, "generator": 0}
         bar = None
@@ -1361,6 +1358,39 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return history
+
+    def _prepare_fit(self, data, steps, batch_size, log_every, checkpoint_every, out_dir, callbacks,
+                     keep_checkpoints, max_nonfinite_steps, on_checkpoint):
+        """fit's argument checks and its batch stream; see fit."""
+        steps = _check_int("steps", steps, 0)
+        batch_size = _check_int("batch_size", batch_size, 1)
+        log_every = _check_int("log_every", log_every, 1)
+        keep_checkpoints = _check_int("keep_checkpoints", keep_checkpoints, 1)
+        if checkpoint_every is not None:
+            checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+            if out_dir is None:
+                raise ValueError("checkpoint_every needs out_dir=... (the folder the checkpoints go to)")
+            self._check_out_dir(out_dir)
+        elif out_dir is not None:
+            raise ValueError("out_dir is the folder checkpoint_every writes checkpoints to; give checkpoint_every=... "
+                             "too (nothing would be written)")
+        guard = None
+        if max_nonfinite_steps is not None:
+            max_nonfinite_steps = _check_int("max_nonfinite_steps", max_nonfinite_steps, 1)
+            from fastgan.checkpoint import NonFiniteGuard
+            guard = NonFiniteGuard(max_consecutive=max_nonfinite_steps)
+        callbacks = tuple(callbacks)
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks must be callables, got {type(cb).__name__}")
+        if on_checkpoint is not None and not callable(on_checkpoint):
+            raise TypeError(f"on_checkpoint must be a callable or None, got {type(on_checkpoint).__name__}")
+        batches = self._batches(data, batch_size)
+        if steps > 0:
+            # The first batch now, within the checks: data that yields no batch, or a batch that cannot
+            # be used, fails here (on every rank at once under data_parallel), before any step.
+            batches = itertools.chain((next(batches),), batches)
+        return steps, log_every, checkpoint_every, keep_checkpoints, max_nonfinite_steps, guard, callbacks, batches
 
     def _check_out_dir(self, out_dir) -> None:
         """Refuse a checkpoint folder holding checkpoints of steps this run has not reached: they belong to

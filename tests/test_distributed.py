@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -604,6 +605,65 @@ def test_data_parallel_over_ranks_that_differ_raises_a_value_error_on_every_rank
         assert f"rank-0-load rank {rank}: ValueError: the ranks do not hold the same model" in result.stdout
         assert f"same rank {rank}: no error" in result.stdout
     assert "load the checkpoint on every rank" in result.stdout
+
+
+_FIT_SETUP_WORKER = textwrap.dedent("""
+    import os, sys, time, torch
+    import torch.distributed as dist
+    from torch import nn
+    import fastgan.distributed as fd
+    from fastgan.trainer import Trainer
+    torch.set_num_threads(1)
+    info = fd.init_from_env()
+    rank = info.rank
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    D = nn.Sequential(nn.Linear(2, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    trainer = fd.data_parallel(Trainer(G, D, latent_dim=4, seed=0))
+
+    def attempt(case, data, **kwargs):
+        start = time.perf_counter()
+        try:
+            trainer.fit(data, progress=False, batch_size=8, **kwargs)
+            outcome = "no error"
+        except ValueError as exc:
+            outcome = f"ValueError: {exc}"
+        print(f"{case} rank {rank} ({time.perf_counter() - start:.0f} s): {outcome}", flush=True)
+
+    full = torch.randn(64, 2)
+    # rank 1's shard is smaller than its batch: it raised while rank 0 waited in DDP's first all-reduce
+    attempt("small-shard", full if rank == 0 else full[:3], steps=3)
+    # a DataLoader that yields nothing on rank 1 (its error comes from the first batch)
+    attempt("empty-loader", [full[:8]] if rank == 0 else [], steps=3)
+    # a cadence read differently on one rank
+    attempt("steps", full, steps=3 if rank == 0 else 4)
+    attempt("same", full, steps=2, log_every=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+""")
+
+
+def test_fit_fails_on_every_rank_when_one_ranks_set_up_fails(tmp_path):
+    """A rank whose fit could not start (its data shard smaller than the batch, an empty DataLoader) used
+    to raise alone while the other ranks waited in DDP's first all-reduce until gloo's 30-minute timeout;
+    ranks given different step counts hung at the end the same way. Every rank now raises at once."""
+    script = tmp_path / "fit_setup.py"
+    script.write_text(_FIT_SETUP_WORKER)
+    result = subprocess.run([*_torchrun(2), str(script)], capture_output=True, text=True, timeout=300, env=_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    out = result.stdout
+    assert "small-shard rank 1 (0 s): ValueError: data has 3 samples, fewer than batch_size=8" in out, out
+    assert ("small-shard rank 0 (0 s): ValueError: rank 1 could not start training (ValueError: data has 3 samples, "
+            "fewer than batch_size=8); every rank stops here") in out, out
+    assert "empty-loader rank 1 (0 s): ValueError: data is empty (the iterable yielded no batch)" in out, out
+    assert "empty-loader rank 0 (0 s): ValueError: rank 1 could not start training (ValueError: data is empty" in out
+    for rank in (0, 1):
+        assert (f"steps rank {rank} (0 s): ValueError: the ranks were given different steps: rank 0 has 3, rank 1 "
+                "has 4") in out, out
+        assert re.search(rf"same rank {rank} \(\d+ s\): no error", out), out
 
 
 _EMA_BN_WORKER = textwrap.dedent("""
