@@ -119,8 +119,11 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
 
     The digest file is written first and the checkpoint second, each atomically: a crash at any point
     leaves every earlier checkpoint intact, and at worst a stray digest without its checkpoint and a
-    temporary ``.checkpoint-<step>.pt.*.tmp`` (both ignored, removed by the next save). Call it on one
-    process only (rank 0 under torch.distributed).
+    temporary ``.checkpoint-<step>.pt.*.tmp`` (both ignored, removed by the next save). Rewriting a
+    step's checkpoint (a resumed run reaching that step again) drops the old digest first, then
+    writes the checkpoint and its digest: a crash in between leaves a complete checkpoint (the old or
+    the new one) without a digest, which loads. Call it on one process only (rank 0 under
+    torch.distributed).
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1, got {keep!r}")
@@ -134,33 +137,39 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     data = buffer.getvalue()
     path = checkpoint_path(run_dir, step)
     digest = (hashlib.sha256(data).hexdigest() + "\n").encode()
-    atomic_write(str(path) + ".sha256", lambda f: f.write(digest))
-    atomic_write(path, lambda f: f.write(data))
+    digest_path = Path(str(path) + ".sha256")
+    if path.exists():
+        # Written digest first, a crash between the two renames would leave the old (good) checkpoint
+        # beside the new digest: a mismatch that discards it. Without a digest either file loads.
+        _unlink_if_present(digest_path)
+        atomic_write(path, lambda f: f.write(data))
+        atomic_write(digest_path, lambda f: f.write(digest))
+    else:
+        atomic_write(digest_path, lambda f: f.write(digest))
+        atomic_write(path, lambda f: f.write(data))
     # Only now that the new checkpoint is complete: drop the old ones -- those of earlier steps beyond
     # the newest ``keep`` (this one included). Checkpoints of later steps are not older than this one:
     # another run's, or the steps after the checkpoint this run resumed from, left for their owner.
     earlier = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME and checkpoint_step(p) < step]
     for old in earlier[keep - 1:]:
         for f in (old, Path(str(old) + ".sha256")):
-            try:
-                f.unlink()
-            except FileNotFoundError:
-                pass
-    for digest in run_dir.glob(CHECKPOINT_GLOB + ".sha256"):   # digests whose checkpoint never landed
-        if not Path(str(digest)[: -len(".sha256")]).exists():
-            try:
-                digest.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink_if_present(f)
+    for stray in run_dir.glob(CHECKPOINT_GLOB + ".sha256"):   # digests whose checkpoint never landed
+        if not Path(str(stray)[: -len(".sha256")]).exists():
+            _unlink_if_present(stray)
     # Temporary files of writes cut by a hard kill (SIGKILL, OOM killer, power): each is as large as a
     # checkpoint and nothing else ever removes them. Safe here: one process writes a run folder's checkpoints.
     for temp in run_dir.glob(".checkpoint-*.tmp"):
         if _STALE_TEMP_NAME.match(temp.name) and temp.is_file():
-            try:
-                temp.unlink()
-            except FileNotFoundError:
-                pass
+            _unlink_if_present(temp)
     return path
+
+
+def _unlink_if_present(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------

@@ -169,3 +169,32 @@ def test_trainer_load_of_a_folder_skips_a_newer_file_that_is_no_trainer_checkpoi
     # One file named directly is still refused outright.
     with pytest.raises(ValueError, match="not a fastgan.Trainer checkpoint"):
         Trainer.load(foreign, *_pair(1))
+
+
+@pytest.mark.parametrize("crash_at_write", [0, 1])
+def test_a_crash_while_rewriting_a_steps_checkpoint_leaves_one_that_loads(tmp_path, monkeypatch, crash_at_write):
+    # A resumed run reaching a step it has a checkpoint of rewrites it. Written digest first, a crash
+    # between the digest's rename and the checkpoint's left the old (good) checkpoint beside the new
+    # digest: "corrupted", and resume fell back a checkpoint.
+    save_checkpoint(_state(1), tmp_path, 1)
+    path = save_checkpoint(_state(5), tmp_path, 5)
+    new_state = dict(_state(6), step=5)
+    real_write, calls = ckpt.atomic_write, []
+
+    def crash_on_one_write(target, fn):
+        calls.append(target)
+        if len(calls) - 1 == crash_at_write:
+            raise OSError("disk gone")
+        return real_write(target, fn)
+
+    monkeypatch.setattr(ckpt, "atomic_write", crash_on_one_write)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(new_state, tmp_path, 5)
+    monkeypatch.undo()
+    state = load_checkpoint(path)   # no CheckpointError: the old or the new one, complete
+    assert any(torch.equal(state["w"], s["w"]) for s in (_state(5), new_state))
+    latest, latest_path = load_latest_good(tmp_path)
+    assert latest_path == path and latest["step"] == 5
+    # and a clean rewrite leaves the new one with a matching digest
+    save_checkpoint(new_state, tmp_path, 5)
+    assert ckpt.digest_matches(path) is True and torch.equal(load_checkpoint(path)["w"], new_state["w"])
