@@ -1725,7 +1725,10 @@ class Trainer:
     def save(self, path: str | os.PathLike) -> None:
         """Write ``state_dict()`` to the single file ``path`` atomically (temporary file beside it,
         then renamed: the previous file stays intact until the new one is complete). For rotating,
-        digest-checked checkpoints of a run folder use :meth:`save_checkpoint`."""
+        digest-checked checkpoints of a run folder use :meth:`save_checkpoint`. Under
+        ``torch.distributed`` it is no collective: each rank that calls it writes its own state (its
+        own RNG states and BatchNorm running statistics), so call it on one rank for one file, or use
+        :meth:`save_checkpoint`, which holds every rank's."""
         _checkpoint.atomic_save(self.state_dict(), path)
 
     def save_checkpoint(self, run_dir: str | os.PathLike, keep: int = 2):
