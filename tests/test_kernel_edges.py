@@ -3,7 +3,8 @@ non-finite values and the kinks of the activations, element for element (NaN whe
 has NaN, 0 where it has 0). The C++ CPU kernels (csrc/cpu/layers.cpp, batch_norm_act.cpp,
 activations.h, vec_math.h) and, where the rule is the activation table's (relu's selecting backward,
 the clamp's mask), the Triton kernels through the interpreter. Small shapes: the whole file runs in
-seconds."""
+seconds. The ``run_*`` helpers take an impl and a device: tests/gpu/test_kernel_edges_gpu.py runs
+them on CUDA for the compiled Triton kernels."""
 import pytest
 import torch
 
@@ -35,9 +36,53 @@ def both(fn, inputs, grad_out, impl="cpu"):
     return (grads(lambda *t: fn(impl, *t), inputs, grad_out), grads(lambda *t: fn("ref", *t), inputs, grad_out))
 
 
+def compare(fn, inputs, grad_out, impl, rtol=1e-5, atol=1e-6, finite=False):
+    """fn(impl, ...) against fn("ref", ...): outputs and input gradients, NaN for NaN (finite: none at all)."""
+    for a, r in zip(*both(fn, inputs, grad_out, impl)):
+        if finite:
+            assert torch.isfinite(a).all()
+        same(a, r, rtol=rtol, atol=atol)
+
+
 # x values around the kinks and where tanh / sigmoid saturate or overflow, each met by every grad_out value
 SPECIAL_X = [0.0, -0.0, NAN, INF, -INF, 1e-40, -1e-40, 20.0, -20.0, 1.0, -1.0, 3e38, -3e38, 0.3, -0.3]
 SPECIAL_GY = [1.0, NAN, INF, -INF, 0.0, -2.0]
+
+
+def run_bias_act_special_values(impl, act, gain, clamp, device="cpu", subnormals=True):
+    # relu's backward in torch selects (0 where the output is <= 0 even for an infinite grad_out; grad_out
+    # where the output is NaN); the clamp's mask applies before the activation's backward (a NaN input of
+    # tanh / sigmoid keeps a NaN gradient under a clamp). The kernels multiplied, and masked last.
+    xs = [v for v in SPECIAL_X if subnormals or v == 0 or abs(v) >= 1e-37]  # a GPU may flush subnormals
+    n, m = len(xs), len(SPECIAL_GY)
+    x = torch.tensor(xs, device=device).repeat_interleave(m).view(1, 1, -1)
+    gy = torch.tensor(SPECIAL_GY, device=device).repeat(n).view(1, 1, -1)
+    if clamp is not None:  # |out| == clamp exactly: the fast path (output only) cannot tell it from saturated
+        keep = bias_act(x, None, 1, act, gain=gain, impl="ref").abs().ne(clamp).view(-1)
+        x, gy = x[..., keep], gy[..., keep]
+    compare(lambda impl, x: bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl=impl), (x,), gy, impl)
+
+
+def run_bias_act_relu_inactive(impl, layout, device="cpu"):
+    # As torch.relu: an inf / NaN gradient (e.g. an overflowed loss scale) at inactive units gives 0 there,
+    # not NaN in grad_x and in the bias gradient summed over them.
+    x = torch.randn(2, 4, 3, 3, device=device) if layout != "rows" else torch.randn(6, 4, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    b = torch.zeros(4, device=device)
+    gy = torch.where(x < 0, torch.full_like(x, INF), torch.randn_like(x))
+    gy[0, 0] = NAN
+    x[0, 0] = -1.0
+    x[-1, -1] = NAN  # a NaN input passes its gradient (torch: NaN <= 0 is false)
+    compare(lambda impl, x, b: bias_act(x, b, 1, "relu", impl=impl), (x, b), gy, impl)
+
+
+def run_linear_act_relu_inactive(impl, device="cpu"):
+    x, w, b = (torch.randn(shape, device=device) for shape in ((6, 5), (3, 5), (3,)))
+    z = torch.nn.functional.linear(x, w, b)
+    gy = torch.where(z < -1e-3, torch.full_like(z, INF), torch.randn_like(z))
+    compare(lambda impl, x, w, b: linear_act(x, w, b, "relu", impl=impl), (x, w, b), gy, impl, 1e-5, 1e-5,
+            finite=True)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -45,47 +90,18 @@ SPECIAL_GY = [1.0, NAN, INF, -INF, 0.0, -2.0]
 @pytest.mark.parametrize("gain", [1.0, -2.0])
 @pytest.mark.parametrize("clamp", [None, 0.5])
 def test_bias_act_non_finite_values_and_gradients(act, gain, clamp, impl):
-    # relu's backward in torch selects (0 where the output is <= 0 even for an infinite grad_out; grad_out
-    # where the output is NaN); the clamp's mask applies before the activation's backward (a NaN input of
-    # tanh / sigmoid keeps a NaN gradient under a clamp). The kernels multiplied, and masked last.
-    n, m = len(SPECIAL_X), len(SPECIAL_GY)
-    x = torch.tensor(SPECIAL_X).repeat_interleave(m).view(1, 1, -1)
-    gy = torch.tensor(SPECIAL_GY).repeat(n).view(1, 1, -1)
-    if clamp is not None:  # |out| == clamp exactly: the fast path (output only) cannot tell it from saturated
-        keep = bias_act(x, None, 1, act, gain=gain, impl="ref").abs().ne(clamp).view(-1)
-        x, gy = x[..., keep], gy[..., keep]
-    cpu, ref = both(lambda impl, x: bias_act(x, None, 1, act, gain=gain, clamp=clamp, impl=impl), (x,), gy, impl)
-    for a, r in zip(cpu, ref):
-        same(a, r)
+    run_bias_act_special_values(impl, act, gain, clamp)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 def test_bias_act_relu_blocks_non_finite_grad_where_inactive(layout, impl):
-    # As torch.relu: an inf / NaN gradient (e.g. an overflowed loss scale) at inactive units gives 0 there,
-    # not NaN in grad_x and in the bias gradient summed over them.
-    x = torch.randn(2, 4, 3, 3) if layout != "rows" else torch.randn(6, 4)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    b = torch.zeros(4)
-    gy = torch.where(x < 0, torch.full_like(x, INF), torch.randn_like(x))
-    gy[0, 0] = NAN
-    x[0, 0] = -1.0
-    x[-1, -1] = NAN  # a NaN input passes its gradient (torch: NaN <= 0 is false)
-    cpu, ref = both(lambda impl, x, b: bias_act(x, b, 1, "relu", impl=impl), (x, b), gy, impl)
-    for a, r in zip(cpu, ref):
-        same(a, r)
+    run_bias_act_relu_inactive(impl, layout)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_linear_act_relu_blocks_non_finite_grad_where_inactive(impl):
-    x, w, b = torch.randn(6, 5), torch.randn(3, 5), torch.randn(3)
-    z = torch.nn.functional.linear(x, w, b)
-    gy = torch.where(z < -1e-3, torch.full_like(z, INF), torch.randn_like(z))
-    cpu, ref = both(lambda impl, x, w, b: linear_act(x, w, b, "relu", impl=impl), (x, w, b), gy, impl)
-    for a, r in zip(cpu, ref):
-        assert torch.isfinite(a).all()
-        same(a, r, rtol=1e-5, atol=1e-5)
+    run_linear_act_relu_inactive(impl)
 
 
 def test_sigmoid_below_minus_87():
@@ -140,28 +156,29 @@ def test_batch_norm_kink_where_x_equals_the_mean(act, training, layout):
         same(a, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
-@pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
-def test_batch_norm_relu_blocks_non_finite_grad_where_inactive(training, layout, impl):
+def run_batch_norm_relu_inactive(impl, training, layout, device="cpu"):
     # As torch.relu after the normalisation: inf / NaN gradients at inactive units give 0 there (the
     # kernel's product made them NaN, and the channel sums NaN the whole channel's gradients); a NaN input
     # (eval: its own z only) passes its gradient.
     c = 3
-    x = _layout(torch.randn(2, c, 3, 3), layout)
-    w, b = torch.rand(c) + 0.5, torch.zeros(c)
-    rm, rv = torch.zeros(c), torch.ones(c)
+    x = _layout(torch.randn(2, c, 3, 3, device=device), layout)
+    w, b = torch.rand(c, device=device) + 0.5, torch.zeros(c, device=device)
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
     center = x.mean(dim=[d for d in range(x.dim()) if d != 1], keepdim=True) if training else 0.0
     gy = torch.where(x < center - 0.1, torch.full_like(x, INF), torch.randn_like(x))
     gy[(x < center - 0.1) & (torch.rand_like(x) < 0.3)] = NAN
     if not training:
         x = x.clone()
         x[0, 1] = NAN
-    cpu, ref = both(lambda impl, x, w, b: _bn(impl, x, w, b, rm, rv, training, "relu"), (x, w, b), gy, impl)
-    for a, r in zip(cpu, ref):
-        if training:
-            assert torch.isfinite(a).all()
-        same(a, r, rtol=1e-4, atol=1e-4)
+    compare(lambda impl, x, w, b: _bn(impl, x, w, b, rm, rv, training, "relu"), (x, w, b), gy, impl, 1e-4, 1e-4,
+            finite=training)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_batch_norm_relu_blocks_non_finite_grad_where_inactive(training, layout, impl):
+    run_batch_norm_relu_inactive(impl, training, layout)
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
@@ -209,12 +226,10 @@ def test_bias_act_grad_reference_non_finite(act, gain, clamp):
     same(gb, expected_gx.sum(dim=(0, 2)))
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS + ["ref"])
-@pytest.mark.parametrize("clamp", [None, 3.0])
-def test_relu_double_backward_with_infinite_grad_out(impl, clamp):
+def run_relu_double_backward_infinite_grad_out(impl, clamp, device="cpu"):
     # R1 under fp16 loss scaling can meet an inf grad_out. torch's relu: d(grad_x)/d(grad_out) selects
     # (0 at inactive units) and d(grad_x)/d(x) is 0 everywhere, with no inf * 0 = NaN.
-    x = torch.randn(3, 4, 5)
+    x = torch.randn(3, 4, 5, device=device)
     gy = torch.where(x < 0, torch.full_like(x, INF), torch.randn_like(x))
     v = torch.randn_like(x)
     results = []
@@ -227,3 +242,9 @@ def test_relu_double_backward_with_infinite_grad_out(impl, clamp):
         results.append((gx.detach(), d_gy, torch.zeros_like(x) if d_x is None else d_x))
     for a, r in zip(*results):
         same(a, r)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS + ["ref"])
+@pytest.mark.parametrize("clamp", [None, 3.0])
+def test_relu_double_backward_with_infinite_grad_out(impl, clamp):
+    run_relu_double_backward_infinite_grad_out(impl, clamp)
