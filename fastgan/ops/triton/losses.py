@@ -240,10 +240,19 @@ def _g_loss_finish_kernel(partial_ptr, loss_ptr, n_rows, n, nan_value, ACC: tl.c
     tl.store(loss_ptr + tl.arange(0, 1), tl.where(bad > 0, nan_value, loss * inv_n))
 
 
-def _launch_shape(n: int) -> tuple[int, int]:
-    """(BLOCK, programs) for n logits per side: one program up to MAX_BLOCK."""
-    block = max(128, min(MAX_BLOCK, triton.next_power_of_2(n)))
-    return block, min(triton.cdiv(n, block), MAX_PROGRAMS)
+def _launch_shape(n: int, acc_torch: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK, programs, warps) for n logits per side: one program up to MAX_BLOCK. float64 (two
+    registers a value) takes half that block and enough warps for at most 4 logits per thread and
+    side: at 4096 logits and Triton's default of 4 warps its programs spilled 1.4-1.9 KB of registers
+    on sm_90 (``benchmarks/kernel_resources.py --ops d_loss,g_loss``), now none. float32 keeps the
+    launch its GPU timings were measured with (4 warps); at sizes that are not a multiple of 16 some of
+    its 4096-logit variants spill 16-24 B, at the benchmarks' sizes none."""
+    if acc_torch == torch.float64:
+        block = max(128, min(MAX_BLOCK // 2, triton.next_power_of_2(n)))
+        warps = max(4, min(16, block // (32 * 4)))
+    else:
+        block, warps = max(128, min(MAX_BLOCK, triton.next_power_of_2(n))), 4
+    return block, min(triton.cdiv(n, block), MAX_PROGRAMS), warps
 
 
 def _acc(dtype: torch.dtype):
@@ -260,7 +269,7 @@ def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad:
     """(stats[5], grad_real, grad_fake) for contiguous 1-D logits; see fastgan.ops.losses."""
     acc_tl, acc_torch = _acc(real.dtype)
     n_real, n_fake = real.numel(), fake.numel()
-    block, programs = _launch_shape(max(n_real, n_fake))
+    block, programs, warps = _launch_shape(max(n_real, n_fake), acc_torch)
     stats = torch.empty(5, device=real.device, dtype=acc_torch)
     grad_real, grad_fake = _grad_buffer(real, need_grad), _grad_buffer(fake, need_grad)
     single = programs == 1
@@ -269,7 +278,8 @@ def d_loss_forward(real: torch.Tensor, fake: torch.Tensor, kind: int, need_grad:
     _d_loss_kernel[(programs,)](
         real, fake, grad_real if need_grad else real, grad_fake if need_grad else fake, partial, stats,
         n_real, n_fake, float("nan"),
-        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
+        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block,
+        num_warps=warps)
     if not single:
         _d_loss_finish_kernel[(1,)](partial, stats, programs, n_real, n_fake, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
@@ -280,14 +290,15 @@ def g_loss_forward(fake: torch.Tensor, kind: int, need_grad: bool):
     """(loss, grad_fake) for contiguous 1-D logits; see fastgan.ops.losses."""
     acc_tl, acc_torch = _acc(fake.dtype)
     n = fake.numel()
-    block, programs = _launch_shape(n)
+    block, programs, warps = _launch_shape(n, acc_torch)
     loss = torch.empty((), device=fake.device, dtype=acc_torch)
     grad = _grad_buffer(fake, need_grad)
     single = programs == 1
     partial = loss if single else torch.empty(programs * 2, device=fake.device, dtype=acc_torch)
     _g_loss_kernel[(programs,)](
         fake, grad if need_grad else fake, partial, loss, n, float("nan"),
-        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block)
+        KIND=kind, NEED_GRAD=need_grad, SINGLE=single, ACC=acc_tl, BLOCK=block,
+        num_warps=warps)
     if not single:
         _g_loss_finish_kernel[(1,)](partial, loss, programs, n, float("nan"), ACC=acc_tl,
                                     ROWS=triton.next_power_of_2(programs))
