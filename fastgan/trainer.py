@@ -933,17 +933,22 @@ class Trainer:
         """One D update. ``fake`` is G(z) when the caller already ran G (it is detached here)."""
         d_loss = self._d_loss_fn
         scaler = self._d_scaler
+        if fake is None:
+            with self._autocast(), torch.no_grad():
+                fake = self.generator(z)
+            self._check_fake(fake, real.shape)
+        fake = fake.detach()
+        real_in = real.detach().requires_grad_(True) if r1_due else real
+        n_real = real.shape[0] // self.pack
+        d_net = self._d_net
+        # The joint batch is concatenated outside autocast (exact either way): autocast's cat rejects
+        # 16-bit tensors of the other 16-bit type ("Unexpected floating ScalarType in
+        # at::autocast::prioritize" for bf16 networks under precision="fp16", fp16 ones under "bf16"),
+        # which train as they are with two separate forwards.
+        both = torch.cat([real_in, fake.to(real_in.dtype)]) if self.joint_d_forward else None
         with self._autocast():
-            if fake is None:
-                with torch.no_grad():
-                    fake = self.generator(z)
-                self._check_fake(fake, real.shape)
-            fake = fake.detach()
-            real_in = real.detach().requires_grad_(True) if r1_due else real
-            n_real = real.shape[0] // self.pack
-            d_net = self._d_net
-            if self.joint_d_forward:
-                logits = self._d_logits(torch.cat([real_in, fake.to(real_in.dtype)]), d_net)
+            if both is not None:
+                logits = self._d_logits(both, d_net)
                 real_logits, fake_logits = logits[:n_real], logits[n_real:]
             else:
                 real_logits = self._d_logits(real_in, d_net)

@@ -222,6 +222,32 @@ def test_fp16_loss_scaling_skips_nonfinite_steps_and_grows(monkeypatch):
     assert torch.isfinite(stats["d_loss"]) and torch.isfinite(stats["g_loss"])
 
 
+@pytest.mark.parametrize("param_dtype,precision", [(torch.bfloat16, "fp16"), (torch.float16, "bf16")])
+def test_16_bit_networks_under_the_other_16_bit_autocast_train_with_the_joint_d_forward(param_dtype, precision,
+                                                                                     monkeypatch):
+    """The joint real+fake batch of D was concatenated under autocast, whose cat refuses 16-bit tensors
+    of the other 16-bit type: bf16 networks with precision="fp16" (fp16 ones with "bf16") died at the
+    first step in torch's "Unexpected floating ScalarType in at::autocast::prioritize", while the same
+    trainer with two separate D forwards trained. The concatenation is exact, so now runs outside
+    autocast: both give the same step."""
+    monkeypatch.setattr(trainer_module, "_INIT_SCALE", 256.0)  # R1's fp16 input gradients stay finite
+    trainers = []
+    for joint in (True, False):
+        g, d = mlp_pair()
+        g.to(param_dtype), d.to(param_dtype)
+        trainers.append(Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, precision=precision, joint_d_forward=joint,
+                                r1_gamma=1.0, r1_every=1))
+    gen = torch.Generator().manual_seed(0)
+    real, z = torch.randn(8, DIM, generator=gen).to(param_dtype), torch.randn(8, NZ, generator=gen).to(param_dtype)
+    joint, separate = (t.step(real, z) for t in trainers)
+    for key in ("d_loss", "d_real", "d_fake", "r1", "g_loss"):
+        assert torch.isfinite(joint[key]), key
+        torch.testing.assert_close(joint[key], separate[key], rtol=1e-2, atol=1e-3)
+    for p, q in zip(params_of(trainers[0]), params_of(trainers[1])):
+        assert p.dtype == param_dtype
+        torch.testing.assert_close(p, q, rtol=0, atol=2 * torch.finfo(param_dtype).eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
