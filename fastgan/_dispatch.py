@@ -93,8 +93,12 @@ def check_impl(impl) -> str:
 
 
 def resolve_impl(op: str, impl: str, device: torch.device) -> str:
-    """Validate ``impl`` for ``op`` on ``device`` and return the concrete implementation."""
+    """Validate ``impl`` for ``op`` on ``device`` and return the concrete implementation. Inside a
+    ``torch.func`` transform (grad, vjp, jacrev, vmap ...) that is ``"ref"``: the kernels' autograd
+    nodes (C++ ones on CPU) are not functorch-aware, the reference's torch ops are."""
     check_impl(impl)
+    if functorch_active():
+        return "ref"
     if impl == "auto":
         chosen = auto_impl(op, device)
         if chosen == "ref" and (op, str(device)) not in _warned:
@@ -118,6 +122,15 @@ def resolve_impl(op: str, impl: str, device: torch.device) -> str:
             raise ValueError(f"impl='cpu' for {op} needs CPU tensors; got tensors on {device}")
         raise ValueError(f"impl='cpu' for {op}: fastgan._C is not available ({extension_error()})")
     return impl
+
+
+# torch's own check (torch.autograd.Function.apply asks it); absent from a torch that has no functorch
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform is running (never asked while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and _transforms_active()
 
 
 def tensor_arg(name: str, value, *, floating: bool = True) -> torch.Tensor:

@@ -614,3 +614,149 @@ def test_fuse_copy_of_a_model_with_norm_reparametrisations_after_a_forward(norm)
     assert type(fused[0]) is nn.Conv2d and type(fused[3]).__name__ == "FusedLinear"
     assert type(model[3]) is nn.Linear  # the original is untouched
     torch.testing.assert_close(fused(x), ref)
+
+
+def test_fuse_leaves_modules_forward_reaches_by_another_name_alone():
+    """fx names a module by the first name it is registered under: a forward calling it through an alias
+    (``self.fc1_act = self.act``) or a plain dict must not see the name fx gave replaced (the activation
+    ran twice, or not at all)."""
+    class AliasedAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.LeakyReLU(0.2)
+            self.fc = nn.Linear(4, 8)
+            self.fc_act = self.act
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.fc_act(self.fc(x)))
+
+    class AliasedLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(4, 8)
+            self.fc = self.trunk
+            self.act, self.out = nn.Tanh(), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(self.act(self.fc(x)))
+
+    class ActTable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1)
+            self.acts = {"main": self.act}
+
+        def forward(self, x):
+            return self.out(self.acts["main"](self.fc(x)))
+
+    x = torch.randn(5, 4)
+    for cls in (AliasedAct, AliasedLayer, ActTable):
+        torch.manual_seed(0)
+        model = cls()
+        fused = fastgan.fuse(model)
+        assert type(fused.fc) is nn.Linear, cls.__name__
+        torch.testing.assert_close(fused(x), model(x))
+
+
+class _StoresWhatItComputes(nn.Module):  # module level: pickled by the test below
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1)
+        self.features, self.calls, self.history = None, 0, []
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        self.features = h
+        self.calls += 1
+        self.history.append(h)
+        return self.out(h)
+
+
+def test_fuse_leaves_nothing_of_its_trace_on_the_module():
+    """Tracing runs forward on fx Proxies: what forward stores on the module (features for a feature
+    matching loss, a call counter, a list it appends to) must not keep Proxies or change after fuse()
+    (a Proxy left there made pickle / torch.save of the model fail)."""
+    import pickle
+
+    for inplace in (False, True):
+        model = _StoresWhatItComputes()
+        fused = fastgan.fuse(model, inplace=inplace)
+        assert type(fused.fc) is FusedLinear
+        for m in (model, fused):
+            assert m.features is None and m.calls == 0 and m.history == []
+        pickle.loads(pickle.dumps(fused))
+
+
+def test_fuse_leaves_sequentials_read_between_children_by_other_methods_or_through_a_container_alone():
+    """Feature taps read by a method other than forward (a ``features()`` for feature matching), or read
+    from Sequentials held in a ModuleList / Sequential that the code walks in turn (``for block in
+    self.blocks: for layer in block``): those Sequentials are not fused inside. Called whole, or only
+    walked in ``__init__``, they still are."""
+    class FeaturesMethod(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8), nn.LeakyReLU(0.2))
+            self.out = nn.Linear(8, 1)
+            for layer in self.main:  # building / initialising the model walks it: no feature read
+                nn.init.zeros_(layer.bias) if isinstance(layer, nn.Linear) else None
+
+        def forward(self, x):
+            return self.out(self.main(x))
+
+        def features(self, x):
+            feats = []
+            for layer in self.main:
+                x = layer(x)
+                feats.append(x)
+            return feats
+
+    class NestedTaps(nn.Module):
+        def __init__(self, container=nn.ModuleList):
+            super().__init__()
+            blocks = [nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2)), nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(0.2))]
+            self.blocks = nn.ModuleList(blocks) if container is nn.ModuleList else nn.Sequential(*blocks)
+            self.heads = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU())])  # called whole: fused
+            self.out = nn.Linear(8, 1)
+
+        def forward(self, x):
+            feats = []
+            for block in self.blocks:
+                for layer in block:
+                    x = layer(x)
+                    feats.append(x)
+            for head in self.heads:
+                x = head(x)
+            return self.out(x), feats
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    model = FeaturesMethod()
+    fused = fastgan.fuse(model)
+    assert type(fused.main[0]) is nn.Linear
+    for got, want in zip(fused.features(x), model.features(x)):
+        torch.testing.assert_close(got, want)
+    for container in (nn.ModuleList, nn.Sequential):
+        model = NestedTaps(container)
+        fused = fastgan.fuse(model)
+        assert type(fused.blocks[0][0]) is nn.Linear and type(fused.blocks[1][0]) is nn.Linear
+        assert type(fused.heads[0][0]) is FusedLinear
+        (y0, t0), (y1, t1) = model(x), fused(x)
+        torch.testing.assert_close(y1, y0)
+        for got, want in zip(t1, t0):
+            torch.testing.assert_close(got, want)
+
+
+def test_fused_models_under_torch_func_transforms():
+    """torch.func.grad (an R1 penalty written with torch.func), vmap and jacrev through a fused model
+    give what they give through the original (the fused ops run their torch reference there)."""
+    torch.manual_seed(0)
+    d = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(4, 4, 3, 2, 1), nn.BatchNorm2d(4),
+                      nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    fused = fastgan.fuse(d)
+    assert kinds(fused).count("Conv2dAct") == 1 and kinds(fused).count("FusedLinear") == 1
+    x = torch.randn(3, 3, 8, 8)
+    for transform in (lambda m: torch.func.grad(lambda v: m(v).sum())(x),
+                      lambda m: torch.func.vmap(lambda v: m(v[None]))(x),
+                      lambda m: torch.func.jacrev(lambda v: m(v[None]).sum())(x[0])):
+        torch.testing.assert_close(transform(fused), transform(d))

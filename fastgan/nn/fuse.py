@@ -23,9 +23,13 @@ a method of its own that ``forward`` calls) branches in Python -- ``if``, condit
 while tracing (``if noise is None``, ``if not self.training``) could put work between a layer and
 its activation. Its children are still fused. Branches inside other helper functions stay invisible.
 A traced ``forward`` that calls a grandchild (``self.block.fc(x)``) does not get it replaced: the
-child's own forward may call it without the activation. A Sequential child that its parent's code walks
-through (``for layer in self.body``, ``self.body[1]``, ``enumerate(self.body)``) is not fused inside,
-since outputs between its children may be read (feature taps); one called whole is. Other side
+child's own forward may call it without the activation; nor is a module that forward may reach by
+another name (registered twice, ``self.act2 = self.act``, or also held in a plain list / dict). A
+Sequential child that its parent's code -- any method but ``__init__``, e.g. a ``features()`` for
+feature matching -- walks through (``for layer in self.body``, ``self.body[1]``,
+``enumerate(self.body)``) is not fused inside, since outputs between its children may be read
+(feature taps); nor are the Sequentials in a ModuleList / Sequential whose elements that code walks
+in turn (``for block in self.blocks: for layer in block``). One called whole is. Other side
 effects of a forward (storing a layer's output on the module) are invisible to fuse().
 Only exact types are fused: subclasses, layers with hooks (e.g. the old ``spectral_norm``),
 parametrized layers and anything else are left as they are.
@@ -33,7 +37,9 @@ parametrized layers and anything else are left as they are.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
+import functools
 import inspect
 import itertools
 import textwrap
@@ -107,19 +113,27 @@ def _fused_layer(m: nn.Module, act: str, alpha: float | None, bn_classes: dict[t
     return None
 
 
-def _fuse_tree(m: nn.Module, bn_classes: dict[type, type], as_container: bool = False) -> None:
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _fuse_tree(m: nn.Module, bn_classes: dict[type, type], as_container: bool = False, deep: bool = False) -> None:
     """``as_container``: ``m`` is an ``nn.Sequential`` its parent does not (only) call but iterates,
     indexes or hands on (``for layer in self.body``, ``self.body[0]``): the output between two of its
-    children may be read, so runs in it are left alone (its children are still fused inside)."""
+    children may be read, so runs in it are left alone (its children are still fused inside).
+    ``deep``: ``m`` is a container whose elements the parent walks through in turn (``for block in
+    self.blocks: for layer in block``): the Sequentials inside it, down its container chain, are
+    containers too."""
     containers: set[str] = set()
+    deep_children: set[str] = set()
     if type(m) is nn.Sequential:
         if not as_container:
             _fuse_sequential(m, bn_classes)
     elif next(m.children(), None) is not None:
         _fuse_traced(m, bn_classes)
-        containers = _children_used_as_containers(m)
+        containers, deep_children = _children_used_as_containers(m)
     for name, child in m.named_children():
-        _fuse_tree(child, bn_classes, as_container=name in containers)
+        child_deep = type(child) in _CONTAINERS and (name in deep_children or (deep and type(m) in _CONTAINERS))
+        _fuse_tree(child, bn_classes, as_container=name in containers or child_deep, deep=child_deep)
 
 
 def _fuse_sequential(seq: nn.Sequential, bn_classes: dict[type, type]) -> None:
@@ -190,34 +204,75 @@ def _self_name(tree: ast.Module) -> str | None:
     return defs[0].args.args[0].arg if defs and defs[0].args.args else None
 
 
-def _children_used_as_containers(m: nn.Module) -> set[str]:
-    """Names of ``m``'s Sequential children that ``m``'s own code (its forward and the methods it calls
-    on ``self``) walks through instead of calling (see :func:`_walked_through`). Such a Sequential's
-    intermediate outputs may be read (feature taps), so fusing a layer with the activation after it
-    would change what they see."""
+def _children_used_as_containers(m: nn.Module) -> tuple[set[str], set[str]]:
+    """(walked, deep): the names of ``m``'s Sequential children that ``m``'s own code -- every method
+    of its class but ``__init__``, not only forward (a ``features()`` method for a feature-matching
+    loss) -- walks through instead of calling (see :func:`_walked_through`), and the names of its
+    container children (Sequential, ModuleList, ModuleDict) whose ELEMENTS that code walks through in
+    turn (``for block in self.blocks: for layer in block``, ``self.blocks[0][1]``). Such a
+    Sequential's intermediate outputs may be read (feature taps), so fusing a layer with the
+    activation after it would change what they see."""
     cls = type(m)
-    sequential = {name for name, child in m.named_children() if type(child) is nn.Sequential}
-    if not sequential:
-        return set()
-
-    def methods_called_on_self(fn, tree):
-        me = _self_name(tree)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                    isinstance(node.func.value, ast.Name) and node.func.value.id == me:
-                yield from _own_methods(cls, node.func.attr)
-
+    kinds = {name: type(child) for name, child in m.named_children() if type(child) in _CONTAINERS}
+    if not kinds:
+        return set(), set()
     used: set[str] = set()
-    for _, tree in _reached_code(cls, methods_called_on_self):
+    deep: set[str] = set()
+    for fn in _own_functions(cls):
+        tree = _source_tree(fn)
         me = _self_name(tree) if tree is not None else None
         if me is None:
             continue
         parent = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
-                    and node.attr in sequential and _walked_through(node, parent.get(id(node)))):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == me
+                    and node.attr in kinds):
+                continue
+            up = parent.get(id(node))
+            if kinds[node.attr] is nn.Sequential and _walked_through(node, up):
                 used.add(node.attr)
-    return used
+            if _elements_walked(tree, node, parent):
+                deep.add(node.attr)
+    return used, deep
+
+
+def _own_functions(cls: type):
+    """The Python functions (methods and property getters) of ``cls`` and its bases outside torch,
+    ``__init__`` excepted (building the model walks its containers without reading features)."""
+    seen = set()
+    for k in cls.__mro__:
+        for name, f in vars(k).items():
+            fn = f.fget if isinstance(f, property) else f
+            if name != "__init__" and _own_code(fn) and fn not in seen:
+                seen.add(fn)
+                yield fn
+
+
+def _elements_walked(tree: ast.AST, node: ast.AST, parent: dict) -> bool:
+    """Whether an element of the container expression ``node`` (``self.<name>``) is itself walked
+    through: ``self.x[0][1]``, ``for layer in self.x[0]``, or a name bound to its elements
+    (``for block in self.x`` / ``enumerate(self.x)`` / ``.children()``, a comprehension, ``block =
+    self.x[i]``) that is walked through elsewhere in the function."""
+    up = parent.get(id(node))
+    if isinstance(up, ast.Subscript) and up.value is node and _walked_through(up, parent.get(id(up))):
+        return True
+    names: set[str] = set()
+    it, up_it = node, up
+    if isinstance(up_it, ast.Attribute) and up_it.value is it and up_it.attr in _CHILD_LISTS | {"values", "items"}:
+        call = parent.get(id(up_it))
+        if isinstance(call, ast.Call) and call.func is up_it:
+            it, up_it = call, parent.get(id(call))
+    if isinstance(up_it, ast.Call) and it in up_it.args and isinstance(up_it.func, ast.Name) \
+            and up_it.func.id in _ITERATING:
+        it, up_it = up_it, parent.get(id(up_it))
+    if isinstance(up_it, (ast.For, ast.AsyncFor, ast.comprehension)) and up_it.iter is it:
+        names = {n.id for n in ast.walk(up_it.target) if isinstance(n, ast.Name)}
+    elif isinstance(up, ast.Subscript) and up.value is node:
+        assign = parent.get(id(up))
+        if isinstance(assign, ast.Assign) and assign.value is up:
+            names = {n.id for t in assign.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return any(isinstance(n, ast.Name) and n.id in names and _walked_through(n, parent.get(id(n)))
+               for n in ast.walk(tree))
 
 
 _ITERATING = {"iter", "enumerate", "list", "tuple", "zip", "reversed", "len", "next", "map", "filter", "sorted"}
@@ -244,8 +299,10 @@ def _own_methods(cls: type, name: str) -> list:
     return [fn for fn in (getattr(f, "__func__", f) for f in found) if _own_code(fn)]
 
 
+@functools.lru_cache(maxsize=None)
 def _source_tree(fn) -> ast.Module | None:
-    """The parsed source of ``fn``, or None where it cannot be read."""
+    """The parsed source of ``fn``, or None where it cannot be read (parsed once per function: a model's
+    blocks share their class's methods)."""
     try:
         return ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -259,15 +316,21 @@ def _own_code(fn) -> bool:
 
 def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
     traced = isinstance(m, fx.GraphModule)
+    aliased: set[int] = set()
     if traced:
         graph = m.graph  # already traced: its graph is its forward (no branches), targets may be dotted
     else:
         if _forward_branches(m):
             return
         try:
-            graph = _ShallowTracer().trace(m)
+            with _attributes_kept(m):  # tracing runs forward: what it assigns (self.feats = h) is undone
+                graph = _ShallowTracer().trace(m)
         except Exception:  # noqa: BLE001 - data-dependent control flow etc.: not traceable, leave this level
             return
+        # fx names a module by the FIRST name it is registered under; forward may reach it through
+        # another one (self.fc_alias = self.fc, a dict of activations): replacing the name fx gives
+        # would leave the one forward calls as it was. Only modules reachable by one name are fused.
+        aliased = _aliased_modules(m)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     for node in list(graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1:
@@ -279,11 +342,46 @@ def _fuse_traced(m: nn.Module, bn_classes: dict[type, type]) -> None:
             continue
         if not (_owned_here(node.target, calls, traced) and _owned_here(user.target, calls, traced)):
             continue
-        act = _activation(m.get_submodule(user.target))
-        fused = _fused_layer(m.get_submodule(node.target), *act, bn_classes) if act is not None else None
+        layer, act_module = m.get_submodule(node.target), m.get_submodule(user.target)
+        if id(layer) in aliased or id(act_module) in aliased:
+            continue
+        act = _activation(act_module)
+        fused = _fused_layer(layer, *act, bn_classes) if act is not None else None
         if fused is not None:
             _set_submodule(m, node.target, fused)
             _set_submodule(m, user.target, nn.Identity())
+
+
+_MODULE_STATE = frozenset(vars(nn.Module()))  # nn.Module's own registries (_modules, _parameters, hooks ...)
+
+
+@contextlib.contextmanager
+def _attributes_kept(m: nn.Module):
+    """Run a trace of ``m.forward`` without leaving its side effects on ``m``: attributes it assigns
+    (fx Proxies, counters) are restored afterwards, and lists / dicts / sets it appends to are traced
+    on copies."""
+    saved = vars(m).copy()
+    for key, value in saved.items():
+        if key not in _MODULE_STATE and isinstance(value, (list, dict, set)):
+            vars(m)[key] = copy.copy(value)
+    try:
+        yield
+    finally:
+        vars(m).clear()
+        vars(m).update(saved)
+
+
+def _aliased_modules(m: nn.Module) -> set[int]:
+    """ids of the modules under ``m`` reachable by more than one path: registered under several names,
+    or also held in a plain list / tuple / dict / set attribute of ``m``."""
+    count = Counter(id(sub) for _, sub in m.named_modules(remove_duplicate=False))
+    aliased = {i for i, n in count.items() if n > 1}
+    for key, value in vars(m).items():
+        if key in _MODULE_STATE:
+            continue
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set, frozenset)) else ()
+        aliased.update(id(v) for v in items if isinstance(v, nn.Module))
+    return aliased
 
 
 def _owned_here(target: str, calls: Counter, traced: bool) -> bool:

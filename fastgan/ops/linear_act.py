@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgan._dispatch import cpu_supports, extension, register_op, resolve_impl, same_device, tensor_arg, triton_module
+from fastgan._dispatch import (cpu_supports, extension, functorch_active, register_op, resolve_impl, same_device,
+                              tensor_arg, triton_module)
 from fastgan.ops.activations import apply_unfused, kernel_computes, resolve_act
 from fastgan.ops.bias_act import (NO_CLAMP, _check_gain, _like, autocast_cast, autocast_dtype, bias_act_grad_call,
                                    check_bias)
@@ -121,7 +122,7 @@ def _cpu_eager_fast(x: Tensor, weight: Tensor, bias: Tensor | None, act, alpha, 
     if bias is not None and not (isinstance(bias, Tensor) and bias.is_cpu and bias.dtype == dtype and bias.dim() == 1
                                  and bias.shape[0] == weight.shape[0] and bias.is_contiguous()):
         return None
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or functorch_active():
         return None
     key = (act, alpha, type(alpha))  # the type too: True == 1 hashes alike, but resolve_act refuses a bool
     try:
