@@ -427,8 +427,8 @@ def test_no_triton_launch_spills_registers_on_sm90(tmp_path):
     specialisation: every variant (activations, loss kinds, dtypes, modes, at small sizes) compiles, no
     launch at the benchmarks' sizes spills registers to the stack (a spilling kernel is several times
     slower on the GPU, and nothing else run on a CPU shows it), and every kernel is launched by some
-    workload. The check must fail where a launch at those sizes spills: the float64 loss's 4096-wide
-    program (1.9 KB of stack) stands in for one."""
+    workload. The check must fail where a launch at those sizes spills: the float64 loss's program at
+    the launch it had before f33597f (4096 wide, 4 warps: 1.9 KB of stack) stands in for one."""
     result = _kernel_resources(interpret=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "): 0 at those sizes with spills," in result.stdout and ", 0 that do not compile" in result.stdout
@@ -447,7 +447,9 @@ def test_no_triton_launch_spills_registers_on_sm90(tmp_path):
     path.write_text(json.dumps(as_sized))
     clean = _kernel_resources("--launches", str(path), interpret=False)
     assert as_sized and clean.returncode == 0, clean.stdout[-4000:]
-    float64 = [dict(l, sizes=True) for l in wide if l["args"]["ACC"] == {"tl_dtype": "fp64"}]
+    float64 = [dict(l, sizes=True, args=dict(l["args"], BLOCK=4096), options=dict(l.get("options", {}), num_warps=4))
+               for l in launches if l["kernel"] == "_d_loss_kernel" and l["args"]["ACC"] == {"tl_dtype": "fp64"}
+               and l["args"]["BLOCK"] == 2048]
     path.write_text(json.dumps(float64))
     spilled = _kernel_resources("--launches", str(path), interpret=False)
     assert float64 and spilled.returncode == 1 and "<-- spills" in spilled.stdout, spilled.stdout[-4000:]
