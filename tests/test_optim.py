@@ -1,6 +1,7 @@
 """FusedAdam / FusedSGD / EMA against torch.optim on the same parameters and the same gradients."""
 import io
 import warnings
+from collections import defaultdict
 
 import pytest
 import torch
@@ -794,6 +795,8 @@ def test_validation_errors():
     twice = clone_params(ps)
     with pytest.raises(ValueError, match="more than once"):
         FusedAdam(twice + twice[:1])
+    with pytest.raises(ValueError, match="more than once"):  # named parameters (torch >= 2.6) too
+        FusedAdam([("a", twice[0]), ("b", twice[1]), ("a_again", twice[0])])
     with pytest.raises(ValueError, match="beta must be a number"):
         EMA(nn.Linear(2, 2), beta="x")
 
@@ -1302,3 +1305,68 @@ def test_pickling_or_copying_a_fused_optimizer_is_a_clear_error(copier):
     opt = FusedAdam(make_params(), lr=0.01)
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt) if copier == "deepcopy" else pickle.dumps(opt)
+
+
+@pytest.mark.parametrize("how", ["clear", "new_container", "del_one", "empty_entry", "entry_values_copied"])
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_state_changed_by_hand_is_honoured_as_torch_does(kind, how):
+    """Entries of ``optimizer.state`` cleared, deleted or replaced by hand (resetting the moments as
+    ``opt.state.clear()`` / ``opt.state = defaultdict(dict)`` do for a torch optimizer, or the "move the state"
+    loop that assigns new tensors into each entry) take effect at the next step, as in torch: a parameter
+    without state starts afresh. state_dict() always reports the state the steps run on."""
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    ours, ref = build(kind, "adam" if kind == "adam" else "momentum_dampening_wd", (ours_p, ref_p))
+    gen = torch.Generator().manual_seed(41)
+    run_both(ours, ref, ours_p, ref_p, 4, gen)
+    for opt in (ours, ref):
+        first = opt.param_groups[0]["params"][0]
+        if how == "clear":
+            opt.state.clear()
+        elif how == "new_container":
+            opt.state = defaultdict(dict)
+        elif how == "del_one":
+            del opt.state[first]
+        elif how == "empty_entry":
+            opt.state[first] = {}
+        else:
+            for entry in opt.state.values():
+                for key, value in list(entry.items()):
+                    entry[key] = value.clone()
+    assert sorted(ours.state_dict()["state"]) == sorted(i for i, e in ref.state_dict()["state"].items() if e)
+    run_both(ours, ref, ours_p, ref_p, 3, gen)
+    assert_close_fp32(ours_p, ref_p)
+    saved = torch.load(io.BytesIO(_saved(ours.state_dict())), weights_only=True)  # plain dicts and tensors
+    theirs = ref.state_dict()["state"]
+    assert sorted(saved["state"]) == sorted(theirs) == [0, 1, 2, 3, 4]
+    for i, entry in theirs.items():
+        assert set(saved["state"][i]) == set(entry)
+        for key, value in entry.items():
+            assert_close_fp32([torch.as_tensor(saved["state"][i][key]).float()], [torch.as_tensor(value).float()],
+                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
+def test_fused_twin_keeps_the_torch_optimizers_defaults(kind):
+    """A param group added to the twin later (a network grown during training) gets the torch optimizer's
+    defaults -- AdamW stays AdamW, SGD keeps its momentum -- as ``add_param_group`` on the torch optimizer
+    would give it; so does a group of an older torch's state_dict missing a key."""
+    make = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=2e-3, betas=(0.0, 0.99), weight_decay=0.05),
+            "adam": lambda ps: torch.optim.Adam(ps, lr=2e-3, betas=(0.5, 0.9), eps=1e-6, weight_decay=0.01),
+            "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)}[kind]
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    twin, ref = fused_twin(make(ours_p[:3])), make(ref_p[:3])
+    twin.add_param_group({"params": ours_p[3:]})
+    ref.add_param_group({"params": ref_p[3:]})
+    for key, value in ref.param_groups[1].items():
+        if key not in ("params", "foreach", "fused"):
+            assert twin.param_groups[1][key] == value, key
+    run_both(twin, ref, ours_p, ref_p, 10, torch.Generator().manual_seed(42))
+    assert_close_fp32(ours_p, ref_p)
+    if kind == "adamw":  # a state_dict of torch < 2.6 (no decoupled_weight_decay) stays AdamW, as in torch
+        saved = torch.load(io.BytesIO(_saved(ref.state_dict())))
+        for group in saved["param_groups"]:
+            del group["decoupled_weight_decay"]
+        twin.load_state_dict(saved)
+        assert all(group["decoupled_weight_decay"] for group in twin.param_groups)

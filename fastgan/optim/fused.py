@@ -16,6 +16,11 @@ parameter) and handled:
 * ``p.grad = tensor`` assigned by hand: copied into the buffer and the view re-attached.
 * Parameters skipped while others step get their own step counts; from then on that bucket runs one
   kernel call per parameter (still exact, slower).
+* ``optimizer.state`` changed by hand -- cleared or replaced (``opt.state.clear()``,
+  ``opt.state = defaultdict(dict)``: a reset of the moments), an entry deleted or set, or a tensor of an
+  entry replaced -- is taken into the flat state at the next step (or ``state_dict``), as torch's optimizers
+  read ``self.state`` at each step: a parameter left without state starts afresh. The entries' tensors are
+  views of the flat buffers, so changing them in place needs nothing. (A change count, checked once a step.)
 * With ``adopt_gradient_buckets()`` (``fastgan.Trainer`` turns it on under DDP): gradients that all
   live in one storage of another owner, laid end to end -- DDP's bucket, which
   ``gradient_as_bucket_view=True`` makes ``.grad`` views of -- make that storage the bucket's flat
@@ -34,6 +39,7 @@ build) the same math runs as torch ops on the flat buffers, with a one-time warn
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -99,6 +105,122 @@ def flat_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.zeros(numel, dtype=dtype, device=device)
 
 
+class _Changes:
+    """A count of hand-made changes to an optimizer's ``state`` (shared by the container and its entries)."""
+    __slots__ = ("n",)
+
+    def __init__(self):
+        self.n = 0
+
+
+class _StateEntry(dict):
+    """``optimizer.state[p]`` as a fused optimizer publishes it (views of its flat buffers). Writing into it
+    (``entry[key] = tensor``, ``del``, ``clear``, ...) is counted, so the next step takes the new values in,
+    as torch's optimizers use whatever tensors the entry holds. Copied or pickled, it is a plain dict."""
+    __slots__ = ("_changes", "clean")
+
+    def __init__(self, changes: _Changes, values: dict):
+        dict.__init__(self, values)
+        self._changes = changes
+        self.clean = True
+
+    def _touch(self) -> None:
+        self.clean = False
+        self._changes.n += 1
+
+    def __setitem__(self, key, value):
+        self._touch()
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self._touch()
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        self._touch()
+        return dict.__ior__(self, other)
+
+    def clear(self):
+        self._touch()
+        dict.clear(self)
+
+    def pop(self, *args):
+        self._touch()
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        self._touch()
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        self._touch()
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        self._touch()
+        dict.update(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return dict, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(dict(self), memo)
+
+
+class _TrackedState(defaultdict):
+    """``optimizer.state`` of a fused optimizer: torch's ``defaultdict(dict)``, counting entries set, deleted
+    or cleared by hand (``opt.state.clear()``, ``del opt.state[p]``, ``opt.state[p] = {}``), so the next step
+    resets or takes in those parameters' state as torch's optimizers do. Copied or pickled, it is a plain
+    ``defaultdict(dict)``."""
+
+    def __init__(self, changes: _Changes, *args):
+        super().__init__(dict, *args)
+        self._changes = changes
+
+    def __missing__(self, key):  # reading a parameter without state changes nothing
+        value = {}
+        dict.__setitem__(self, key, value)
+        return value
+
+    def __setitem__(self, key, value):
+        self._changes.n += 1
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key):
+        self._changes.n += 1
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other):
+        self._changes.n += 1
+        return dict.__ior__(self, other)
+
+    def clear(self):
+        self._changes.n += 1
+        dict.clear(self)
+
+    def pop(self, *args):
+        self._changes.n += 1
+        return dict.pop(self, *args)
+
+    def popitem(self):
+        self._changes.n += 1
+        return dict.popitem(self)
+
+    def setdefault(self, key, default=None):
+        self._changes.n += 1
+        return dict.setdefault(self, key, default)
+
+    def update(self, *args, **kwargs):
+        self._changes.n += 1
+        dict.update(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        return defaultdict, (dict,), None, None, iter({k: dict(v) for k, v in self.items()}.items())
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(defaultdict(dict, {k: dict(v) for k, v in self.items()}), memo)
+
+
 class _Bucket:
     """The parameters of one param group that share dtype and device, flattened into one buffer."""
 
@@ -134,6 +256,7 @@ class _Bucket:
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=self.device)
         self.uniform_steps = True  # all counts equal: one kernel call over the whole buffer
         self.state: dict[str, torch.Tensor] = {}  # flat float32 state buffers, allocated at the first step
+        self.published: list[_StateEntry] | None = None  # this bucket's entries of optimizer.state, when published
         self.shadow: torch.Tensor | None = None  # flat EMA shadow (float32), when an EMA is attached
         self.kernels = _kernels(self.device, self.dtype)
         self.adopt_external = False  # see _FusedOptimizer.adopt_gradient_buckets
@@ -325,7 +448,10 @@ class _FusedOptimizer(Optimizer):
         self._device: torch.device | None = None
         self._device_lr: list[list] | None = None  # per group position; see use_device_lr
         self.ema = ema
+        self._changes = _Changes()
         super().__init__(params, defaults)
+        self.state = _TrackedState(self._changes, self.state)
+        self._synced = (self.state, self._changes.n)  # (container, change count) the flat state agrees with
         self.found_inf = torch.zeros((), dtype=torch.float32, device=self._device or "cpu")
 
     # ---- groups and buckets ----------------------------------------------------------------------
@@ -333,7 +459,8 @@ class _FusedOptimizer(Optimizer):
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if params is not None and not isinstance(params, (torch.Tensor, set)):  # (torch rejects sets itself)
             params = param_group["params"] = list(params)  # a generator can be read only once
-            if len({id(p) for p in params}) != len(params):
+            # (named parameters, accepted by torch >= 2.6, come as (name, tensor) pairs)
+            if len({id(p[1] if isinstance(p, tuple) else p) for p in params}) != len(params):
                 # torch only warns (and updates such a parameter twice per step); one flat buffer cannot
                 # hold one parameter twice.
                 raise ValueError("params: a parameter appears more than once in a param group")
@@ -561,6 +688,8 @@ class _FusedOptimizer(Optimizer):
     def _step(self, inv_scale, zero_grad: bool = False) -> None:
         if len(self._buckets) != len(self.param_groups):
             self._ensure_buckets()
+        if self.state is not self._synced[0] or self._changes.n != self._synced[1]:
+            self._sync_state()
         if inv_scale is not None:
             inv_scale = self._check_inv_scale(inv_scale)
         work = []
@@ -677,6 +806,47 @@ class _FusedOptimizer(Optimizer):
         """Expose the flat state as torch's per-parameter ``self.state[p]`` (views), for state_dict."""
         raise NotImplementedError
 
+    def _publish(self, b: _Bucket, entries: list[dict]) -> None:
+        """Make ``entries`` (one per parameter of ``b``) the bucket's ``self.state[p]``; not counted as a change."""
+        b.published = [_StateEntry(self._changes, e) for e in entries]
+        for p, entry in zip(b.params, b.published):
+            dict.__setitem__(self.state, p, entry)
+
+    def _take_entries(self, group, b: _Bucket, entries: dict[int, dict | None]) -> None:
+        """Load the entries of ``self.state`` set by hand since the last step, parameter index -> entry
+        (None or empty: no state, the parameter starts afresh, as torch's optimizers start it)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _sync_state(self) -> None:
+        """``self.state`` was changed by hand (an entry set, deleted or written into, the container cleared or
+        replaced): take the changes into the flat state, as torch's optimizers read ``self.state`` at each step."""
+        state = self.state
+        if not isinstance(state, _TrackedState):
+            state = self.state = _TrackedState(self._changes, state)
+        for group, buckets in zip(self.param_groups, self._buckets):
+            for b in buckets:
+                current = [dict.get(state, p) for p in b.params]
+                if b.published is None:
+                    changed = {i: e for i, e in enumerate(current) if e}
+                else:
+                    changed = {i: e for i, (e, mine) in enumerate(zip(current, b.published))
+                               if e is not mine or not mine.clean}
+                if changed:
+                    self._take_entries(group, b, changed)
+                    counts = b.steps.tolist()  # host read: only after a change by hand
+                    b.uniform_steps = all(c == counts[0] for c in counts)
+                    self._publish_state(b, group)
+        self._synced = (state, self._changes.n)
+
+    @staticmethod
+    def _entry_value(entry: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+        value = entry[key]  # a KeyError for an entry without it, as torch's step raises one
+        if isinstance(value, torch.Tensor) and value.shape != like.shape:
+            raise ValueError(f"optimizer.state entry {key!r} has shape {tuple(value.shape)}, but its parameter has "
+                             f"shape {tuple(like.shape)}")
+        return value
+
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state[i]`` per parameter, ``param_groups``), so torch.optim loads it. Tensors
         are views of the flat buffers: copy (or ``torch.save``) before stepping again if you keep it.
@@ -685,7 +855,10 @@ class _FusedOptimizer(Optimizer):
         flat buffers hold zeros for the others, which torch's SGD would read as a momentum buffer to
         blend the next gradient into instead of copying it."""
         self._ensure_buckets()
+        if self.state is not self._synced[0] or self._changes.n != self._synced[1]:
+            self._sync_state()
         saved = super().state_dict()
+        saved["state"] = {k: dict(v) if isinstance(v, _StateEntry) else v for k, v in saved["state"].items()}
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for buckets in self._buckets:
             for b in buckets:
@@ -725,13 +898,14 @@ class _FusedOptimizer(Optimizer):
             self._optimizer_load_state_dict_post_hooks = post_hooks
         ours = [p for g in self.param_groups for p in g["params"]]
         by_param = {id(p): saved_state.get(i) for p, i in zip(ours, saved_ids)}
-        self.state = defaultdict(dict)
+        self.state = _TrackedState(self._changes)
         with torch.no_grad():
             for group, buckets in zip(self.param_groups, self._buckets):
                 for b in buckets:
                     entries = [by_param.get(id(p)) for p in b.params]
                     if not any(entries):
                         b.state = {}
+                        b.published = None
                         b.steps.zero_()
                         b.uniform_steps = True
                         continue
@@ -739,6 +913,7 @@ class _FusedOptimizer(Optimizer):
                     self._load_bucket(group, b, entries)
                     counts = b.steps.tolist()  # host read: loading is not a training step
                     b.uniform_steps = all(c == counts[0] for c in counts)
+        self._synced = (self.state, self._changes.n)
         for hook in list(post_hooks.values()):
             hook(self)
 
@@ -843,9 +1018,24 @@ class FusedAdam(_FusedOptimizer):
         self._publish_state(b)
 
     def _publish_state(self, b: _Bucket, group=None) -> None:
-        for i, p in enumerate(b.params):
-            self.state[p] = {"step": b.steps[i], "exp_avg": b.view_of(b.state["exp_avg"], i),
-                             "exp_avg_sq": b.view_of(b.state["exp_avg_sq"], i)}
+        self._publish(b, [{"step": b.steps[i], "exp_avg": b.view_of(b.state["exp_avg"], i),
+                           "exp_avg_sq": b.view_of(b.state["exp_avg_sq"], i)} for i in range(len(b.params))])
+
+    def _take_entries(self, group, b: _Bucket, entries) -> None:
+        if not b.state:
+            self._init_state(group, b)
+        for i, entry in entries.items():
+            exp_avg, exp_avg_sq = b.view_of(b.state["exp_avg"], i), b.view_of(b.state["exp_avg_sq"], i)
+            if not entry:
+                exp_avg.zero_()
+                exp_avg_sq.zero_()
+                b.steps[i] = 0.0
+                continue
+            values = [self._entry_value(entry, key, exp_avg) for key in ("exp_avg", "exp_avg_sq")]
+            step = entry["step"]
+            exp_avg.copy_(values[0])
+            exp_avg_sq.copy_(values[1])
+            b.steps[i] = float(step)
 
     def _load_bucket(self, group, b: _Bucket, entries) -> None:
         for i, entry in enumerate(entries):
@@ -922,8 +1112,19 @@ class FusedSGD(_FusedOptimizer):
         # also while its group's momentum is 0; state_dict leaves out those with a count of 0.
         if b.state.get("momentum_buffer") is None:
             return
-        for i, p in enumerate(b.params):
-            self.state[p] = {"momentum_buffer": b.view_of(b.state["momentum_buffer"], i)}
+        self._publish(b, [{"momentum_buffer": b.view_of(b.state["momentum_buffer"], i)} for i in range(len(b.params))])
+
+    def _take_entries(self, group, b: _Bucket, entries) -> None:
+        for i, entry in entries.items():
+            buf = entry.get("momentum_buffer") if entry else None
+            if buf is None:  # torch's next momentum update starts the buffer as a copy of the gradient
+                b.steps[i] = 0.0
+                continue
+            if b.state.get("momentum_buffer") is None:
+                b.state["momentum_buffer"] = flat_zeros(b.total, b.state_dtype, b.device)
+            view = b.view_of(b.state["momentum_buffer"], i)
+            view.copy_(self._entry_value(entry, "momentum_buffer", view))
+            b.steps[i] = 1.0
 
     def _load_bucket(self, group, b: _Bucket, entries) -> None:
         if b.state.get("momentum_buffer") is None:
@@ -1037,7 +1238,9 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
             extra["decoupled_weight_decay"] = bool(g.get("decoupled_weight_decay", False) or is_adamw)
             extra.update(foreach=None, fused=None, capturable=False, differentiable=False)
             groups.append({"params": list(g["params"]), **extra})
-        twin = FusedAdam(groups, ema=ema)
+        d = optimizer.defaults  # the twin's defaults too: for groups added later, and keys older checkpoints lack
+        twin = FusedAdam(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                         decoupled_weight_decay=bool(d.get("decoupled_weight_decay", False) or is_adamw), ema=ema)
     elif isinstance(optimizer, torch.optim.SGD):
         groups = []
         for g in optimizer.param_groups:
@@ -1046,7 +1249,9 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
             extra = {k: v for k, v in g.items() if k not in ("params",)}
             extra.update(foreach=None, fused=None, differentiable=False)
             groups.append({"params": list(g["params"]), **extra})
-        twin = FusedSGD(groups, lr=groups[0]["lr"], ema=ema)
+        d = optimizer.defaults
+        twin = FusedSGD(groups, lr=d["lr"], momentum=d["momentum"], dampening=d["dampening"],
+                        nesterov=d["nesterov"], weight_decay=d["weight_decay"], ema=ema)
     else:
         raise TypeError(f"fused_twin: no fused twin for {type(optimizer).__name__} (Adam, AdamW and SGD have one)")
     if any(len(s) for s in optimizer.state.values()):
