@@ -209,6 +209,23 @@ class _SigmoidTap(nn.Module):
         return x if self.emit_logits else torch.sigmoid(x)
 
 
+# Autograd nodes of ops that only reshape, alias, copy or cast their one input (D's output after its
+# sigmoid: ``.view(-1)``, ``.squeeze(1)``, ``.flatten()``, ``.float()``).
+_RESHAPE_NODES = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "SqueezeBackward",
+                  "UnsqueezeBackward", "AliasBackward", "CloneBackward", "ToCopyBackward")
+
+
+def _ends_in_sigmoid_op(out: torch.Tensor) -> bool:
+    """Whether ``out``'s autograd graph ends in a sigmoid followed by reshaping ops only."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__.startswith(_RESHAPE_NODES):
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return node is not None and type(node).__name__.startswith("SigmoidBackward")
+
+
 class _LossScaler:
     """Dynamic fp16 loss scale of one network, kept and updated on the device (no host sync)."""
 
@@ -782,12 +799,35 @@ class Trainer:
         if z.dtype != self.param_dtype:
             raise ValueError(f"z has dtype {z.dtype} but the networks' parameters are {self.param_dtype}")
 
+    def _generate(self, net: nn.Module, z: torch.Tensor):
+        """``net(z)`` (G, its DDP wrapper or its EMA copy). Until G has produced a sample that was checked,
+        a failure inside G is a ValueError naming the latent shape (latent_dim that does not fit G)."""
+        if self._sample_shape is not None:
+            return net(z)
+        try:
+            return net(z)
+        except RuntimeError as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            hint = ""
+            if len(self.latent_dim) == 1:
+                hint = (f" (a generator that takes latents of shape (N, {self.latent_dim[0]}, 1, 1), as the "
+                        f"DCGAN example's, needs latent_dim=({self.latent_dim[0]}, 1, 1))")
+            raise ValueError(f"the generator failed on a latent batch of shape {tuple(z.shape)} (latent_dim="
+                             f"{self.latent_dim}){hint}: {exc}") from exc
+
     def _check_fake(self, fake, real_shape: torch.Size | None) -> None:
         """G's output against the data: checked once per shape (cheap tuple compare afterwards)."""
         if self._sample_shape is not None and fake.shape[1:] == self._sample_shape and real_shape is None:
             return
         if not isinstance(fake, torch.Tensor):
             raise ValueError(f"the generator returned a {type(fake).__name__}; it must return one tensor batch")
+        if fake.device != self.device:
+            raise ValueError(f"the generator's output is on {fake.device} but the networks are on {self.device}")
+        # Under autocast the networks' layers cast their inputs; without it D needs its parameters' dtype.
+        if fake.dtype != self.param_dtype and (self._autocast_dtype is None or not fake.is_floating_point()):
+            raise ValueError(f"the generator's output has dtype {fake.dtype} but the networks' parameters (and the "
+                             f"data) are {self.param_dtype}")
         if real_shape is not None and fake.shape != real_shape:
             raise ValueError(f"the generator's output has shape {tuple(fake.shape)} but the real batch has shape "
                              f"{tuple(real_shape)}; G(z) must produce samples shaped like the data")
@@ -811,7 +851,9 @@ class Trainer:
 
         hooks = [m.register_forward_hook(record) for m in leaves]
         try:
-            with _eval_mode(d), torch.no_grad():  # the probe leaves no trace
+            # The probe leaves no trace (eval mode, no backward); autograd records its graph so that a
+            # sigmoid applied in D's own forward code (torch.sigmoid) can be seen on its output.
+            with _eval_mode(d), torch.enable_grad():
                 out = d(probe)
         except RuntimeError as exc:
             packed = (f"; with pack={self.pack} D takes {self.pack} samples concatenated along dimension 1, so "
@@ -833,7 +875,10 @@ class Trainer:
         i = len(calls) - 1
         while i >= 0 and isinstance(calls[i][0], reshaping):
             i -= 1
-        if i >= 0 and isinstance(calls[i][0], nn.Sigmoid):
+        final_sigmoid = False
+        # A _SigmoidTap is the Sigmoid an earlier Trainer of this D replaced (a second run on the same
+        # networks, Trainer.load into them): outside that trainer's steps it applies the sigmoid.
+        if i >= 0 and isinstance(calls[i][0], (nn.Sigmoid, _SigmoidTap)):
             last, last_out = calls[i]
             if last_out.numel() == out.numel() and torch.equal(last_out.reshape(-1), out.reshape(-1)):
                 if sum(1 for m, _ in calls if m is last) != 1:
@@ -843,6 +888,14 @@ class Trainer:
                                      "in its forward; fastgan's losses need logits: end D with a Sigmoid module "
                                      "of its own, or without one")
                 self._replace_final_sigmoid(last)
+                final_sigmoid = True
+        if not final_sigmoid and _ends_in_sigmoid_op(out):
+            warnings.warn(
+                "fastgan.Trainer: the discriminator's output is a sigmoid computed in its forward code "
+                "(torch.sigmoid / Tensor.sigmoid, not an nn.Sigmoid module the trainer can take the input of). "
+                f"fastgan's losses take logits, so D's probabilities would be trained as logits (loss={self.loss!r}; "
+                "with the BCE losses D's loss cannot fall below ~1.0): return the logit from forward, or apply "
+                "the sigmoid with an nn.Sigmoid module as its last step.", UserWarning, stacklevel=4)
         if self.fuse and not self._d_layers_fused:
             self._fuse_module(d)
         self._d_layers_fused = True
@@ -850,6 +903,13 @@ class Trainer:
 
     def _replace_final_sigmoid(self, sigmoid: nn.Module) -> None:
         d = self.discriminator
+        if isinstance(sigmoid, _SigmoidTap):  # already replaced by an earlier Trainer: share its tap
+            self._sigmoid_tap = sigmoid
+            warnings.warn(
+                "fastgan.Trainer: the discriminator ends in an nn.Sigmoid that an earlier Trainer replaced; this "
+                "trainer, too, uses that Sigmoid's input as D's output (fastgan's losses take logits).",
+                UserWarning, stacklevel=4)
+            return
         places = [(parent, child_name, f"{parent_name}.{child_name}" if parent_name else child_name)
                   for parent_name, parent in d.named_modules()
                   for child_name, child in parent._modules.items() if child is sigmoid]
@@ -935,7 +995,7 @@ class Trainer:
         scaler = self._d_scaler
         if fake is None:
             with self._autocast(), torch.no_grad():
-                fake = self.generator(z)
+                fake = self._generate(self.generator, z)
             self._check_fake(fake, real.shape)
         fake = fake.detach()
         real_in = real.detach().requires_grad_(True) if r1_due else real
@@ -1005,7 +1065,7 @@ class Trainer:
         try:
             with self._autocast():
                 if fake is None:
-                    fake = self._g_net(z)
+                    fake = self._generate(self._g_net, z)
                     self._check_fake(fake, None)
                 fake_logits = self._d_logits(fake)  # D frozen: D itself, not its DDP wrapper
             loss = g_loss(fake_logits, kind=self.loss)
@@ -1039,7 +1099,7 @@ class Trainer:
         z = self._draw_z(real.shape[0]) if z is None else self._layout(z, "latent")
         real = self._layout(real)
         with self._autocast():
-            fake = self._g_net(z)  # with autograd: the G update below reuses this forward
+            fake = self._generate(self._g_net, z)  # with autograd: the G update below reuses this forward
         self._check_fake(fake, real.shape)
         stats = self._d_update(real, z, fake, r1_due)
         stats.update(self._g_update(z, fake))
@@ -1089,7 +1149,7 @@ class Trainer:
                 raise ValueError(f"batch_size={batch} does not divide by pack={self.pack}")
         if not self._setup_done:  # no real batch seen yet: check D on generated samples instead
             with _eval_mode(self.generator), torch.no_grad():
-                probe = self.generator(z if z is not None else self._draw_z(batch))
+                probe = self._generate(self.generator, z if z is not None else self._draw_z(batch))
             self._check_fake(probe, None)
             self._setup(probe.to(self.param_dtype))
         tap = self._sigmoid_tap
@@ -1515,7 +1575,13 @@ class Trainer:
             first = items[0]
             if isinstance(first, (tuple, list)):
                 items = [it[0] for it in items]
-            batch = default_collate(items)
+            try:
+                batch = default_collate(items)
+            except TypeError as exc:  # e.g. PIL images: a Dataset without a ToTensor transform
+                raise TypeError(f"data[{idx[0]}] is a {type(items[0]).__module__}.{type(items[0]).__name__}, which "
+                                "cannot be batched; the Dataset must return tensors (or (tensor, label) tuples): give "
+                                "it a transform such as torchvision.transforms.ToTensor() (then Normalize to [-1, 1] "
+                                f"for a Tanh generator) ({exc})") from exc
             if self.device.type == "cuda" and isinstance(batch, torch.Tensor) and batch.device.type == "cpu":
                 batch = batch.pin_memory()  # asynchronous copy to the GPU
             yield self._to_device(batch, "data")
@@ -1577,7 +1643,7 @@ class Trainer:
                 raise ValueError(f"n={n!r} but z holds {z.shape[0]} latents; give n=z.shape[0] with z")
         net = self._ema_module() if (ema and self.ema is not None) else self.generator
         with _eval_mode(net):
-            return net(z)
+            return self._generate(net, z)
 
     def _ema_module(self) -> nn.Module:
         """A copy of G carrying the EMA weights, made once and refreshed from the EMA at each call."""

@@ -911,3 +911,89 @@ def test_r1_through_fused_batchnorm_equals_the_unfused_network():
         plain.step(real)
     assert_rel_close(g, g2, what="G ")
     assert_rel_close(d, d2, what="D ")
+
+
+# ---------------------------------------------------------------------------------------------
+# drop-in audit: a D handed to a second trainer, a sigmoid in D's own code, G's errors
+# ---------------------------------------------------------------------------------------------
+
+def test_second_trainer_on_a_discriminator_whose_sigmoid_was_replaced_still_trains_logits():
+    """A new Trainer on the same D (another run, Trainer.load into the same networks) finds the Sigmoid
+    the first one replaced by its tap: it must train D's logits too, not the tap's probabilities."""
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 6))
+    d = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1), nn.Sigmoid())
+    with pytest.warns(UserWarning, match="Sigmoid"):
+        Trainer(g, d, latent_dim=NZ, fuse=False, seed=0).step(torch.randn(4, 6))
+    g_ref, d_ref = copy.deepcopy(g), nn.Sequential(*copy.deepcopy(list(d)[:3]))
+    with pytest.warns(UserWarning, match="Sigmoid"):
+        trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0)
+        opt_g, opt_d = adam(g_ref.parameters()), adam(d_ref.parameters())
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            real, z = torch.randn(4, 6, generator=gen), torch.randn(4, NZ, generator=gen)
+            trainer.step(real, z)
+            eager_dcgan_step(g_ref, d_ref, opt_g, opt_d, real, z)
+    assert_rel_close(g, g_ref, what="G ")
+    assert_rel_close(d, d_ref, what="D ")
+    with torch.no_grad():  # outside the trainers D still returns probabilities
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(d(x), torch.sigmoid(d_ref(x)))
+
+
+@pytest.mark.parametrize("how", ["torch.sigmoid", "method_then_view"])
+def test_sigmoid_in_the_discriminators_forward_code_is_warned_about(how):
+    torch.manual_seed(0)
+    g = nn.Sequential(nn.Linear(NZ, 6))
+
+    class FunctionalSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+
+        def forward(self, x):
+            if how == "torch.sigmoid":
+                return torch.sigmoid(self.net(x))
+            return self.net(x).sigmoid().view(-1, 1).squeeze(1)
+
+    trainer = Trainer(g, FunctionalSigmoid(), latent_dim=NZ, fuse=False, seed=0)
+    with pytest.warns(UserWarning, match="sigmoid computed in its forward code"):
+        trainer.step(torch.randn(4, 6))
+
+
+def test_no_sigmoid_warning_for_logits_or_a_sigmoid_module(recwarn):
+    g, d = mlp_pair()
+    Trainer(g, d, latent_dim=NZ, fuse=False, seed=0).step(torch.randn(4, 6))
+    assert not [w for w in recwarn if "igmoid" in str(w.message)]
+    g, d = dcgan_pair(sigmoid=True)
+    Trainer(g, d, latent_dim=(NZ, 1, 1), seed=0).step(real_batch("dcgan", 4, torch.Generator().manual_seed(0)))
+    assert [str(w.message) for w in recwarn if "igmoid" in str(w.message)] and not [
+        w for w in recwarn if "forward code" in str(w.message)]
+
+
+@pytest.mark.parametrize("first_call", ["step", "g_step", "sample"])
+def test_a_latent_dim_that_does_not_fit_the_generator_is_named(first_call):
+    g, d = dcgan_pair()
+    trainer = Trainer(g, d, latent_dim=NZ, seed=0)  # the DCGAN G takes (N, NZ, 1, 1)
+    call = {"step": lambda: trainer.step(real_batch("dcgan", 4, torch.Generator().manual_seed(0))),
+            "g_step": lambda: trainer.g_step(batch_size=4), "sample": lambda: trainer.sample(4)}[first_call]
+    with pytest.raises(ValueError, match=rf"generator failed on a latent batch of shape \(4, {NZ}\).*"
+                                         rf"latent_dim=\({NZ}, 1, 1\)"):
+        call()
+
+
+def test_a_generator_output_of_another_dtype_or_device_is_named():
+    class Cast(nn.Module):
+        def __init__(self, **to):
+            super().__init__()
+            self.net, self.to_kwargs = nn.Linear(NZ, 6), to
+
+        def forward(self, z):
+            return self.net(z).to(**self.to_kwargs)
+
+    for to, match in ((dict(dtype=torch.float64), "generator's output has dtype torch.float64"),
+                      (dict(device="meta"), "generator's output is on meta")):
+        torch.manual_seed(0)
+        trainer = Trainer(Cast(**to), nn.Sequential(nn.Linear(6, 1)), latent_dim=NZ, fuse=False, seed=0)
+        with pytest.raises(ValueError, match=match):
+            trainer.step(torch.randn(4, 6))

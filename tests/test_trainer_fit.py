@@ -862,3 +862,48 @@ def test_fit_option_errors(tmp_path):
         trainer.fit(Stream(), steps=1, progress=False)
     with pytest.raises(ValueError, match="one-shot iterator"):
         trainer.fit((b for b in data_tensor(12).split(6)), steps=3, batch_size=6, progress=False)
+
+
+def test_the_users_torch_optimizers_save_and_load_the_state_that_trains():
+    """g_optimizer / d_optimizer given as torch optimizers run as fused twins; the user's objects stay
+    meaningful: their state_dict is the running state (torch's layout), load_state_dict reaches it."""
+    g, d = mlp_pair()
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt_d, step_size=1, gamma=0.5)
+    trainer = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, g_optimizer=opt_g, d_optimizer=opt_d)
+    trainer.fit(data_tensor(), steps=3, batch_size=8, callbacks=[lambda *_: sched.step()], progress=False)
+    for mine, running in ((opt_g, trainer.g_optimizer), (opt_d, trainer.d_optimizer)):
+        saved, want = mine.state_dict(), running.state_dict()
+        assert len(saved["state"]) == len(want["state"]) == len(list(mine.param_groups[0]["params"]))
+        for i, entry in want["state"].items():
+            for key, value in entry.items():
+                torch.testing.assert_close(saved["state"][i][key], value)
+        fresh = torch.optim.Adam(copy.deepcopy(d if mine is opt_d else g).parameters())
+        fresh.load_state_dict(copy.deepcopy(saved))  # loads into torch's own Adam
+    assert opt_d.param_groups[0]["lr"] == trainer.d_optimizer.param_groups[0]["lr"] == 1e-3 / 8
+    # a resume in the user's code: load into the optimizer the trainer was built with
+    saved = copy.deepcopy(opt_d.state_dict())
+    g2, d2 = mlp_pair(1)
+    opt_d2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
+    trainer2 = Trainer(g2, d2, latent_dim=NZ, fuse=False, seed=0, d_optimizer=opt_d2)
+    opt_d2.load_state_dict(saved)
+    assert opt_d2.param_groups is trainer2.d_optimizer.param_groups
+    loaded = trainer2.d_optimizer.state_dict()
+    assert loaded["param_groups"][0]["lr"] == 1e-3 / 8
+    for i, entry in saved["state"].items():
+        torch.testing.assert_close(loaded["state"][i]["exp_avg"], entry["exp_avg"])
+
+
+def test_a_dataset_of_items_that_cannot_be_batched_is_named():
+    class Picture:  # e.g. a PIL image, returned without a ToTensor transform
+        pass
+
+    class Pictures(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return Picture(), 0
+
+    with pytest.raises(TypeError, match=r"data\[\d+\] is a .*Picture, which cannot be batched.*ToTensor"):
+        make_trainer().fit(Pictures(), steps=1, batch_size=4, progress=False)

@@ -1223,7 +1223,9 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
     parameters, param groups, hyperparameters and (if it has stepped) state. A fused optimizer is
     returned as is. The torch optimizer should not be stepped afterwards (its parameters now live in
     the twin's flat buffers). The two share their param groups, so an LR scheduler of either (made
-    before or after) sets the twin's learning rate."""
+    before or after) sets the twin's learning rate, and the torch optimizer's ``state_dict`` /
+    ``load_state_dict`` are the twin's (torch's layout), so code that saves or restores the optimizer
+    it built saves and restores the state that trains."""
     if isinstance(optimizer, _FusedOptimizer):
         if ema is not None and optimizer.ema is not ema:
             raise ValueError("fused_twin: the optimizer is already fused and has a different ema")
@@ -1263,4 +1265,8 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
     # schedulers warn when their optimizer's own step never ran, which is now the case by design.
     optimizer.param_groups = twin.param_groups
     optimizer._opt_called = True
+    # Its own state stays empty (the twin's lives in flat buffers): saving it would save no moments, and
+    # loading into it would replace the shared param groups and reach nothing that trains.
+    optimizer.state_dict = twin.state_dict
+    optimizer.load_state_dict = twin.load_state_dict
     return twin
