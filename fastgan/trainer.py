@@ -742,6 +742,9 @@ class Trainer:
                     raise ValueError(f"{name} holds a parameter of shape {tuple(p.shape)} that is not one of the "
                                      f"{net_name}'s (were g_optimizer and d_optimizer swapped?)")
         fused_types = tuple(getattr(optim, n) for n in ("FusedAdam", "FusedSGD") if hasattr(optim, n))
+        earlier_twin = optim.twin_of(given)
+        if earlier_twin is not None:  # an earlier Trainer fused it: its parameters and state live in that twin
+            given = earlier_twin
         if isinstance(given, fused_types):
             if ema is not None and given.ema is not ema:
                 raise ValueError(f"ema_beta fuses the EMA into the generator's optimizer, but {name} is an "
@@ -807,7 +810,11 @@ class Trainer:
         try:
             return net(z)
         except RuntimeError as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
+            # A shape error names the latent (the usual cause: latent_dim that does not fit G); anything
+            # else (out of memory, a CUDA error) is G's own failure and stays as it is.
+            text = str(exc)
+            if isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "AcceleratorError" or not any(
+                    word in text for word in ("shape", "size", "dimension", "Expected", "expected")):
                 raise
             hint = ""
             if len(self.latent_dim) == 1:
@@ -1001,11 +1008,17 @@ class Trainer:
         real_in = real.detach().requires_grad_(True) if r1_due else real
         n_real = real.shape[0] // self.pack
         d_net = self._d_net
-        # The joint batch is concatenated outside autocast (exact either way): autocast's cat rejects
-        # 16-bit tensors of the other 16-bit type ("Unexpected floating ScalarType in
-        # at::autocast::prioritize" for bf16 networks under precision="fp16", fp16 ones under "bf16"),
-        # which train as they are with two separate forwards.
-        both = torch.cat([real_in, fake.to(real_in.dtype)]) if self.joint_d_forward else None
+        # The joint batch is concatenated outside autocast: autocast's cat rejects 16-bit tensors of the
+        # other 16-bit type ("Unexpected floating ScalarType in at::autocast::prioritize" for bf16 networks
+        # under precision="fp16", fp16 ones under "bf16"). Those two meet in the autocast dtype, which D's
+        # first layer casts both to anyway (G's fp16 output through bf16 would lose 3 bits); otherwise in
+        # the data's dtype, as before.
+        both = None
+        if self.joint_d_forward:
+            cat_dtype = real_in.dtype
+            if {real_in.dtype, fake.dtype} == {torch.float16, torch.bfloat16} and self._autocast_dtype is not None:
+                cat_dtype = self._autocast_dtype
+            both = torch.cat([real_in.to(cat_dtype), fake.to(cat_dtype)])
         with self._autocast():
             if both is not None:
                 logits = self._d_logits(both, d_net)

@@ -760,3 +760,42 @@ def test_fused_models_under_torch_func_transforms():
                       lambda m: torch.func.vmap(lambda v: m(v[None]))(x),
                       lambda m: torch.func.jacrev(lambda v: m(v[None]).sum())(x[0])):
         torch.testing.assert_close(transform(fused), transform(d))
+
+
+def test_an_init_helper_that_walks_a_sequential_does_not_stop_its_fusion():
+    """Code that builds the model (``__init__`` and what it calls, e.g. a ``reset_parameters`` looping over
+    ``self.main`` to initialise it) reads no features: the Sequential is still fused. A method that forward
+    or other code calls is scanned, and forward always is (an __init__ may run it once to infer shapes)."""
+    class InitHelper(nn.Module):
+        def __init__(self, probe=False):
+            super().__init__()
+            self.main = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+            self.reset_parameters()
+            if probe:
+                self.forward(torch.zeros(1, 4))
+
+        def reset_parameters(self):
+            for layer in self.main:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, 0.0, 0.02)
+
+        def forward(self, x):
+            return self.main(x)
+
+    class TapsInForward(InitHelper):
+        def forward(self, x):
+            feats = []
+            for layer in self.main:
+                x = layer(x)
+                feats.append(x)
+            return x, feats
+
+    torch.manual_seed(0)
+    assert type(fastgan.fuse(InitHelper()).main[0]) is FusedLinear
+    assert type(fastgan.fuse(InitHelper(probe=True)).main[0]) is FusedLinear
+    taps = TapsInForward(probe=True)
+    fused = fastgan.fuse(taps)
+    assert type(fused.main[0]) is nn.Linear
+    x = torch.randn(3, 4)
+    for got, want in zip(fused(x)[1], taps(x)[1]):
+        torch.testing.assert_close(got, want)

@@ -1370,3 +1370,36 @@ def test_fused_twin_keeps_the_torch_optimizers_defaults(kind):
             del group["decoupled_weight_decay"]
         twin.load_state_dict(saved)
         assert all(group["decoupled_weight_decay"] for group in twin.param_groups)
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_state_written_into_entries_a_user_holds_is_honoured(kind):
+    """torch users warm-start a fresh optimizer through ``st = opt.state[p]; st[key] = ...`` and keep entry
+    dicts across steps (``held = opt.state[p]`` then ``held[key] = ...`` later, after other entries changed):
+    both reach the state the steps run on, as in torch. A copy of ``opt.state`` is a plain container."""
+    ours_p = make_params()
+    ref_p = clone_params(ours_p)
+    ours, ref = build(kind, "adam" if kind == "adam" else "momentum_dampening_wd", (ours_p, ref_p))
+    key = "exp_avg" if kind == "adam" else "momentum_buffer"
+    for opt, params in ((ours, ours_p), (ref, ref_p)):
+        entry = opt.state[params[0]]  # a fresh optimizer: an empty entry, filled by hand
+        entry[key] = torch.ones_like(params[0])
+        if kind == "adam":
+            entry["exp_avg_sq"] = torch.full_like(params[0], 2.0)
+            entry["step"] = torch.tensor(3.0)
+    gen = torch.Generator().manual_seed(43)
+    run_both(ours, ref, ours_p, ref_p, 3, gen)
+    assert_close_fp32(ours_p, ref_p)
+    held = [opt.state[params[0]] for opt, params in ((ours, ours_p), (ref, ref_p))]
+    for opt, params in ((ours, ours_p), (ref, ref_p)):
+        opt.state[params[1]] = {}  # another entry changed: the bucket's entries are republished
+    run_both(ours, ref, ours_p, ref_p, 2, gen)
+    for entry in held:
+        entry[key] = torch.zeros_like(entry[key])
+    run_both(ours, ref, ours_p, ref_p, 2, gen)
+    assert_close_fp32(ours_p, ref_p)
+    copied = ours.state.copy()
+    copied[ours_p[0]] = {}  # a plain defaultdict: no effect on the optimizer
+    assert type(copied) is defaultdict and type(ours.state | {}) is defaultdict
+    run_both(ours, ref, ours_p, ref_p, 1, gen)
+    assert_close_fp32(ours_p, ref_p)

@@ -894,6 +894,21 @@ def test_the_users_torch_optimizers_save_and_load_the_state_that_trains():
         torch.testing.assert_close(loaded["state"][i]["exp_avg"], entry["exp_avg"])
 
 
+def test_a_second_trainer_given_the_same_torch_optimizers_continues_their_state():
+    """A second Trainer on the same networks and the same torch optimizers (a second fit in a notebook) runs
+    the twins the first one made: a second twin would have started Adam afresh, and re-bound the
+    parameters to new flat buffers behind the first twin's back."""
+    g, d = mlp_pair()
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), lr=1e-3), torch.optim.Adam(d.parameters(), lr=1e-3)
+    first = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, g_optimizer=opt_g, d_optimizer=opt_d)
+    first.fit(data_tensor(), steps=3, batch_size=8, progress=False)
+    second = Trainer(g, d, latent_dim=NZ, fuse=False, seed=0, g_optimizer=opt_g, d_optimizer=opt_d)
+    assert second.g_optimizer is first.g_optimizer and second.d_optimizer is first.d_optimizer
+    assert all(float(entry["step"]) == 3 for entry in opt_d.state_dict()["state"].values())
+    second.fit(data_tensor(), steps=2, batch_size=8, progress=False)
+    assert all(float(entry["step"]) == 5 for entry in opt_d.state_dict()["state"].values())
+
+
 def test_a_dataset_of_items_that_cannot_be_batched_is_named():
     class Picture:  # e.g. a PIL image, returned without a ToTensor transform
         pass

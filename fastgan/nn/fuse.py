@@ -237,15 +237,41 @@ def _children_used_as_containers(m: nn.Module) -> tuple[set[str], set[str]]:
 
 
 def _own_functions(cls: type):
-    """The Python functions (methods and property getters) of ``cls`` and its bases outside torch,
-    ``__init__`` excepted (building the model walks its containers without reading features)."""
-    seen = set()
+    """The Python functions (methods and property getters) of ``cls`` and its bases outside torch, but
+    those that build the model: ``__init__`` and the methods it calls on ``self`` (an init helper such as
+    ``reset_parameters``, transitively; ``forward`` always counts), unless other code of the class calls
+    them too. Building the model walks its containers to initialise them, not to read features."""
+    named = []
     for k in cls.__mro__:
         for name, f in vars(k).items():
-            fn = f.fget if isinstance(f, property) else f
-            if name != "__init__" and _own_code(fn) and fn not in seen:
-                seen.add(fn)
-                yield fn
+            fn = f.fget if isinstance(f, property) else getattr(f, "__func__", f)
+            if _own_code(fn) and all(fn is not other for _, other in named):
+                named.append((name, fn))
+    calls = {id(fn): _self_calls(fn) for _, fn in named}
+    building, todo = {"__init__"}, ["__init__"]
+    while todo:
+        name = todo.pop()
+        for other, fn in named:
+            if other == name:
+                for called in calls[id(fn)] - building:
+                    building.add(called)
+                    todo.append(called)
+    building.discard("forward")  # called by nn.Module.__call__ (an __init__ may run it once to infer shapes)
+    called_elsewhere = set().union(*(calls[id(fn)] for name, fn in named if name not in building))
+    for name, fn in named:
+        if name not in building or (name != "__init__" and name in called_elsewhere):
+            yield fn
+
+
+def _self_calls(fn) -> set[str]:
+    """Names of the methods ``fn`` calls on its ``self`` (``self.reset(...)``)."""
+    tree = _source_tree(fn)
+    me = _self_name(tree) if tree is not None else None
+    if me is None:
+        return set()
+    return {node.func.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == me}
 
 
 def _elements_walked(tree: ast.AST, node: ast.AST, parent: dict) -> bool:

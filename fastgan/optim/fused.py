@@ -177,10 +177,24 @@ class _TrackedState(defaultdict):
         super().__init__(dict, *args)
         self._changes = changes
 
-    def __missing__(self, key):  # reading a parameter without state changes nothing
-        value = {}
+    def __missing__(self, key):  # reading a parameter without state changes nothing; writing into it counts
+        value = _StateEntry(self._changes, {})
         dict.__setitem__(self, key, value)
         return value
+
+    def _plain(self) -> defaultdict:
+        return defaultdict(dict, {k: dict(v) for k, v in self.items()})
+
+    def copy(self):  # a copy is no optimizer's state: plain containers (defaultdict's would call __init__ wrong)
+        return self._plain()
+
+    __copy__ = copy
+
+    def __or__(self, other):
+        return self._plain() | other
+
+    def __ror__(self, other):
+        return other | self._plain()
 
     def __setitem__(self, key, value):
         self._changes.n += 1
@@ -215,10 +229,10 @@ class _TrackedState(defaultdict):
         dict.update(self, *args, **kwargs)
 
     def __reduce_ex__(self, protocol):
-        return defaultdict, (dict,), None, None, iter({k: dict(v) for k, v in self.items()}.items())
+        return defaultdict, (dict,), None, None, iter(self._plain().items())
 
     def __deepcopy__(self, memo):
-        return copy.deepcopy(defaultdict(dict, {k: dict(v) for k, v in self.items()}), memo)
+        return copy.deepcopy(self._plain(), memo)
 
 
 class _Bucket:
@@ -610,6 +624,8 @@ class _FusedOptimizer(Optimizer):
         already wrote there). Reducing them in place (e.g. ``torch.distributed.all_reduce``) before
         ``step`` changes the gradients the step applies; entries of parameters without a gradient
         are stale and ignored by the step."""
+        if self._state_changed():  # a re-layout below republishes the state: take hand-made changes in first
+            self._sync_state()
         buffers = []
         for group, buckets in zip(self.param_groups, self._buckets):
             for b in buckets:
@@ -688,7 +704,7 @@ class _FusedOptimizer(Optimizer):
     def _step(self, inv_scale, zero_grad: bool = False) -> None:
         if len(self._buckets) != len(self.param_groups):
             self._ensure_buckets()
-        if self.state is not self._synced[0] or self._changes.n != self._synced[1]:
+        if self._state_changed():
             self._sync_state()
         if inv_scale is not None:
             inv_scale = self._check_inv_scale(inv_scale)
@@ -807,10 +823,26 @@ class _FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _publish(self, b: _Bucket, entries: list[dict]) -> None:
-        """Make ``entries`` (one per parameter of ``b``) the bucket's ``self.state[p]``; not counted as a change."""
-        b.published = [_StateEntry(self._changes, e) for e in entries]
+        """Make ``entries`` (one per parameter of ``b``) the bucket's ``self.state[p]``; not counted as a change.
+        The entry objects published before are refilled, not replaced: a dict a user holds across steps
+        (``held = opt.state[p]``) stays the parameter's state, as in torch."""
+        published = []
+        for i, values in enumerate(entries):
+            entry = b.published[i] if b.published is not None else dict.get(self.state, b.params[i])
+            if not (isinstance(entry, _StateEntry) and entry._changes is self._changes):
+                entry = _StateEntry(self._changes, values)
+            else:
+                dict.clear(entry)
+                dict.update(entry, values)
+                entry.clean = True
+            published.append(entry)
+        b.published = published
         for p, entry in zip(b.params, b.published):
             dict.__setitem__(self.state, p, entry)
+
+    def _state_changed(self) -> bool:
+        """Whether ``self.state`` was replaced or changed by hand since the flat state last agreed with it."""
+        return self.state is not self._synced[0] or self._changes.n != self._synced[1]
 
     def _take_entries(self, group, b: _Bucket, entries: dict[int, dict | None]) -> None:
         """Load the entries of ``self.state`` set by hand since the last step, parameter index -> entry
@@ -833,7 +865,8 @@ class _FusedOptimizer(Optimizer):
                     changed = {i: e for i, (e, mine) in enumerate(zip(current, b.published))
                                if e is not mine or not mine.clean}
                 if changed:
-                    self._take_entries(group, b, changed)
+                    # snapshots: taking them in republishes (refills) the bucket's entry objects
+                    self._take_entries(group, b, {i: dict(e) if e else None for i, e in changed.items()})
                     counts = b.steps.tolist()  # host read: only after a change by hand
                     b.uniform_steps = all(c == counts[0] for c in counts)
                     self._publish_state(b, group)
@@ -855,7 +888,7 @@ class _FusedOptimizer(Optimizer):
         flat buffers hold zeros for the others, which torch's SGD would read as a momentum buffer to
         blend the next gradient into instead of copying it."""
         self._ensure_buckets()
-        if self.state is not self._synced[0] or self._changes.n != self._synced[1]:
+        if self._state_changed():
             self._sync_state()
         saved = super().state_dict()
         saved["state"] = {k: dict(v) if isinstance(v, _StateEntry) else v for k, v in saved["state"].items()}
@@ -1218,6 +1251,12 @@ def _sgd_torch(param, grad, momentum_buffer, steps, found_inf, inv_scale, *, lr,
 
 # ---- twins of torch optimizers ---------------------------------------------------------------------
 
+def twin_of(optimizer: Optimizer) -> _FusedOptimizer | None:
+    """The fused twin ``fused_twin`` made of the torch optimizer ``optimizer`` earlier, or None."""
+    earlier = getattr(getattr(optimizer, "state_dict", None), "__self__", None)
+    return earlier if isinstance(earlier, _FusedOptimizer) and earlier is not optimizer else None
+
+
 def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimizer:
     """The fused twin of a torch ``Adam`` / ``AdamW`` (-> FusedAdam) or ``SGD`` (-> FusedSGD): same
     parameters, param groups, hyperparameters and (if it has stepped) state. A fused optimizer is
@@ -1225,7 +1264,11 @@ def fused_twin(optimizer: Optimizer, *, ema: EMA | None = None) -> _FusedOptimiz
     the twin's flat buffers). The two share their param groups, so an LR scheduler of either (made
     before or after) sets the twin's learning rate, and the torch optimizer's ``state_dict`` /
     ``load_state_dict`` are the twin's (torch's layout), so code that saves or restores the optimizer
-    it built saves and restores the state that trains."""
+    it built saves and restores the state that trains. Called again on that torch optimizer (a second
+    Trainer given it), it returns the same twin."""
+    earlier = twin_of(optimizer)
+    if earlier is not None:
+        optimizer = earlier  # its parameters and state live in that twin now; a second twin would start afresh
     if isinstance(optimizer, _FusedOptimizer):
         if ema is not None and optimizer.ema is not ema:
             raise ValueError("fused_twin: the optimizer is already fused and has a different ema")
