@@ -141,7 +141,7 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     if path.exists():
         # Written digest first, a crash between the two renames would leave the old (good) checkpoint
         # beside the new digest: a mismatch that discards it. Without a digest either file loads.
-        _unlink_if_present(digest_path)
+        digest_path.unlink(missing_ok=True)
         atomic_write(path, lambda f: f.write(data))
         atomic_write(digest_path, lambda f: f.write(digest))
     else:
@@ -153,23 +153,16 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike, step: int
     earlier = [p for p in list_checkpoints(run_dir) if p.name != LEGACY_NAME and checkpoint_step(p) < step]
     for old in earlier[keep - 1:]:
         for f in (old, Path(str(old) + ".sha256")):
-            _unlink_if_present(f)
+            f.unlink(missing_ok=True)
     for stray in run_dir.glob(CHECKPOINT_GLOB + ".sha256"):   # digests whose checkpoint never landed
         if not Path(str(stray)[: -len(".sha256")]).exists():
-            _unlink_if_present(stray)
+            stray.unlink(missing_ok=True)
     # Temporary files of writes cut by a hard kill (SIGKILL, OOM killer, power): each is as large as a
     # checkpoint and nothing else ever removes them. Safe here: one process writes a run folder's checkpoints.
     for temp in run_dir.glob(".checkpoint-*.tmp"):
         if _STALE_TEMP_NAME.match(temp.name) and temp.is_file():
-            _unlink_if_present(temp)
+            temp.unlink(missing_ok=True)
     return path
-
-
-def _unlink_if_present(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------

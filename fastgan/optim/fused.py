@@ -113,20 +113,13 @@ class _Changes:
         self.n = 0
 
 
-class _StateEntry(dict):
-    """``optimizer.state[p]`` as a fused optimizer publishes it (views of its flat buffers). Writing into it
-    (``entry[key] = tensor``, ``del``, ``clear``, ...) is counted, so the next step takes the new values in,
-    as torch's optimizers use whatever tensors the entry holds. Copied or pickled, it is a plain dict."""
-    __slots__ = ("_changes", "clean")
-
-    def __init__(self, changes: _Changes, values: dict):
-        dict.__init__(self, values)
-        self._changes = changes
-        self.clean = True
+class _CountsWrites:
+    """The mutating dict methods of a tracked ``optimizer.state`` container or entry: each calls ``_touch``
+    (which counts the change) before doing what dict does."""
+    __slots__ = ()
 
     def _touch(self) -> None:
-        self.clean = False
-        self._changes.n += 1
+        raise NotImplementedError
 
     def __setitem__(self, key, value):
         self._touch()
@@ -160,6 +153,22 @@ class _StateEntry(dict):
         self._touch()
         dict.update(self, *args, **kwargs)
 
+
+class _StateEntry(_CountsWrites, dict):
+    """``optimizer.state[p]`` as a fused optimizer publishes it (views of its flat buffers). Writing into it
+    (``entry[key] = tensor``, ``del``, ``clear``, ...) is counted, so the next step takes the new values in,
+    as torch's optimizers use whatever tensors the entry holds. Copied or pickled, it is a plain dict."""
+    __slots__ = ("_changes", "clean")
+
+    def __init__(self, changes: _Changes, values: dict):
+        dict.__init__(self, values)
+        self._changes = changes
+        self.clean = True
+
+    def _touch(self) -> None:
+        self.clean = False
+        self._changes.n += 1
+
     def __reduce_ex__(self, protocol):
         return dict, (dict(self),)
 
@@ -167,15 +176,18 @@ class _StateEntry(dict):
         return copy.deepcopy(dict(self), memo)
 
 
-class _TrackedState(defaultdict):
+class _TrackedState(_CountsWrites, defaultdict):
     """``optimizer.state`` of a fused optimizer: torch's ``defaultdict(dict)``, counting entries set, deleted
     or cleared by hand (``opt.state.clear()``, ``del opt.state[p]``, ``opt.state[p] = {}``), so the next step
     resets or takes in those parameters' state as torch's optimizers do. Copied or pickled, it is a plain
     ``defaultdict(dict)``."""
 
     def __init__(self, changes: _Changes, *args):
-        super().__init__(dict, *args)
+        defaultdict.__init__(self, dict, *args)
         self._changes = changes
+
+    def _touch(self) -> None:
+        self._changes.n += 1
 
     def __missing__(self, key):  # reading a parameter without state changes nothing; writing into it counts
         value = _StateEntry(self._changes, {})
@@ -195,38 +207,6 @@ class _TrackedState(defaultdict):
 
     def __ror__(self, other):
         return other | self._plain()
-
-    def __setitem__(self, key, value):
-        self._changes.n += 1
-        dict.__setitem__(self, key, value)
-
-    def __delitem__(self, key):
-        self._changes.n += 1
-        dict.__delitem__(self, key)
-
-    def __ior__(self, other):
-        self._changes.n += 1
-        return dict.__ior__(self, other)
-
-    def clear(self):
-        self._changes.n += 1
-        dict.clear(self)
-
-    def pop(self, *args):
-        self._changes.n += 1
-        return dict.pop(self, *args)
-
-    def popitem(self):
-        self._changes.n += 1
-        return dict.popitem(self)
-
-    def setdefault(self, key, default=None):
-        self._changes.n += 1
-        return dict.setdefault(self, key, default)
-
-    def update(self, *args, **kwargs):
-        self._changes.n += 1
-        dict.update(self, *args, **kwargs)
 
     def __reduce_ex__(self, protocol):
         return defaultdict, (dict,), None, None, iter(self._plain().items())
