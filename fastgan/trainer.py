@@ -805,16 +805,15 @@ class Trainer:
     def _generate(self, net: nn.Module, z: torch.Tensor):
         """``net(z)`` (G, its DDP wrapper or its EMA copy). Until G has produced a sample that was checked,
         a failure inside G is a ValueError naming the latent shape (latent_dim that does not fit G)."""
-        if self._sample_shape is not None:
-            return net(z)
         try:
             return net(z)
         except RuntimeError as exc:
-            # A shape error names the latent (the usual cause: latent_dim that does not fit G); anything
-            # else (out of memory, a CUDA error) is G's own failure and stays as it is.
+            # A shape error before G's first checked sample names the latent (the usual cause: latent_dim that
+            # does not fit G); anything else (out of memory, a CUDA error) is G's own failure, as it is.
             text = str(exc)
-            if isinstance(exc, torch.OutOfMemoryError) or type(exc).__name__ == "AcceleratorError" or not any(
-                    word in text for word in ("shape", "size", "dimension", "Expected", "expected")):
+            if self._sample_shape is not None or isinstance(exc, torch.OutOfMemoryError) or \
+                    type(exc).__name__ == "AcceleratorError" or \
+                    not any(word in text for word in ("shape", "size", "dimension", "Expected", "expected")):
                 raise
             hint = ""
             if len(self.latent_dim) == 1:
